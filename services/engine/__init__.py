@@ -1,0 +1,1 @@
+"""The single-process inference engine: Llama model, paged KV cache, block manager, scheduler, sampler."""

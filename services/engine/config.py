@@ -1,0 +1,115 @@
+"""One frozen, validated configuration dataclass per concern.
+
+Built once (from CLI flags, later env / Helm values) and passed down explicitly; nothing below reads the
+environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specserve.errors import InvalidRequestError
+
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family checkpoint (the fields HF `LlamaConfig` and GGUF `llama.*` share)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # HF-style `rope_scaling` dict flattened to a hashable tuple of (key, value) pairs; () means none.
+    rope_scaling: tuple[tuple[str, object], ...] = ()
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        assert self.num_heads % self.num_kv_heads == 0, "GQA needs num_heads divisible by num_kv_heads"
+        assert self.head_dim % 2 == 0, "RoPE needs an even head_dim"
+        assert min(self.vocab_size, self.hidden_size, self.num_layers) > 0
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, object]:
+        return dict(self.rope_scaling)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: `num_blocks` blocks of `block_size` token slots per layer."""
+
+    block_size: int = 16
+    num_blocks: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.num_blocks <= 0:
+            raise InvalidRequestError("block_size and num_blocks must be positive")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits for one engine step."""
+
+    max_num_seqs: int = 64
+    # Token budget of one forward: decodes take one token each, prefill chunks fill the rest.
+    max_num_batched_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise InvalidRequestError("max_num_seqs and max_num_batched_tokens must be positive")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding parameters; temperature 0 means greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    min_p: float = 0.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens must be > 0, got {self.max_tokens}")
+        if not self.temperature >= 0.0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
+        if any(not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything needed to build an `LLMEngine`."""
+
+    model_path: str
+    dtype: str = "float32"
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+    def __post_init__(self) -> None:
+        if self.dtype not in WEIGHT_DTYPES:
+            raise InvalidRequestError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.dtype!r}")
