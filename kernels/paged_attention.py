@@ -1,0 +1,139 @@
+"""Attention of a ragged batch over a paged KV cache: metadata layout and the plain-torch reference.
+
+The KV cache of one layer is a flat array of token slots `[num_slots, num_kv_heads, head_dim]`; slot
+`block_id * block_size + offset` holds one token. A sequence's context is named by its block table.
+Sequences of one step are grouped by query length so each group is one batched SDPA call; within a
+group, keys are gathered in position order and padded to the longest context, with a mask.
+
+Worked example (block_size 4): sequence A has 6 tokens of context with block table [7, 2] and queries its
+last 1 token; sequence B has 3 tokens, block table [5], and queries all 3 (a prefill). The flat batch is
+[A5, B0, B1, B2]; slot_mapping = [2*4+1, 5*4+0, 5*4+1, 5*4+2] = [9, 20, 21, 22]. Two groups:
+  Q=1: token_index [0], kv_index [[28, 29, 30, 31, 8, 9]], mask [[[[1, 1, 1, 1, 1, 1]]]]
+  Q=3: token_index [1, 2, 3], kv_index [[20, 21, 22]], mask lower-triangular 3x3.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences of one step that share a query length, attended in one batched call."""
+
+    token_index: torch.Tensor  # [num_seqs * query_len] int64, rows of the flat batch, sequence-major
+    kv_index: torch.Tensor  # [num_seqs, max_context_len] int64 cache slots in position order (pad: 0)
+    mask: torch.Tensor  # [num_seqs, 1, query_len, max_context_len] bool, True where attention is allowed
+    query_len: int
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one forward; built once per step on the host, shared by layers."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64, cache slot each new token's K/V is written to
+    groups: list[AttentionGroup]
+    num_tokens: int
+
+
+def build_attention_metadata(
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+) -> AttentionMetadata:
+    """Metadata for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new this step.
+
+    Queries are causal: the query at position p sees keys at positions <= p of its own sequence.
+    """
+    assert len(query_lens) == len(context_lens) == len(block_tables)
+    starts = [0]
+    for q in query_lens:
+        starts.append(starts[-1] + q)
+    slot_mapping = torch.cat(
+        [
+            _slots(table, torch.arange(ctx - q, ctx), block_size)
+            for q, ctx, table in zip(query_lens, context_lens, block_tables)
+        ]
+    )
+    by_query_len: dict[int, list[int]] = defaultdict(list)
+    for i, q in enumerate(query_lens):
+        by_query_len[q].append(i)
+    groups = [
+        _group([starts[i] for i in members], [context_lens[i] for i in members],
+               [block_tables[i] for i in members], q, block_size)
+        for q, members in by_query_len.items()
+    ]
+    return AttentionMetadata(slot_mapping=slot_mapping, groups=groups, num_tokens=starts[-1])
+
+
+def _slots(block_table: list[int], positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    table = torch.tensor(block_table, dtype=torch.int64)
+    return table[positions // block_size] * block_size + positions % block_size
+
+
+def _group(
+    starts: list[int], context_lens: list[int], block_tables: list[list[int]], query_len: int, block_size: int
+) -> AttentionGroup:
+    num_seqs = len(starts)
+    max_ctx = max(context_lens)
+    max_blocks = -(-max_ctx // block_size)
+    table = torch.zeros(num_seqs, max_blocks, dtype=torch.int64)  # [num_seqs, max_blocks]
+    for i, bt in enumerate(block_tables):
+        n = min(len(bt), max_blocks)
+        table[i, :n] = torch.tensor(bt[:n], dtype=torch.int64)
+    key_pos = torch.arange(max_ctx)  # [max_ctx]
+    kv_index = table[:, key_pos // block_size] * block_size + key_pos % block_size  # [num_seqs, max_ctx]
+    ctx = torch.tensor(context_lens, dtype=torch.int64)  # [num_seqs]
+    query_pos = ctx[:, None] - query_len + torch.arange(query_len)  # [num_seqs, query_len]
+    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [num_seqs, query_len, max_ctx]
+    kv_index = kv_index.masked_fill(key_pos[None, :] >= ctx[:, None], 0)
+    token_index = (torch.tensor(starts)[:, None] + torch.arange(query_len)).reshape(-1)
+    return AttentionGroup(token_index, kv_index, mask[:, None], query_len)
+
+
+def write_kv(
+    k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens]
+) -> None:
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention_ref(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Plain-torch paged attention: gather each group's keys, one masked SDPA per group (GQA native)."""
+    assert q.shape[0] == meta.num_tokens and q.shape[2] == k_cache.shape[2]
+    if len(meta.groups) == 1 and meta.groups[0].token_index.numel() == meta.num_tokens:
+        return _attend_group(q, k_cache, v_cache, meta.groups[0], scale)  # tokens already in group order
+    out = torch.empty_like(q)
+    for group in meta.groups:
+        out.index_copy_(0, group.token_index, _attend_group(q[group.token_index], k_cache, v_cache, group, scale))
+    return out
+
+
+def _attend_group(
+    q: torch.Tensor,  # [num_seqs * query_len, num_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    group: AttentionGroup,
+    scale: float,
+) -> torch.Tensor:  # [num_seqs * query_len, num_heads, head_dim]
+    num_seqs, _ = group.kv_index.shape
+    qg = q.view(num_seqs, group.query_len, *q.shape[1:]).transpose(1, 2)  # [S, H, Q, D]
+    k = k_cache[group.kv_index].transpose(1, 2).to(q.dtype)  # [S, Hkv, L, D]
+    v = v_cache[group.kv_index].transpose(1, 2).to(q.dtype)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).reshape(q.shape)

@@ -1,0 +1,180 @@
+"""A plain Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU) over a ragged batch and a paged KV cache.
+
+Knows nothing about scheduling or quantization: the model runner hands it flat tensors and attention
+metadata; weight precision is applied from outside by swapping `nn.Linear` modules (engine/quant.py).
+Q/K/V and gate/up projections are fused into one matmul each, which matters at batch 1 on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specserve.engine.config import ModelConfig
+from specserve.errors import ModelLoadError
+from specserve.kernels.paged_attention import AttentionMetadata, paged_attention_ref, write_kv
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k, v), each [num_slots, num_kv_heads, head_dim]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse RoPE frequencies `# [head_dim / 2]`, with the checkpoint's scaling rule applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling_dict
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"])
+    if rope_type == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+        factor = float(scaling["factor"])
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen) - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        middle = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        return torch.where(middle, blended, scaled)
+    raise ModelLoadError(f"unsupported rope scaling type {rope_type!r}")
+
+
+class Rotary(nn.Module):
+    """Rotate-half RoPE; cos/sin tables are computed once for every position of the context."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        positions = torch.arange(config.max_position_embeddings, dtype=torch.float64)
+        angles = torch.outer(positions, rope_inv_freq(config))  # [max_pos, head_dim / 2]
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for the batch `# [num_tokens, 1, head_dim / 2]`, looked up once per forward."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x `# [num_tokens, heads, head_dim]` rotated by position (rotate-half convention, as HF)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.scale = self.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [num_tokens, hidden]
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        qkv = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)  # [num_tokens, H + 2 Hkv, D]
+        # Q and K heads are adjacent, so one rotation covers both.
+        qk = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], *rope)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, self.num_heads + self.num_kv_heads :]
+        write_kv(*kv_cache, k, v, meta.slot_mapping)
+        out = paged_attention_ref(q, *kv_cache, meta, self.scale)  # [num_tokens, H, D]
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary = Rotary(config)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens] int64, flat ragged batch
+        positions: torch.Tensor,  # [num_tokens] int64, position of each token in its sequence
+        kv_caches: KVCache,
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor,  # [num_selected] int64, rows whose logits are wanted
+        return_hidden: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits `# [num_selected, vocab]` and, if asked, final-norm hidden states `# [num_selected, hidden]`."""
+        assert input_ids.shape == positions.shape and input_ids.dim() == 1
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary.tables(positions)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, rope, kv_cache, meta)
+        hidden = self.norm(x[logits_indices])
+        logits = self.lm_head(hidden).float()
+        return logits, (hidden if return_hidden else None)
+
+    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load HF Llama names, fusing q/k/v and gate/up into the model's combined projections."""
+        fused: dict[str, torch.Tensor] = {}
+        for i in range(self.config.num_layers):
+            p = f"model.layers.{i}."
+            fused[p + "self_attn.qkv_proj.weight"] = torch.cat(
+                [state_dict[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]
+            )
+            fused[p + "mlp.gate_up_proj.weight"] = torch.cat(
+                [state_dict[p + "mlp.gate_proj.weight"], state_dict[p + "mlp.up_proj.weight"]]
+            )
+            for name in ("self_attn.o_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
+                fused[p + name + ".weight"] = state_dict[p + name + ".weight"]
+        fused["embed_tokens.weight"] = state_dict["model.embed_tokens.weight"]
+        fused["norm.weight"] = state_dict["model.norm.weight"]
+        if not self.config.tie_word_embeddings:
+            fused["lm_head.weight"] = state_dict["lm_head.weight"]
+        own = {k.removeprefix("model."): v for k, v in fused.items()}
+        missing, unexpected = self.load_state_dict(own, strict=False)
+        missing = [m for m in missing if not (m == "lm_head.weight" and self.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise ModelLoadError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -1,0 +1,56 @@
+"""Paged attention reference vs dense causal attention of each sequence alone."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from specserve.kernels.paged_attention import build_attention_metadata, paged_attention_ref, write_kv
+
+
+def dense_causal(q, k, v, scale):
+    """q [Q, H, D] (the last Q positions), k/v [L, Hkv, D] -> [Q, H, D]."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = torch.einsum("qhd,lhd->hql", q, k) * scale
+    q_pos = torch.arange(k.shape[0] - q.shape[0], k.shape[0])
+    scores = scores.masked_fill(torch.arange(k.shape[0])[None, None, :] > q_pos[None, :, None], float("-inf"))
+    return torch.einsum("hql,lhd->qhd", F.softmax(scores, -1), v)
+
+
+def test_worked_example_layout():
+    meta = build_attention_metadata([1, 3], [6, 3], [[7, 2], [5]], block_size=4)
+    assert meta.slot_mapping.tolist() == [9, 20, 21, 22]
+    by_q = {g.query_len: g for g in meta.groups}
+    assert by_q[1].kv_index.tolist() == [[28, 29, 30, 31, 8, 9]]
+    assert by_q[3].token_index.tolist() == [1, 2, 3]
+    assert by_q[3].mask[0, 0].int().tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (9, 3)])
+@pytest.mark.parametrize("lens", [[(1, 1)], [(1, 17), (5, 5), (3, 33), (1, 2)], [(16, 16), (16, 40), (1, 64)]])
+def test_matches_dense_attention(block_size, heads, kv_heads, lens):
+    torch.manual_seed(0)
+    dim, scale = 8, 8**-0.5
+    num_blocks = 160
+    k_cache = torch.zeros(num_blocks * block_size, kv_heads, dim)
+    v_cache = torch.zeros_like(k_cache)
+    free = torch.randperm(num_blocks).tolist()
+    tables, full_k, full_v, queries = [], [], [], []
+    for q_len, ctx in lens:
+        n_blocks = -(-ctx // block_size)
+        tables.append([free.pop() for _ in range(n_blocks)])
+        full_k.append(torch.randn(ctx, kv_heads, dim))
+        full_v.append(torch.randn(ctx, kv_heads, dim))
+        queries.append(torch.randn(q_len, heads, dim))
+        # The context before this step's queries is already cached.
+        old = build_attention_metadata([ctx - q_len], [ctx - q_len], [tables[-1]], block_size) if ctx > q_len else None
+        if old is not None:
+            write_kv(k_cache, v_cache, full_k[-1][: ctx - q_len], full_v[-1][: ctx - q_len], old.slot_mapping)
+    meta = build_attention_metadata([q for q, _ in lens], [c for _, c in lens], tables, block_size)
+    new_k = torch.cat([k[c - q :] for k, (q, c) in zip(full_k, lens)])
+    new_v = torch.cat([v[c - q :] for v, (q, c) in zip(full_v, lens)])
+    write_kv(k_cache, v_cache, new_k, new_v, meta.slot_mapping)
+    out = paged_attention_ref(torch.cat(queries), k_cache, v_cache, meta, scale)
+    expected = torch.cat([dense_causal(q, k, v, scale) for q, k, v in zip(queries, full_k, full_v)])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
