@@ -1,0 +1,23 @@
+# The two commands of README.md. Both bootstrap first (.venv, pinned dependencies, the default model);
+# that is a no-op when nothing changed.
+#   make run [PROMPT="..."] [MAX_TOKENS=128]   a streamed generation on the real model, embedded mode
+#   make test [PYTEST_ARGS="..."]              the whole test suite (what .ci/run calls)
+
+VENV := .venv
+PROMPT ?= Give me three practical tips for staying focused while studying.
+MAX_TOKENS ?= 128
+PYTEST_ARGS ?=
+
+.PHONY: run test bootstrap
+
+# The prompt's raw value, single-quoted for the shell, so quotes and `$` in it arrive unchanged.
+run: bootstrap
+	$(VENV)/bin/specserve generate '$(subst ','\'',$(value PROMPT))' --max-tokens $(MAX_TOKENS)
+
+# The pytest script, not `python -m pytest`: -m would put the repo root on sys.path, where `services` and
+# `kernels` must never be importable as top-level modules (only as specserve.*).
+test: bootstrap
+	$(VENV)/bin/pytest tests -q --durations=15 $(PYTEST_ARGS)
+
+bootstrap:
+	@bash scripts/bootstrap.sh
