@@ -32,3 +32,38 @@ def data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"no data directory at {path}; set SPECSERVE_DATA_DIR")
     return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path: Path):
+    from specserve.engine.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(model_path)
+
+
+@pytest.fixture(scope="session")
+def llama_model(model_path: Path):
+    """Our float32 Llama on the real weights, shared read-only by every engine a test builds."""
+    from specserve.engine.llm_engine import build_model
+
+    return build_model(str(model_path), "float32")
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_path: Path):
+    """transformers' model on the same GGUF: a test-only reference, loaded once per session."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        model_path.parent, gguf_file=model_path.name, dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def spec_bench_prompts(data_dir: Path) -> list[str]:
+    """First-turn questions of Spec-Bench, in file order."""
+    import json
+
+    with open(data_dir / "spec_bench" / "question.jsonl") as f:
+        return [json.loads(line)["turns"][0] for line in f]

@@ -155,12 +155,8 @@ def load_error(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def gguf_path() -> Path:
-    home = Path(os.environ.get("SPECSERVE_HOME", Path.home() / ".cache/specserve"))
-    path = home / "models/SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} is not downloaded")
-    return path
+def gguf_path(model_path: Path) -> Path:
+    return model_path
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +165,8 @@ def smollm(gguf_path: Path) -> LoadedCheckpoint:
 
 
 @pytest.fixture(scope="module")
-def smollm_reference(gguf_path: Path) -> LlamaForCausalLM:
-    return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+def smollm_reference(hf_model: LlamaForCausalLM) -> LlamaForCausalLM:
+    return hf_model
 
 
 def test_gguf_state_dict_matches_transformers(

@@ -1,0 +1,230 @@
+"""The engine loop: schedule, run the model, sample, append, stop, stream.
+
+`LLMEngine.step()` advances every active request by one forward; requests join (`add_request`) and
+leave (finish / `abort`) between steps, which is continuous batching in one process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from specserve.engine.block_manager import BlockManager
+from specserve.engine.config import EngineConfig, SamplingParams
+from specserve.engine.loader import load_checkpoint
+from specserve.engine.model import LlamaModel
+from specserve.engine.model_runner import ModelRunner
+from specserve.engine.quant import apply_weight_dtype
+from specserve.engine.sampler import Sampler
+from specserve.engine.scheduler import Scheduler
+from specserve.engine.sequence import FinishReason, Sequence
+from specserve.engine.text_output import TextOutput
+from specserve.engine.tokenizer import Tokenizer
+from specserve.errors import InvalidRequestError
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (a streaming delta)."""
+
+    request_id: int
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None = None
+
+
+@dataclass
+class Completion:
+    """A finished request, as `generate` returns it."""
+
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    seconds: float
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    text: TextOutput
+    generator: torch.Generator | None
+    on_output: Callable[[RequestOutput], None] | None
+    start_time: float = field(default_factory=time.perf_counter)
+
+
+def load_tokenizer(model_path: str) -> Tokenizer:
+    """The tokenizer that ships with a checkpoint: GGUF metadata or a HF directory's tokenizer.json."""
+    return Tokenizer.from_gguf(model_path) if str(model_path).endswith(".gguf") else Tokenizer.from_hf_dir(model_path)
+
+
+def build_model(model_path: str, dtype: str) -> LlamaModel:
+    """Load a checkpoint into our Llama and apply the weight precision (a module swap)."""
+    model_config, state_dict = load_checkpoint(model_path)
+    model = LlamaModel(model_config)
+    model.load_hf_state_dict(state_dict)
+    return apply_weight_dtype(model.eval(), dtype)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model: LlamaModel, tokenizer: Tokenizer) -> None:
+        self.config = config
+        self.model = model
+        self.model_config = model.config
+        self.tokenizer = tokenizer
+        cache = config.cache
+        self.block_manager = BlockManager(cache.num_blocks, cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.runner = ModelRunner(model, cache)
+        self.sampler = Sampler()
+        # A request may use the whole context, but never more slots than the cache has.
+        self.max_total_tokens = min(model.config.max_position_embeddings, cache.num_blocks * cache.block_size)
+        self.requests: dict[int, _Request] = {}
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        return cls(config, build_model(config.model_path, config.dtype), load_tokenizer(config.model_path))
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
+        if not prompt:
+            raise InvalidRequestError("prompt is empty")
+        if chat:
+            return self.tokenizer.render_prompt_ids([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        on_output: Callable[[RequestOutput], None] | None = None,
+    ) -> int:
+        """Queue a request; it joins the running batch at the next step. Returns its id."""
+        self._validate(prompt_token_ids)
+        seq = Sequence(prompt_token_ids, params, self.max_total_tokens)
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator()
+            if params.seed is not None:
+                generator.manual_seed(params.seed)
+            else:
+                generator.seed()  # non-deterministic, and leaves the global RNG alone
+        self.requests[seq.seq_id] = _Request(seq, TextOutput(self.tokenizer, params.stop), generator, on_output)
+        self.scheduler.add(seq)
+        return seq.seq_id
+
+    def abort(self, request_id: int) -> None:
+        """Cancel a request now: its KV blocks are freed before the next step."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            request.seq.finish(FinishReason.ABORT)
+            self._finish(request)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def _validate(self, prompt_token_ids: list[int]) -> None:
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt is empty")
+        if len(prompt_token_ids) >= self.max_total_tokens:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt_token_ids)} tokens; the context holds {self.max_total_tokens} "
+                "including at least one generated token"
+            )
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must lie in [0, {vocab})")
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One forward over every scheduled sequence; returns the outputs it produced."""
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        logits, _ = self.runner.execute(plan.scheduled)
+        sampling = [s.seq for s in plan.scheduled if s.samples]
+        requests = [self.requests[seq.seq_id] for seq in sampling]
+        next_tokens = self.sampler.sample(
+            logits, [r.seq.params for r in requests], [r.generator for r in requests]
+        ).tolist()
+        for s in plan.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.commit(s.seq)
+        return [self._append(request, token) for request, token in zip(requests, next_tokens)]
+
+    def _append(self, request: _Request, token_id: int) -> RequestOutput:
+        seq = request.seq
+        seq.append_token(token_id)
+        params = seq.params
+        is_eos = token_id in self.tokenizer.eos_token_ids and not params.ignore_eos
+        if not is_eos:
+            request.text.push(token_id)
+        if is_eos or token_id in params.stop_token_ids or request.text.stopped:
+            seq.finish(FinishReason.STOP)
+        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= seq.max_total_tokens:
+            seq.finish(FinishReason.LENGTH)
+        if seq.is_finished:
+            request.text.flush()
+        output = RequestOutput(
+            request_id=seq.seq_id,
+            new_token_ids=[token_id],
+            text_delta=request.text.take_delta(final=seq.is_finished),
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+        )
+        if seq.is_finished:
+            self._finish(request)
+        if request.on_output is not None:
+            request.on_output(output)
+        return output
+
+    def _finish(self, request: _Request) -> None:
+        self.scheduler.finish(request.seq)
+        self.requests.pop(request.seq.seq_id, None)
+
+    # ---- conveniences ---------------------------------------------------------------------------
+
+    def stream(self, prompt_token_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        """Run one request to completion (alongside any others queued), yielding its deltas."""
+        outputs: list[RequestOutput] = []
+        request_id = self.add_request(prompt_token_ids, params, outputs.append)
+        try:
+            while True:
+                self.step()
+                yield from outputs
+                if outputs and outputs[-1].finished:
+                    return
+                outputs.clear()
+        finally:
+            self.abort(request_id)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Run many requests concurrently (continuous batching) and return them in input order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        assert len(params_list) == len(prompts)
+        collected: dict[int, list[RequestOutput]] = {}
+        ids = [self.add_request(p, sp, lambda o: collected.setdefault(o.request_id, []).append(o))
+               for p, sp in zip(prompts, params_list)]
+        start = time.perf_counter()
+        while self.has_unfinished():
+            self.step()
+        seconds = time.perf_counter() - start
+        completions = []
+        for request_id, prompt in zip(ids, prompts):
+            outs = collected[request_id]
+            completions.append(Completion(
+                request_id=request_id,
+                prompt_token_ids=prompt,
+                token_ids=[t for o in outs for t in o.new_token_ids],
+                text="".join(o.text_delta for o in outs),
+                finish_reason=outs[-1].finish_reason or "",
+                seconds=seconds,
+            ))
+        return completions

@@ -1,0 +1,141 @@
+"""Weight precision as a module swap (gpt-fast style): `apply_weight_dtype` replaces a loaded model's
+`nn.Linear` (and, for bfloat16, `nn.Embedding`) modules in place; the model file never branches on dtype.
+Activations stay float32 between modules in every mode, so RMSNorm, RoPE, attention and the KV cache
+are untouched.
+
+Batch invariance — does a row's output change with the other rows of the call? Measured on this x86
+CPU (AMX) with torch 2.13, for the 135M model's shapes and M = 1..512:
+  * fp32 `F.linear`: NOT invariant. M=1 (GEMV) differs from every M>1, and M>1 sizes differ among
+    themselves, in the last bits.
+  * bf16 `F.linear`: invariant for most shapes, but not all (the 49152-row head at M=64/128, the
+    gate/up projection at M=512) — not something to rely on.
+  * `Int8Linear`: invariant at every M tried (1..2048) and across thread counts: integer accumulation
+    is exact and its float epilogue is per element. tests/unit/engine/test_quant.py checks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specserve.errors import InvalidRequestError
+
+_INT8_MAX = 127
+
+
+class BF16Linear(nn.Module):
+    """bf16 weights; casts the input to bf16 and the output back to float32, so the model stays fp32.
+
+    On the 135M model's linears the two casts cost ~7% over a whole-bf16 model at M <= 16 and ~40% at
+    M=256: the price of keeping norms, RoPE and the KV cache in float32 without touching the model file.
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+        super().__init__()
+        self.weight = weight  # [out, in] bf16
+        self.bias = bias  # [out] bf16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out] float32
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).float()
+
+
+class BF16Embedding(nn.Module):
+    """bf16 table whose looked-up rows are widened to float32 (exact); shares the tensor with a tied head."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight  # [vocab, hidden] bf16
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] int64 -> [..., hidden] float32
+        return F.embedding(ids, self.weight).float()
+
+
+class Int8Linear(nn.Module):
+    """W8A8 linear: per-output-channel symmetric int8 weights, per-row (per-token) dynamic int8 activations.
+
+    Each row x is quantized with its own scale s = absmax(x) / 127, so a token's output depends on that
+    token alone (batch-invariant), unlike `quantized::linear_dynamic`, which picks one scale per call.
+    The int32 accumulation is exact, and the float epilogue is per element:
+        y[m, n] = (sum_k xq[m, k] * wq[n, k]) * w_scale[n] * s[m]        (+ bias[n])
+    The kernel is oneDNN's `qlinear_pointwise` (VNNI / AMX on recent Xeons) on plain int8 tensors, the op
+    Inductor lowers x86 int8 linears to, rather than fbgemm's `quantized::linear_*` family, which needs the
+    deprecated quantized tensors. fbgemm is ~30% faster at M=1 but oneDNN is faster from M=16 and ~1.6x
+    at M=256. This class is the only place specserve touches torch's quantization ops.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        weight = weight.detach().float()  # [out, in]
+        w_scale = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / _INT8_MAX  # [out]
+        w_int8 = torch.round(weight / w_scale[:, None]).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)  # [out, in]
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        # The packed weight is an opaque oneDNN tensor: kept out of state_dict.
+        self.register_buffer("packed_weight", torch.ops.onednn.qlinear_prepack(w_int8, None), persistent=False)
+        self.register_buffer("weight_scale", w_scale)  # [out] float32
+        self.register_buffer("weight_zero_point", torch.zeros(self.out_features, dtype=torch.int64))  # [out]
+        self.register_buffer("bias", None if bias is None else bias.detach().float())  # [out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] float32 -> [..., out] float32
+        rows = x.reshape(-1, self.in_features)  # [M, in]
+        # Per-row scale; `tiny` keeps an all-zero row at 0 instead of 0/0.
+        row_scale = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True)  # [M, 1]
+        row_scale = row_scale.clamp_min(torch.finfo(torch.float32).tiny) / _INT8_MAX
+        rows_int8 = rows.div(row_scale).round_().to(torch.int8)  # [M, in], values in [-127, 127]
+        out = torch.ops.onednn.qlinear_pointwise(
+            rows_int8, 1.0, 0,  # input, its scale and zero point: the row scale is applied after
+            self.packed_weight, self.weight_scale, self.weight_zero_point,
+            None,  # bias goes after the row scale, not before
+            1.0, 0, torch.float32,  # output scale / zero point are unused for a float32 output
+            "none", [], "",  # no fused post-op
+        )  # [M, out]
+        out = out.mul_(row_scale)
+        if self.bias is not None:
+            out = out.add_(self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def apply_weight_dtype(model: nn.Module, dtype: str) -> nn.Module:
+    """Swap `model`'s modules in place for `dtype` in {"float32", "bfloat16", "int8"}; returns `model`.
+
+    Every matmul of the model must be an `nn.Linear` (a tied LM head is an `nn.Linear` sharing the
+    embedding's Parameter). bfloat16 keeps that sharing; int8 quantizes the head and leaves the
+    embedding float32 (a lookup gains nothing from int8). int8 costs accuracy on models whose residual
+    stream has outlier channels: on SmolLM2-135M, top-1 agreement with float32 is ~87% (bfloat16 ~97%).
+    """
+    if dtype == "float32":
+        return model
+    if dtype == "bfloat16":
+        to_bf16 = _SharedCast(torch.bfloat16)
+        _swap(model, nn.Linear, lambda m: BF16Linear(to_bf16(m.weight), None if m.bias is None else to_bf16(m.bias)))
+        _swap(model, nn.Embedding, lambda m: BF16Embedding(to_bf16(m.weight)))
+        return model
+    if dtype == "int8":
+        _swap(model, nn.Linear, lambda m: Int8Linear(m.weight, m.bias))
+        return model
+    raise InvalidRequestError(f"unknown weight dtype {dtype!r}; expected float32, bfloat16 or int8")
+
+
+class _SharedCast:
+    """Casts parameters, returning the same cast for the same source so tied weights stay one Parameter."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.done: dict[int, tuple[torch.Tensor, nn.Parameter]] = {}  # id(source) -> (source, cast)
+
+    def __call__(self, source: torch.Tensor) -> nn.Parameter:
+        # The source is held in `done` so its id cannot be reused by a new tensor during the swap.
+        if id(source) not in self.done:
+            self.done[id(source)] = (source, nn.Parameter(source.detach().to(self.dtype), requires_grad=False))
+        return self.done[id(source)][1]
+
+
+def _swap(module: nn.Module, kind: type[nn.Module], convert: Callable[[nn.Module], nn.Module]) -> None:
+    """Replace every submodule that is a `kind` with `convert(submodule)`, recursively."""
+    for name, child in module.named_children():
+        if isinstance(child, kind):
+            setattr(module, name, convert(child))
+        else:
+            _swap(child, kind, convert)

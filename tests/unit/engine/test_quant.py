@@ -1,0 +1,169 @@
+"""Weight-precision swaps: Int8Linear equals its exact integer reference, tracks float32 within stated
+tolerances and is bitwise batch-invariant; `apply_weight_dtype` replaces every Linear of a tiny Llama and
+keeps its logits close to float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specserve.engine.config import CacheConfig, ModelConfig
+from specserve.engine.model import LlamaModel
+from specserve.engine.model_runner import allocate_kv_cache
+from specserve.engine.quant import BF16Embedding, BF16Linear, Int8Linear, apply_weight_dtype
+from specserve.errors import InvalidRequestError
+from specserve.kernels.paged_attention import build_attention_metadata
+
+# (in_features, out_features): tiny, and the 135M model's qkv / down projections.
+SHAPES = [(64, 48), (576, 960), (1536, 576)]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def activations(rows: int, features: int, outlier_scale: float | None, seed: int = 0) -> torch.Tensor:
+    """Gaussian rows `# [rows, features]`; with `outlier_scale`, 4 channels scaled up as in real LLMs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, features, generator=g)
+    if outlier_scale is not None:
+        x[:, torch.randperm(features, generator=g)[:4]] *= outlier_scale
+    return x
+
+
+def int8_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Int8Linear's maths in float64: same rounding of weights and rows, exact matmul."""
+    w_scale = weight.abs().amax(dim=1) / 127  # [out]
+    w_int = torch.round(weight / w_scale[:, None])  # [out, in]
+    row_scale = x.abs().amax(dim=1, keepdim=True) / 127  # [M, 1]
+    x_int = torch.round(x / row_scale)  # [M, in]
+    return (x_int.double() @ w_int.double().T * w_scale.double() * row_scale.double()).float()
+
+
+@pytest.mark.parametrize("in_features,out_features", SHAPES)
+@pytest.mark.parametrize("outlier_scale", [None, 100.0])
+def test_int8_matches_exact_integer_reference(in_features: int, out_features: int, outlier_scale: float | None):
+    # Catches a wrong scale, an int16 saturation in the kernel, or a lost zero point: only float32
+    # rounding of the epilogue may differ.
+    weight = torch.randn(out_features, in_features) * 0.02
+    x = activations(16, in_features, outlier_scale)
+    torch.testing.assert_close(Int8Linear(weight, None)(x), int8_reference(x, weight), rtol=1e-5, atol=1e-6)
+
+
+def test_int8_saturating_inputs_are_exact():
+    # Every product is 127 * 127; an int16 pairwise accumulation (non-VNNI u8 x s8) would clip.
+    weight = torch.ones(8, 1536)
+    x = torch.ones(2, 1536)
+    torch.testing.assert_close(Int8Linear(weight, None)(x), torch.full((2, 8), 1536.0))
+
+
+# Tolerances on the relative Frobenius error versus float32, measured at ~1.1% (Gaussian) and ~4-7%
+# (4 channels x100): per-token scales spend their 8 bits on the outliers, as LLM.int8() describes.
+@pytest.mark.parametrize("in_features,out_features", SHAPES)
+@pytest.mark.parametrize("outlier_scale,tolerance", [(None, 0.02), (100.0, 0.10)])
+def test_int8_close_to_float32(in_features: int, out_features: int, outlier_scale: float | None, tolerance: float):
+    weight = torch.randn(out_features, in_features) * 0.02
+    x = activations(32, in_features, outlier_scale)
+    assert relative_error(Int8Linear(weight, None)(x), F.linear(x, weight)) < tolerance
+
+
+@pytest.mark.parametrize("in_features,out_features", SHAPES)
+def test_bf16_close_to_float32(in_features: int, out_features: int):
+    weight = torch.randn(out_features, in_features) * 0.02
+    x = activations(32, in_features, None)
+    out = BF16Linear(nn.Parameter(weight.bfloat16(), requires_grad=False), None)(x)
+    assert out.dtype == torch.float32
+    assert relative_error(out, F.linear(x, weight)) < 0.01
+
+
+@pytest.mark.parametrize("in_features,out_features", SHAPES)
+@pytest.mark.parametrize("batch", [2, 8, 16, 64, 300])
+def test_int8_is_batch_invariant(in_features: int, out_features: int, batch: int):
+    # Speculative verification needs a token's logits to be the same whether it is decoded alone or
+    # verified among others: bitwise, not merely close.
+    layer = Int8Linear(torch.randn(out_features, in_features) * 0.02, None)
+    x = activations(batch, in_features, 100.0)
+    together = layer(x)
+    for row in (0, batch // 2, batch - 1):
+        assert torch.equal(together[row], layer(x[row : row + 1])[0])
+
+
+def test_int8_zero_row_gives_zeros():
+    layer = Int8Linear(torch.randn(16, 32), None)
+    assert torch.equal(layer(torch.zeros(3, 32)), torch.zeros(3, 16))
+
+
+def test_int8_keeps_leading_dims_and_adds_bias():
+    weight, bias = torch.randn(16, 32) * 0.1, torch.randn(16)
+    x = torch.randn(2, 3, 32)
+    out = Int8Linear(weight, bias)(x)
+    assert out.shape == (2, 3, 16)
+    assert relative_error(out, F.linear(x, weight, bias)) < 0.02
+
+
+# ---- the module swap on a tiny Llama ------------------------------------------------------------
+
+TINY = ModelConfig(
+    vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+    head_dim=16, max_position_embeddings=64,
+)
+
+
+def tiny_llama(tie_word_embeddings: bool) -> LlamaModel:
+    torch.manual_seed(0)
+    model = LlamaModel(replace(TINY, tie_word_embeddings=tie_word_embeddings))
+    for param in model.parameters():
+        nn.init.normal_(param, std=0.1)
+    return model.eval()
+
+
+def prefill_logits(model: LlamaModel, token_ids: list[int]) -> torch.Tensor:
+    """Logits `# [len(token_ids), vocab]` of one sequence prefilled in one forward."""
+    n = len(token_ids)
+    cache = CacheConfig(block_size=4, num_blocks=8)
+    meta = build_attention_metadata([n], [n], [list(range(cache.num_blocks))], cache.block_size)
+    kv = allocate_kv_cache(model.config, cache, torch.float32)
+    ids = torch.tensor(token_ids)
+    logits, _ = model(ids, torch.arange(n), kv, meta, torch.arange(n))
+    return logits
+
+
+PROMPT = [3, 17, 42, 5, 88, 60, 1, 9]
+
+
+@pytest.mark.parametrize("tie_word_embeddings", [False, True])
+@pytest.mark.parametrize("dtype,swapped,tolerance", [("int8", Int8Linear, 0.05), ("bfloat16", BF16Linear, 0.02)])
+def test_swap_replaces_every_linear(tie_word_embeddings: bool, dtype: str, swapped: type, tolerance: float):
+    model = tiny_llama(tie_word_embeddings)
+    expected = prefill_logits(model, PROMPT)
+    num_linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert apply_weight_dtype(model, dtype) is model
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, swapped) for m in model.modules()) == num_linears == 4 * TINY.num_layers + 1
+    logits = prefill_logits(model, PROMPT)
+    assert logits.dtype == torch.float32
+    assert relative_error(logits, expected) < tolerance
+
+
+def test_bf16_swap_keeps_tied_head_one_tensor():
+    model = apply_weight_dtype(tiny_llama(tie_word_embeddings=True), "bfloat16")
+    assert isinstance(model.embed_tokens, BF16Embedding)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_float32_is_a_no_op():
+    model = tiny_llama(tie_word_embeddings=False)
+    before = prefill_logits(model, PROMPT)
+    assert apply_weight_dtype(model, "float32") is model
+    assert torch.equal(prefill_logits(model, PROMPT), before)
+
+
+def test_unknown_dtype_is_rejected():
+    with pytest.raises(InvalidRequestError, match="float16"):
+        apply_weight_dtype(tiny_llama(tie_word_embeddings=False), "float16")

@@ -1,0 +1,89 @@
+"""`specserve` CLI as a user runs it: a real process, the real model, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    # Run from a scratch folder so the repo's `services/` can never be imported as a top-level module.
+    return subprocess.run(
+        [sys.executable, "-m", "specserve.cli", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=300, env=os.environ.copy(),
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("specserve") and needle in lines[0], result.stderr
+    assert result.stdout == ""
+
+
+def test_generate_json_is_one_object(model_path, tmp_path):
+    result = run_cli("generate", "What is 2 + 2?", "--max-tokens", "12", "--json", "--model", str(model_path),
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)  # exactly one JSON document, nothing else on stdout
+    assert set(out) == {"text", "token_ids", "prompt_token_ids", "finish_reason", "stats"}
+    assert {"new_tokens", "seconds", "tokens_per_s"} <= set(out["stats"])
+    assert out["stats"]["new_tokens"] == len(out["token_ids"]) > 0
+    assert out["finish_reason"] in ("stop", "length") and out["text"]
+
+
+def test_generate_streams_text_and_summary(model_path, tmp_path):
+    result = run_cli("generate", "Once upon a time", "--raw", "--max-tokens", "8", "--temperature", "0.8",
+                     "--seed", "7", "--model", str(model_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    summary = result.stderr.strip().splitlines()[-1]
+    assert "8 tokens" in summary and "tok/s" in summary
+
+
+def test_fixed_seed_gives_same_json(model_path, tmp_path):
+    args = ("generate", "Name a fruit.", "--max-tokens", "10", "--temperature", "1.0", "--top-k", "40",
+            "--seed", "42", "--json", "--model", str(model_path))
+    first, second = (json.loads(run_cli(*args, cwd=tmp_path).stdout) for _ in range(2))
+    assert first["token_ids"] == second["token_ids"]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("generate", ""), "prompt is empty"),
+        (("generate", "hi", "--max-tokens", "0"), "max_tokens"),
+        (("generate", "hi", "--temperature", "-1"), "temperature"),
+        (("generate", "hi", "--top-p", "0"), "top_p"),
+        (("generate", "hi", "--top-p", "1.5"), "top_p"),
+        (("generate", "hi", "--model", "/nonexistent/model.gguf"), "no such file"),
+    ],
+)
+def test_bad_input_exits_with_one_line(args, needle, tmp_path):
+    assert_one_line_error(run_cli(*args, cwd=tmp_path), needle)
+
+
+def test_corrupt_model_file(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(4096))
+    assert_one_line_error(run_cli("generate", "hi", "--model", str(bad), cwd=tmp_path), str(bad))
+
+
+def test_prompt_longer_than_context(model_path, tmp_path):
+    result = run_cli("generate", "word " * 9000, "--raw", "--model", str(model_path), cwd=tmp_path)
+    assert_one_line_error(result, "context")
+
+
+def test_pull_is_idempotent_with_a_good_copy(model_path, tmp_path):
+    env_home = model_path.parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "specserve.cli", "pull"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=120, env={**os.environ, "SPECSERVE_HOME": str(env_home), "SPECSERVE_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(model_path)
