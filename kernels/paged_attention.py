@@ -8,8 +8,9 @@ group, keys are gathered in position order and padded to the longest context, wi
 Worked example (block_size 4): sequence A has 6 tokens of context with block table [7, 2] and queries its
 last 1 token; sequence B has 3 tokens, block table [5], and queries all 3 (a prefill). The flat batch is
 [A5, B0, B1, B2]; slot_mapping = [2*4+1, 5*4+0, 5*4+1, 5*4+2] = [9, 20, 21, 22]. Two groups:
-  Q=1: token_index [0], kv_index [[28, 29, 30, 31, 8, 9]], mask [[[[1, 1, 1, 1, 1, 1]]]]
-  Q=3: token_index [1, 2, 3], kv_index [[20, 21, 22]], mask lower-triangular 3x3.
+  Q=1: token_index [0], kv_index [[28, 29, 30, 31, 8, 9]], mask None (a decode sees every key)
+  Q=3: token_index [1, 2, 3], kv_index [[20, 21, 22]], mask None and is_causal (a fresh prefill).
+With contexts of different lengths in one group, an explicit boolean mask hides padding and the future.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ class AttentionGroup:
 
     token_index: torch.Tensor  # [num_seqs * query_len] int64, rows of the flat batch, sequence-major
     kv_index: torch.Tensor  # [num_seqs, max_context_len] int64 cache slots in position order (pad: 0)
-    mask: torch.Tensor  # [num_seqs, 1, query_len, max_context_len] bool, True where attention is allowed
+    # [num_seqs, 1, query_len, max_context_len] bool, True where attention is allowed; None when every
+    # sequence of the group has the same context, where `is_causal` alone says it (faster SDPA path).
+    mask: torch.Tensor | None
     query_len: int
+    is_causal: bool = False  # only with mask None: queries are the whole context (a fresh prefill)
 
 
 @dataclass
@@ -93,6 +97,9 @@ def _group(
     mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [num_seqs, query_len, max_ctx]
     kv_index = kv_index.masked_fill(key_pos[None, :] >= ctx[:, None], 0)
     token_index = (torch.tensor(starts)[:, None] + torch.arange(query_len)).reshape(-1)
+    if len(set(context_lens)) == 1 and query_len in (1, max_ctx):
+        # Decodes see every key; a fresh prefill is plain causal: no mask tensor needed.
+        return AttentionGroup(token_index, kv_index, None, query_len, is_causal=query_len > 1)
     return AttentionGroup(token_index, kv_index, mask[:, None], query_len)
 
 
@@ -135,5 +142,7 @@ def _attend_group(
     qg = q.view(num_seqs, group.query_len, *q.shape[1:]).transpose(1, 2)  # [S, H, Q, D]
     k = k_cache[group.kv_index].transpose(1, 2).to(q.dtype)  # [S, Hkv, L, D]
     v = v_cache[group.kv_index].transpose(1, 2).to(q.dtype)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.mask, scale=scale, enable_gqa=True)
+    out = F.scaled_dot_product_attention(
+        qg, k, v, attn_mask=group.mask, is_causal=group.is_causal, scale=scale, enable_gqa=True
+    )
     return out.transpose(1, 2).reshape(q.shape)

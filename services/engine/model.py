@@ -2,7 +2,8 @@
 
 Knows nothing about scheduling or quantization: the model runner hands it flat tensors and attention
 metadata; weight precision is applied from outside by swapping `nn.Linear` modules (engine/quant.py).
-Q/K/V and gate/up projections are fused into one matmul each, which matters at batch 1 on a CPU.
+Q/K/V and gate/up projections are fused into one matmul each, which matters at batch 1 on a CPU; Q/K
+rows are stored with RoPE channel pairs adjacent so the rotation is one complex multiply.
 """
 
 from __future__ import annotations
@@ -55,24 +56,36 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """Rotate-half RoPE; cos/sin tables are computed once for every position of the context."""
+    """RoPE as a complex multiply; the rotation for every position of the context is computed once.
+
+    HF checkpoints pair channel i with i + head_dim/2 (rotate-half); `interleave_rope_rows` reorders the
+    Q/K weight rows at load so pairs are adjacent, which lets one complex multiply rotate them. Q and K
+    get the same channel order, so their dot products, and the attention output, are unchanged.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float64)
         angles = torch.outer(positions, rope_inv_freq(config))  # [max_pos, head_dim / 2]
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.register_buffer("rotations", torch.polar(torch.ones_like(angles), angles).to(torch.complex64),
+                             persistent=False)
 
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for the batch `# [num_tokens, 1, head_dim / 2]`, looked up once per forward."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+    def tables(self, positions: torch.Tensor) -> torch.Tensor:
+        """Unit complex rotations for the batch `# [num_tokens, 1, head_dim / 2]`, looked up once a forward."""
+        return self.rotations[positions].unsqueeze(1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x `# [num_tokens, heads, head_dim]` rotated by position (rotate-half convention, as HF)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def interleave_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Reorder each head's output rows from (x_0..x_{d/2-1}, y_0..y_{d/2-1}) to (x_0, y_0, x_1, y_1, ...)."""
+    out_features, in_features = weight.shape
+    head_dim = out_features // num_heads
+    return weight.view(num_heads, 2, head_dim // 2, in_features).transpose(1, 2).reshape(out_features, in_features)
+
+
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """x `# [num_tokens, heads, head_dim]` (adjacent channel pairs) rotated by position."""
+    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # [num_tokens, heads, head_dim / 2]
+    return torch.view_as_real(pairs * rotations).flatten(-2)
 
 
 class Attention(nn.Module):
@@ -86,13 +99,13 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [num_tokens, hidden]
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: torch.Tensor,  # [num_tokens, 1, head_dim / 2] complex64
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, hidden]
         qkv = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)  # [num_tokens, H + 2 Hkv, D]
         # Q and K heads are adjacent, so one rotation covers both.
-        qk = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], *rope)
+        qk = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], rope)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.num_heads + self.num_kv_heads :]
         write_kv(*kv_cache, k, v, meta.slot_mapping)
@@ -161,9 +174,11 @@ class LlamaModel(nn.Module):
         fused: dict[str, torch.Tensor] = {}
         for i in range(self.config.num_layers):
             p = f"model.layers.{i}."
-            fused[p + "self_attn.qkv_proj.weight"] = torch.cat(
-                [state_dict[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]
-            )
+            fused[p + "self_attn.qkv_proj.weight"] = torch.cat([
+                interleave_rope_rows(state_dict[p + "self_attn.q_proj.weight"], self.config.num_heads),
+                interleave_rope_rows(state_dict[p + "self_attn.k_proj.weight"], self.config.num_kv_heads),
+                state_dict[p + "self_attn.v_proj.weight"],
+            ])
             fused[p + "mlp.gate_up_proj.weight"] = torch.cat(
                 [state_dict[p + "mlp.gate_proj.weight"], state_dict[p + "mlp.up_proj.weight"]]
             )

@@ -22,13 +22,27 @@ def test_worked_example_layout():
     assert meta.slot_mapping.tolist() == [9, 20, 21, 22]
     by_q = {g.query_len: g for g in meta.groups}
     assert by_q[1].kv_index.tolist() == [[28, 29, 30, 31, 8, 9]]
+    assert by_q[1].mask is None and not by_q[1].is_causal
     assert by_q[3].token_index.tolist() == [1, 2, 3]
-    assert by_q[3].mask[0, 0].int().tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    assert by_q[3].mask is None and by_q[3].is_causal
+
+
+def test_mixed_contexts_get_an_explicit_mask():
+    meta = build_attention_metadata([2, 2], [3, 5], [[0], [1, 2]], block_size=4)
+    (group,) = meta.groups
+    assert group.kv_index.tolist() == [[0, 1, 2, 0, 0], [4, 5, 6, 7, 8]]
+    assert group.mask[:, 0].int().tolist() == [
+        [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]],
+        [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]],
+    ]
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (9, 3)])
-@pytest.mark.parametrize("lens", [[(1, 1)], [(1, 17), (5, 5), (3, 33), (1, 2)], [(16, 16), (16, 40), (1, 64)]])
+@pytest.mark.parametrize(
+    "lens",
+    [[(1, 1)], [(1, 17), (5, 5), (3, 33), (1, 2)], [(16, 16), (16, 40), (1, 64)], [(1, 9), (1, 9)], [(7, 7), (7, 7)]],
+)
 def test_matches_dense_attention(block_size, heads, kv_heads, lens):
     torch.manual_seed(0)
     dim, scale = 8, 8**-0.5
