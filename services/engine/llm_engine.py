@@ -20,6 +20,7 @@ from specserve.engine.model_runner import ModelRunner
 from specserve.engine.quant import apply_weight_dtype
 from specserve.engine.sampler import Sampler
 from specserve.engine.scheduler import Scheduler
+from specserve.engine.smoothing import calibration_text
 from specserve.engine.sequence import FinishReason, Sequence
 from specserve.engine.text_output import TextOutput
 from specserve.engine.tokenizer import Tokenizer
@@ -68,7 +69,9 @@ def build_model(model_path: str, dtype: str) -> LlamaModel:
     model_config, state_dict = load_checkpoint(model_path)
     model = LlamaModel(model_config)
     model.load_hf_state_dict(state_dict)
-    return apply_weight_dtype(model.eval(), dtype)
+    # int8 first folds SmoothQuant scales measured on a short bundled text (engine/smoothing.py).
+    calibration_ids = load_tokenizer(model_path).encode(calibration_text()) if dtype == "int8" else None
+    return apply_weight_dtype(model.eval(), dtype, calibration_ids=calibration_ids)
 
 
 class LLMEngine:
