@@ -1,14 +1,16 @@
-# The two commands of README.md. Both bootstrap first (.venv, pinned dependencies, the default model);
+# The commands of README.md. All bootstrap first (.venv, pinned dependencies, the default model);
 # that is a no-op when nothing changed.
 #   make run [PROMPT="..."] [MAX_TOKENS=128]   a streamed generation on the real model, embedded mode
 #   make test [PYTEST_ARGS="..."]              the whole test suite (what .ci/run calls)
+#   make bench [BENCH_ARGS="..."]              the engine benchmark; rewrites its section of docs/benchmarks.md
 
 VENV := .venv
 PROMPT ?= Give me three practical tips for staying focused while studying.
 MAX_TOKENS ?= 128
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: run test bootstrap
+.PHONY: run test bench bootstrap
 
 # The prompt's raw value, single-quoted for the shell, so quotes and `$` in it arrive unchanged.
 run: bootstrap
@@ -18,6 +20,11 @@ run: bootstrap
 # `kernels` must never be importable as top-level modules (only as specserve.*).
 test: bootstrap
 	$(VENV)/bin/pytest tests -q --durations=15 $(PYTEST_ARGS)
+
+# A script path, for the same reason: it puts bench/, not the repo root, on sys.path. llama.cpp joins the
+# comparison only where llama-cpp-python is installed (the `bench` extra).
+bench: bootstrap
+	$(VENV)/bin/python bench/bench_engine.py $(BENCH_ARGS)
 
 bootstrap:
 	@bash scripts/bootstrap.sh

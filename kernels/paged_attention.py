@@ -140,8 +140,10 @@ def _attend_group(
 ) -> torch.Tensor:  # [num_seqs * query_len, num_heads, head_dim]
     num_seqs, _ = group.kv_index.shape
     qg = q.view(num_seqs, group.query_len, *q.shape[1:]).transpose(1, 2)  # [S, H, Q, D]
-    k = k_cache[group.kv_index].transpose(1, 2).to(q.dtype)  # [S, Hkv, L, D]
-    v = v_cache[group.kv_index].transpose(1, 2).to(q.dtype)
+    flat_index = group.kv_index.view(-1)
+    k = k_cache.index_select(0, flat_index).view(*group.kv_index.shape, *k_cache.shape[1:])  # [S, L, Hkv, D]
+    v = v_cache.index_select(0, flat_index).view(k.shape)
+    k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)  # [S, Hkv, L, D]
     out = F.scaled_dot_product_attention(
         qg, k, v, attn_mask=group.mask, is_causal=group.is_causal, scale=scale, enable_gqa=True
     )
