@@ -4,7 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specserve.kernels.paged_attention import build_attention_metadata, paged_attention_ref, write_kv
+from specserve.kernels.paged_attention import (
+    _buckets_by_context,
+    build_attention_metadata,
+    paged_attention_ref,
+    write_kv,
+)
 
 
 def dense_causal(q, k, v, scale):
@@ -27,9 +32,17 @@ def test_worked_example_layout():
     assert by_q[3].mask is None and by_q[3].is_causal
 
 
+def test_contexts_of_very_different_length_are_bucketed():
+    assert _buckets_by_context([0, 1, 2, 3], [1000, 20, 900, 25]) == [[0, 2], [1, 3]]
+    assert _buckets_by_context([0, 1, 2], [100, 90, 80]) == [[0, 1, 2]]
+    meta = build_attention_metadata([1, 1, 1], [700, 30, 650], [[0] * 44, [1, 2], [3] * 41], block_size=16)
+    assert sorted(g.kv_index.shape[1] for g in meta.groups) == [30, 700]
+
+
 def test_mixed_contexts_get_an_explicit_mask():
     meta = build_attention_metadata([2, 2], [3, 5], [[0], [1, 2]], block_size=4)
     (group,) = meta.groups
+    assert group.token_index.tolist() == [0, 1, 2, 3]
     assert group.kv_index.tolist() == [[0, 1, 2, 0, 0], [4, 5, 6, 7, 8]]
     assert group.mask[:, 0].int().tolist() == [
         [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]],
@@ -41,7 +54,8 @@ def test_mixed_contexts_get_an_explicit_mask():
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (9, 3)])
 @pytest.mark.parametrize(
     "lens",
-    [[(1, 1)], [(1, 17), (5, 5), (3, 33), (1, 2)], [(16, 16), (16, 40), (1, 64)], [(1, 9), (1, 9)], [(7, 7), (7, 7)]],
+    [[(1, 1)], [(1, 17), (5, 5), (3, 33), (1, 2)], [(16, 16), (16, 40), (1, 64)], [(1, 9), (1, 9)], [(7, 7), (7, 7)],
+     [(2, 20), (2, 25)], [(1, 90), (1, 12), (1, 40), (1, 15)]],
 )
 def test_matches_dense_attention(block_size, heads, kv_heads, lens):
     torch.manual_seed(0)
