@@ -1,6 +1,6 @@
 """Weight-precision swaps: Int8Linear equals its exact integer reference, tracks float32 within stated
-tolerances and is bitwise batch-invariant; `apply_weight_dtype` replaces every Linear of a tiny Llama and
-keeps its logits close to float32.
+tolerances and is bitwise batch-invariant; PackedLinear keeps float32 at rounding level; `apply_weight_dtype`
+replaces every Linear of a tiny Llama and keeps its logits close to float32.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 from specserve.engine.config import CacheConfig, ModelConfig
 from specserve.engine.model import LlamaModel
 from specserve.engine.model_runner import allocate_kv_cache
-from specserve.engine.quant import BF16Embedding, BF16Linear, Int8Linear, apply_weight_dtype
+from specserve.engine.quant import BF16Embedding, BF16Linear, Int8Linear, PackedLinear, apply_weight_dtype, can_pack
 from specserve.engine.smoothing import collect_input_absmax, smooth_
 from specserve.errors import InvalidRequestError
 from specserve.kernels.paged_attention import build_attention_metadata
@@ -82,6 +82,33 @@ def test_bf16_close_to_float32(in_features: int, out_features: int):
     assert relative_error(out, F.linear(x, weight)) < 0.01
 
 
+needs_onednn = pytest.mark.skipif(not can_pack(), reason="this torch build has no oneDNN prepacked linear")
+
+
+@needs_onednn
+@pytest.mark.parametrize("in_features,out_features", SHAPES)
+@pytest.mark.parametrize("rows", [1, 8, 100])
+def test_packed_float32_is_float32_accurate(in_features: int, out_features: int, rows: int):
+    weight, bias = torch.randn(out_features, in_features) * 0.02, torch.randn(out_features)
+    x = activations(rows, in_features, None)
+    out = PackedLinear(weight, bias, torch.float32)(x)
+    exact = F.linear(x.double(), weight.double(), bias.double())
+    # float32 accumulation in another order than F.linear: a few ulp of the sum, not bfloat16's 1e-3.
+    assert out.dtype == torch.float32
+    assert (out - exact).abs().max().item() < 1e-5 * in_features**0.5
+    assert relative_error(out.double(), exact) < 1e-6
+
+
+@needs_onednn
+@pytest.mark.parametrize("in_features,out_features", SHAPES)
+def test_packed_bfloat16_close_to_float32(in_features: int, out_features: int):
+    weight = torch.randn(out_features, in_features) * 0.02
+    x = activations(32, in_features, None).view(2, 16, in_features)
+    out = PackedLinear(weight, None, torch.bfloat16)(x)
+    assert out.shape == (2, 16, out_features) and out.dtype == torch.float32
+    assert relative_error(out, F.linear(x, weight)) < 0.01
+
+
 @pytest.mark.parametrize("in_features,out_features", SHAPES)
 @pytest.mark.parametrize("batch", [2, 8, 16, 64, 300])
 def test_int8_is_batch_invariant(in_features: int, out_features: int, batch: int):
@@ -137,8 +164,14 @@ def prefill_logits(model: LlamaModel, token_ids: list[int]) -> torch.Tensor:
 PROMPT = [3, 17, 42, 5, 88, 60, 1, 9]
 
 
+PACKED_OR_PLAIN = PackedLinear if can_pack() else BF16Linear
+
+
 @pytest.mark.parametrize("tie_word_embeddings", [False, True])
-@pytest.mark.parametrize("dtype,swapped,tolerance", [("int8", Int8Linear, 0.05), ("bfloat16", BF16Linear, 0.02)])
+@pytest.mark.parametrize("dtype,swapped,tolerance", [
+    ("int8", Int8Linear, 0.05), ("bfloat16", PACKED_OR_PLAIN, 0.02),
+    pytest.param("float32", PackedLinear, 1e-5, marks=needs_onednn),
+])
 def test_swap_replaces_every_linear(tie_word_embeddings: bool, dtype: str, swapped: type, tolerance: float):
     model = tiny_llama(tie_word_embeddings)
     expected = prefill_logits(model, PROMPT)
@@ -151,14 +184,17 @@ def test_swap_replaces_every_linear(tie_word_embeddings: bool, dtype: str, swapp
     assert relative_error(logits, expected) < tolerance
 
 
-def test_bf16_swap_keeps_tied_head_one_tensor():
+def test_bf16_tied_head_matches_its_embedding():
     model = apply_weight_dtype(tiny_llama(tie_word_embeddings=True), "bfloat16")
     assert isinstance(model.embed_tokens, BF16Embedding)
-    assert model.lm_head.weight is model.embed_tokens.weight
-    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    hidden = activations(4, TINY.hidden_size, None)
+    expected = F.linear(hidden.bfloat16(), model.embed_tokens.weight).float()
+    torch.testing.assert_close(model.lm_head(hidden), expected, rtol=1e-2, atol=1e-2)
 
 
-def test_float32_is_a_no_op():
+@pytest.mark.skipif(can_pack(), reason="without oneDNN float32 is the plain model")
+def test_float32_without_onednn_is_a_no_op():
     model = tiny_llama(tie_word_embeddings=False)
     before = prefill_logits(model, PROMPT)
     assert apply_weight_dtype(model, "float32") is model
