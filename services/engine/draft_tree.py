@@ -1,0 +1,136 @@
+"""Token trees: what a drafter proposes and the verifier checks. The speculative vocabulary lives here.
+
+- **root**: a sequence's last token. It has no KV yet; it is the first query row of a verify forward.
+- **node**: one drafted token. Node i has a `parent` (-1 = the root) and a **depth** (root = 0, its
+  children 1, ...). Nodes are stored in topological order (a parent before its children) and siblings
+  carry distinct tokens. A **chain** is a tree in which every node has at most one child.
+- **path**: root -> node. Verifying a node means the target scores the path that ends in it.
+- **tree mask**: row i, column j true when node j is node i or one of its ancestors; with the
+  sequence's committed context, that is exactly what node i's query may attend to.
+- **draft probability** (`draft_probs[i]`): the drafter's probability of node i's token given its path,
+  q(token | path). 1.0 for a certain guess. The product along a path is the path's **draft score**,
+  used to keep the best nodes when a budget is tight (hypothesis reduction).
+- **accepted tokens**: the drafted tokens of the longest path the acceptance rule keeps. One more
+  token then comes from the target at the last accepted node: the **bonus** token when that node has
+  no drafted children (nothing was rejected there), the **recovered** token when its children were
+  rejected (greedy: the target's argmax; sampling: a draw from the residual distribution). Each
+  verify step so emits accepted + 1 tokens.
+
+Plain Python, no torch: drafters and the router build and read trees without tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+ROOT = -1  # the parent index of depth-1 nodes
+
+
+@dataclass
+class DraftTree:
+    """A drafted token tree for one sequence (parent-index encoding).
+
+    Example: tokens [5, 9, 7], parents [-1, 0, -1] is
+        root ─ 5 ─ 9
+             └ 7
+    node 0 (token 5) and node 2 (token 7) are the root's children; node 1 (token 9) follows 5.
+    """
+
+    tokens: list[int] = field(default_factory=list)  # [num_nodes] drafted token ids
+    parents: list[int] = field(default_factory=list)  # [num_nodes] parent node index, ROOT for depth 1
+    draft_probs: list[float] = field(default_factory=list)  # [num_nodes] q(token | path), in (0, 1]
+
+    def __post_init__(self) -> None:
+        assert len(self.tokens) == len(self.parents) == len(self.draft_probs), "one parent and prob per node"
+        seen: set[tuple[int, int]] = set()
+        for i, (token, parent) in enumerate(zip(self.tokens, self.parents)):
+            assert ROOT <= parent < i, f"node {i}: parent {parent} must come before it (topological order)"
+            assert (parent, token) not in seen, f"node {i}: sibling tokens must be distinct"
+            seen.add((parent, token))
+        assert all(0.0 < p <= 1.0 for p in self.draft_probs), "draft probabilities lie in (0, 1]"
+
+    @classmethod
+    def chain(cls, tokens: Sequence[int], draft_probs: Sequence[float] | None = None) -> DraftTree:
+        """A single branch: tokens[i] follows tokens[i - 1]."""
+        probs = [1.0] * len(tokens) if draft_probs is None else list(draft_probs)
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), probs)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.tokens)
+
+    def depths(self) -> list[int]:
+        """Depth of every node `# [num_nodes]` (children of the root have depth 1)."""
+        depth: list[int] = []
+        for parent in self.parents:
+            depth.append(1 if parent == ROOT else depth[parent] + 1)
+        return depth
+
+    def children(self) -> dict[int, list[int]]:
+        """Node index (ROOT included) -> its children's indices in node order."""
+        kids: dict[int, list[int]] = {ROOT: []}
+        for i, parent in enumerate(self.parents):
+            kids.setdefault(parent, []).append(i)
+            kids.setdefault(i, [])
+        return kids
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from depth 1 down to `node` (empty for ROOT)."""
+        path = []
+        while node != ROOT:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+    def path_scores(self) -> list[float]:
+        """Product of draft probabilities along each node's path `# [num_nodes]`."""
+        scores: list[float] = []
+        for parent, prob in zip(self.parents, self.draft_probs):
+            scores.append(prob * (1.0 if parent == ROOT else scores[parent]))
+        return scores
+
+    def ancestor_mask(self) -> list[list[bool]]:
+        """Tree mask `# [num_nodes, num_nodes]`: [i][j] true when node j is node i or its ancestor."""
+        mask: list[list[bool]] = []
+        for i, parent in enumerate(self.parents):
+            row = list(mask[parent]) if parent != ROOT else [False] * self.num_nodes
+            row[i] = True
+            mask.append(row)
+        return mask
+
+    def subtree(self, keep: Sequence[int]) -> DraftTree:
+        """The tree restricted to `keep` (node indices closed under taking parents), order preserved."""
+        kept = sorted(set(keep))
+        new_index = {old: new for new, old in enumerate(kept)}
+        assert all(self.parents[i] == ROOT or self.parents[i] in new_index for i in kept), "keep is not parent-closed"
+        return DraftTree(
+            [self.tokens[i] for i in kept],
+            [ROOT if self.parents[i] == ROOT else new_index[self.parents[i]] for i in kept],
+            [self.draft_probs[i] for i in kept],
+        )
+
+
+def tree_from_continuations(continuations: Sequence[Sequence[int]], budget: int) -> DraftTree:
+    """The `budget` most supported nodes of the trie of `continuations` (each a candidate chain).
+
+    A node's count is how many continuations pass through it; its draft probability is count / parent
+    count (the root's count is the number of continuations). Nodes are taken by count, then shallower
+    first, then first seen, which keeps the tree parent-closed: a child never outcounts its parent.
+    Example: [[4, 5], [4, 6], [7]] with budget 3 -> root ─ 4 (2/3) ─ 5 (1/2), root ─ 7 (1/3).
+    """
+    counts: dict[tuple[int, ...], int] = {}  # path of tokens -> continuations through it, in first-seen order
+    for continuation in continuations:
+        for depth in range(1, len(continuation) + 1):
+            path = tuple(continuation[:depth])
+            counts[path] = counts.get(path, 0) + 1
+    order = {path: i for i, path in enumerate(counts)}
+    chosen = sorted(counts, key=lambda p: (-counts[p], len(p), order[p]))[: max(budget, 0)]
+    chosen.sort(key=lambda p: (len(p), order[p]))  # parents before children
+    index = {path: i for i, path in enumerate(chosen)}
+    total = len(continuations)
+    return DraftTree(
+        tokens=[path[-1] for path in chosen],
+        parents=[index[path[:-1]] if len(path) > 1 else ROOT for path in chosen],
+        draft_probs=[counts[path] / (counts[path[:-1]] if len(path) > 1 else total) for path in chosen],
+    )
