@@ -1,14 +1,22 @@
-"""Session fixtures shared by every test: the default model's GGUF and the shared data directory."""
+"""Session fixtures shared by every test: the default model's GGUF and the shared data directory.
+
+Triton kernels are tested on CPU through the interpreter. `triton.jit` picks interpreter or compiler when
+triton itself is first imported (torch and transformers may import it while other folders are collected),
+so the variable is set here, before any test module is imported;
+tests/unit/kernels/test_tree_attention.py checks that it took effect.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import pytest
+os.environ["TRITON_INTERPRET"] = "1"
 
-from specserve.errors import ModelFetchError
-from specserve.model_fetch import ensure_default_model, specserve_home
+import pytest  # noqa: E402
+
+from specserve.errors import ModelFetchError  # noqa: E402
+from specserve.model_fetch import ensure_default_model, specserve_home  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
