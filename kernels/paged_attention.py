@@ -49,12 +49,19 @@ def build_attention_metadata(
     context_lens: list[int],
     block_tables: list[list[int]],
     block_size: int,
+    tree_masks: list[list[list[bool]] | None] | None = None,
 ) -> AttentionMetadata:
     """Metadata for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new this step.
 
-    Queries are causal: the query at position p sees keys at positions <= p of its own sequence.
+    Queries are causal by default: the query at position p sees keys at positions <= p of its own
+    sequence. `tree_masks[i]` (`# [query_lens[i], query_lens[i]]`, or None for causal) replaces that
+    rule among sequence i's new tokens: new query a sees new key b iff tree_masks[i][a][b]; every
+    query still sees all of the sequence's earlier keys. A speculative verify step uses it for token
+    trees (see engine/verify.py), whose nodes sit in the cache in node order, not in path order.
     """
     assert len(query_lens) == len(context_lens) == len(block_tables)
+    tree_masks = tree_masks or [None] * len(query_lens)
+    assert len(tree_masks) == len(query_lens)
     starts = [0]
     for q in query_lens:
         starts.append(starts[-1] + q)
@@ -69,7 +76,7 @@ def build_attention_metadata(
         by_query_len[q].append(i)
     groups = [
         _group([starts[i] for i in bucket], [context_lens[i] for i in bucket],
-               [block_tables[i] for i in bucket], q, block_size)
+               [block_tables[i] for i in bucket], q, block_size, [tree_masks[i] for i in bucket])
         for q, members in by_query_len.items()
         for bucket in _buckets_by_context(members, context_lens)
     ]
@@ -107,7 +114,12 @@ def _slots(block_table: list[int], positions: torch.Tensor, block_size: int) -> 
 
 
 def _group(
-    starts: list[int], context_lens: list[int], block_tables: list[list[int]], query_len: int, block_size: int
+    starts: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    query_len: int,
+    block_size: int,
+    tree_masks: list[list[list[bool]] | None],
 ) -> AttentionGroup:
     num_seqs = len(starts)
     max_ctx = max(context_lens)
@@ -121,9 +133,14 @@ def _group(
     ctx = torch.tensor(context_lens, dtype=torch.int64)  # [num_seqs]
     query_pos = ctx[:, None] - query_len + torch.arange(query_len)  # [num_seqs, query_len]
     mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [num_seqs, query_len, max_ctx]
+    for i, tree_mask in enumerate(tree_masks):
+        if tree_mask is not None:
+            prefix = context_lens[i] - query_len
+            mask[i, :, prefix : context_lens[i]] = torch.tensor(tree_mask, dtype=torch.bool)
     kv_index = kv_index.masked_fill(key_pos[None, :] >= ctx[:, None], 0)
     token_index = (torch.tensor(starts)[:, None] + torch.arange(query_len)).reshape(-1)
-    if len(set(context_lens)) == 1 and query_len in (1, max_ctx):
+    has_tree = any(m is not None for m in tree_masks)
+    if len(set(context_lens)) == 1 and query_len in (1, max_ctx) and not has_tree:
         # Decodes see every key; a fresh prefill is plain causal: no mask tensor needed.
         return AttentionGroup(token_index, kv_index, None, query_len, is_causal=query_len > 1)
     return AttentionGroup(token_index, kv_index, mask[:, None], query_len)

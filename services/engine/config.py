@@ -7,8 +7,12 @@ environment.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from specserve.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from specserve.engine.acceptance import LossyConfig
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
 
@@ -101,6 +105,43 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+SPEC_METHODS = ("off", "ngram", "rest", "auto")
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Speculative decoding: which drafter proposes, and how many drafted tokens a step may verify."""
+
+    method: str = "off"  # one of SPEC_METHODS
+    # Most tree nodes verified per sequence per step (the per-sequence budget).
+    num_draft_tokens: int = 8
+    # Drafted tokens verified per step over the whole batch; a sequence's budget is this shared out
+    # over the decoding sequences (capped by num_draft_tokens), so speculation fades as the batch grows
+    # and stops when the batch alone fills the forward.
+    max_draft_tokens_per_step: int = 64
+    datastore_path: str | None = None  # retrieval datastore for "rest" / "auto" (None: the default one)
+    lossy: LossyConfig | None = None  # relaxed acceptance (engine/acceptance.py); None = lossless
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise InvalidRequestError(f"unknown drafter {self.method!r}; expected one of {', '.join(SPEC_METHODS)}")
+        if self.num_draft_tokens <= 0 or self.max_draft_tokens_per_step <= 0:
+            raise InvalidRequestError(
+                f"draft budgets must be > 0, got num_draft_tokens={self.num_draft_tokens}, "
+                f"max_draft_tokens_per_step={self.max_draft_tokens_per_step}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "off"
+
+    def budget_per_sequence(self, num_decoding: int) -> int:
+        """Nodes each of `num_decoding` sequences may draft this step (0 = plain decoding)."""
+        if not self.enabled or num_decoding == 0:
+            return 0
+        return min(self.num_draft_tokens, self.max_draft_tokens_per_step // num_decoding)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything needed to build an `LLMEngine`."""
@@ -109,6 +150,7 @@ class EngineConfig:
     dtype: str = "float32"
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    spec: SpecConfig = SpecConfig()
 
     def __post_init__(self) -> None:
         if self.dtype not in WEIGHT_DTYPES:

@@ -12,18 +12,22 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specserve.drafters import build_drafter
+from specserve.drafters.base import DraftRequest
 from specserve.engine.block_manager import BlockManager
 from specserve.engine.config import EngineConfig, SamplingParams
+from specserve.engine.draft_tree import DraftTree
 from specserve.engine.loader import load_checkpoint
 from specserve.engine.model import LlamaModel
 from specserve.engine.model_runner import ModelRunner
 from specserve.engine.quant import apply_weight_dtype
 from specserve.engine.sampler import Sampler
-from specserve.engine.scheduler import Scheduler
+from specserve.engine.scheduler import ScheduledSeq, Scheduler
 from specserve.engine.smoothing import calibration_text
 from specserve.engine.sequence import FinishReason, Sequence
 from specserve.engine.text_output import TextOutput
 from specserve.engine.tokenizer import Tokenizer
+from specserve.engine.verify import SpecStats, accept, kv_moves
 from specserve.errors import InvalidRequestError
 
 
@@ -36,6 +40,7 @@ class RequestOutput:
     text_delta: str
     finished: bool
     finish_reason: str | None = None
+    spec: SpecStats | None = None  # the request's speculation counters, on its last output
 
 
 @dataclass
@@ -48,6 +53,7 @@ class Completion:
     text: str
     finish_reason: str
     seconds: float
+    spec: SpecStats = field(default_factory=SpecStats)
 
 
 @dataclass
@@ -57,6 +63,8 @@ class _Request:
     generator: torch.Generator | None
     on_output: Callable[[RequestOutput], None] | None
     start_time: float = field(default_factory=time.perf_counter)
+    spec: SpecStats = field(default_factory=SpecStats)
+    lossy_budget_left: float = 0.0
 
 
 def load_tokenizer(model_path: str) -> Tokenizer:
@@ -85,9 +93,13 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.runner = ModelRunner(model, cache)
         self.sampler = Sampler()
+        self.drafter = build_drafter(config.spec, model, tokenizer)
         # A request may use the whole context, but never more slots than the cache has.
         self.max_total_tokens = min(model.config.max_position_embeddings, cache.num_blocks * cache.block_size)
         self.requests: dict[int, _Request] = {}
+        self.spec_stats = SpecStats()  # summed over finished requests
+        self.draft_seconds = 0.0  # time in drafter.propose
+        self.forward_seconds = 0.0  # time in target forwards (verification included)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -118,7 +130,10 @@ class LLMEngine:
                 generator.manual_seed(params.seed)
             else:
                 generator.seed()  # non-deterministic, and leaves the global RNG alone
-        self.requests[seq.seq_id] = _Request(seq, TextOutput(self.tokenizer, params.stop), generator, on_output)
+        request = _Request(seq, TextOutput(self.tokenizer, params.stop), generator, on_output)
+        if self.config.spec.lossy is not None:
+            request.lossy_budget_left = self.config.spec.lossy.budget
+        self.requests[seq.seq_id] = request
         self.scheduler.add(seq)
         return seq.seq_id
 
@@ -147,40 +162,102 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One forward over every scheduled sequence; returns the outputs it produced."""
-        plan = self.scheduler.schedule()
+        """Propose, schedule, verify, accept, stream: one target forward over every scheduled sequence."""
+        trees = self._propose()
+        plan = self.scheduler.schedule({seq_id: tree.num_nodes for seq_id, tree in trees.items()})
         if not plan.scheduled:
             return []
-        logits, _ = self.runner.execute(plan.scheduled)
-        sampling = [s.seq for s in plan.scheduled if s.samples]
-        requests = [self.requests[seq.seq_id] for seq in sampling]
-        next_tokens = self.sampler.sample(
-            logits, [r.seq.params for r in requests], [r.generator for r in requests]
-        ).tolist()
+        step_trees = [trees[s.seq.seq_id] if s.num_draft_tokens else None for s in plan.scheduled]
+        start = time.perf_counter()
+        logits, _ = self.runner.execute(plan.scheduled, step_trees)
+        self.forward_seconds += time.perf_counter() - start
+        emitted = self._accept(plan.scheduled, step_trees, logits)
         for s in plan.scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
             self.block_manager.commit(s.seq)
-        return [self._append(request, token) for request, token in zip(requests, next_tokens)]
+        return [self._emit(self.requests[seq_id], tokens, tree) for seq_id, (tokens, tree) in emitted.items()]
 
-    def _append(self, request: _Request, token_id: int) -> RequestOutput:
-        seq = request.seq
-        seq.append_token(token_id)
-        params = seq.params
-        is_eos = token_id in self.tokenizer.eos_token_ids and not params.ignore_eos
-        if not is_eos:
-            request.text.push(token_id)
-        if is_eos or token_id in params.stop_token_ids or request.text.stopped:
-            seq.finish(FinishReason.STOP)
-        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= seq.max_total_tokens:
-            seq.finish(FinishReason.LENGTH)
+    def _propose(self) -> dict[int, DraftTree]:
+        """Draft trees for the sequences about to decode; none at all when the budget is 0 (no drafter call)."""
+        if self.drafter is None:
+            return {}
+        decoding = [seq for seq in self.scheduler.running if seq.num_uncomputed_tokens == 1]
+        budget = self.config.spec.budget_per_sequence(len(decoding))
+        requests = []
+        for seq in decoding:
+            # Room for the nodes in the context, and for accepted + 1 tokens within max_tokens.
+            room = min(budget, seq.max_total_tokens - seq.num_tokens,
+                       seq.params.max_tokens - len(seq.output_token_ids) - 1)
+            if room > 0:
+                requests.append(DraftRequest(seq.seq_id, seq.all_token_ids, seq.num_prompt_tokens, room))
+        if not requests:
+            return {}
+        start = time.perf_counter()
+        trees = self.drafter.propose(requests)
+        self.draft_seconds += time.perf_counter() - start
+        return {r.seq_id: tree for r, tree in zip(requests, trees) if tree.num_nodes}
+
+    def _accept(
+        self, scheduled: list[ScheduledSeq], trees: list[DraftTree | None], logits: torch.Tensor
+    ) -> dict[int, tuple[list[int], DraftTree | None]]:
+        """New tokens of every sequence that produced some, and advance each one's computed tokens.
+
+        Plain rows are sampled together; a tree's rows go through the acceptance rule, and the accepted
+        path's K/V are moved into place.
+        """
+        plain: list[tuple[Sequence, int]] = []  # (sequence, its logits row)
+        emitted: dict[int, tuple[list[int], DraftTree | None]] = {}
+        row = 0
+        for s, tree in zip(scheduled, trees):
+            seq = s.seq
+            if tree is None:
+                if s.samples:
+                    plain.append((seq, row))
+                    row += 1
+                seq.num_computed_tokens += s.num_new_tokens
+                continue
+            request = self.requests[seq.seq_id]
+            result = accept(tree, logits[row : row + 1 + tree.num_nodes], seq.params, request.generator,
+                            self.config.spec.lossy, request.lossy_budget_left)
+            row += 1 + tree.num_nodes
+            request.lossy_budget_left -= result.divergence
+            self.runner.move_kv(seq.block_table, kv_moves(result.accepted_nodes, seq.num_computed_tokens))
+            seq.num_computed_tokens += 1 + len(result.accepted_nodes)
+            emitted[seq.seq_id] = ([tree.tokens[i] for i in result.accepted_nodes] + [result.next_token], tree)
+        if plain:
+            requests = [self.requests[seq.seq_id] for seq, _ in plain]
+            tokens = self.sampler.sample(
+                logits[[r for _, r in plain]], [r.seq.params for r in requests], [r.generator for r in requests]
+            ).tolist()
+            for (seq, _), token in zip(plain, tokens):
+                emitted[seq.seq_id] = ([token], None)
+        return emitted
+
+    def _emit(self, request: _Request, token_ids: list[int], tree: DraftTree | None) -> RequestOutput:
+        """Append a step's tokens one by one, stopping at the first that finishes the request; stream them."""
+        seq, params = request.seq, request.seq.params
+        appended = []
+        for token_id in token_ids:
+            seq.append_token(token_id)
+            appended.append(token_id)
+            is_eos = token_id in self.tokenizer.eos_token_ids and not params.ignore_eos
+            if not is_eos:
+                request.text.push(token_id)
+            if is_eos or token_id in params.stop_token_ids or request.text.stopped:
+                seq.finish(FinishReason.STOP)
+            elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= seq.max_total_tokens:
+                seq.finish(FinishReason.LENGTH)
+            if seq.is_finished:
+                break
+        request.spec.record(tree, len(token_ids) - 1, len(appended))
         if seq.is_finished:
             request.text.flush()
         output = RequestOutput(
             request_id=seq.seq_id,
-            new_token_ids=[token_id],
+            new_token_ids=appended,
             text_delta=request.text.take_delta(final=seq.is_finished),
             finished=seq.is_finished,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            spec=request.spec if seq.is_finished else None,
         )
         if seq.is_finished:
             self._finish(request)
@@ -190,7 +267,10 @@ class LLMEngine:
 
     def _finish(self, request: _Request) -> None:
         self.scheduler.finish(request.seq)
-        self.requests.pop(request.seq.seq_id, None)
+        if self.requests.pop(request.seq.seq_id, None) is not None:
+            self.spec_stats.add(request.spec)
+        if self.drafter is not None:
+            self.drafter.release(request.seq.seq_id)
 
     # ---- conveniences ---------------------------------------------------------------------------
 
@@ -229,5 +309,6 @@ class LLMEngine:
                 text="".join(o.text_delta for o in outs),
                 finish_reason=outs[-1].finish_reason or "",
                 seconds=seconds,
+                spec=outs[-1].spec or SpecStats(),
             ))
         return completions

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from specserve.engine.config import CacheConfig, ModelConfig
+from specserve.engine.draft_tree import DraftTree
 from specserve.engine.model import KVCache, LlamaModel
 from specserve.engine.scheduler import ScheduledSeq
+from specserve.engine.verify import verify_layout
 from specserve.kernels.paged_attention import build_attention_metadata
 
 
@@ -26,8 +28,9 @@ class StepBatch:
     """Flat tensors of one forward (ragged: no padding)."""
 
     input_ids: torch.Tensor  # [num_tokens] int64
-    positions: torch.Tensor  # [num_tokens] int64
-    logits_indices: torch.Tensor  # [num_sampling] int64, last row of every sequence that samples
+    positions: torch.Tensor  # [num_tokens] int64, RoPE positions (a tree node's: by depth)
+    logits_indices: torch.Tensor  # [num_rows] int64: the last row of each sampling sequence, all rows of a tree
+    tree_masks: list[list[list[bool]] | None]  # per scheduled sequence, None = causal
 
 
 class ModelRunner:
@@ -36,31 +39,56 @@ class ModelRunner:
         self.cache_config = cache_config
         self.kv_cache = allocate_kv_cache(model.config, cache_config, kv_dtype)
 
-    def prepare(self, scheduled: list[ScheduledSeq]) -> StepBatch:
+    def prepare(self, scheduled: list[ScheduledSeq], trees: list[DraftTree | None]) -> StepBatch:
         input_ids: list[int] = []
         positions: list[int] = []
         logits_indices: list[int] = []
-        for s in scheduled:
+        tree_masks: list[list[list[bool]] | None] = []
+        for s, tree in zip(scheduled, trees):
             start = s.seq.num_computed_tokens
+            if s.num_draft_tokens:
+                assert tree is not None and tree.num_nodes == s.num_draft_tokens and s.num_new_tokens == 1
+                layout = verify_layout(s.seq.token_ids_slice(start, start + 1)[0], tree)
+                logits_indices += range(len(input_ids), len(input_ids) + len(layout.token_ids))
+                input_ids += layout.token_ids
+                positions += [start + offset for offset in layout.position_offsets]
+                tree_masks.append(layout.tree_mask)
+                continue
             input_ids += s.seq.token_ids_slice(start, start + s.num_new_tokens)
             positions += range(start, start + s.num_new_tokens)
+            tree_masks.append(None)
             if s.samples:
                 logits_indices.append(len(input_ids) - 1)
         return StepBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.int64),
             positions=torch.tensor(positions, dtype=torch.int64),
             logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
+            tree_masks=tree_masks,
         )
 
     def execute(
-        self, scheduled: list[ScheduledSeq], return_hidden: bool = False
+        self, scheduled: list[ScheduledSeq], trees: list[DraftTree | None] | None = None, return_hidden: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits `# [num_sampling, vocab]` for the sequences whose chunk ends at their last token."""
-        batch = self.prepare(scheduled)
+        """Logits `# [num_rows, vocab]`: one row per sampling sequence, 1 + num_nodes rows per tree."""
+        trees = trees or [None] * len(scheduled)
+        batch = self.prepare(scheduled, trees)
         meta = build_attention_metadata(
-            query_lens=[s.num_new_tokens for s in scheduled],
-            context_lens=[s.seq.num_computed_tokens + s.num_new_tokens for s in scheduled],
+            query_lens=[s.num_query_tokens for s in scheduled],
+            context_lens=[s.seq.num_computed_tokens + s.num_query_tokens for s in scheduled],
             block_tables=[s.seq.block_table for s in scheduled],
             block_size=self.cache_config.block_size,
+            tree_masks=batch.tree_masks,
         )
         return self.model(batch.input_ids, batch.positions, self.kv_cache, meta, batch.logits_indices, return_hidden)
+
+    def move_kv(self, block_table: list[int], moves: list[tuple[int, int]]) -> None:
+        """Copy K/V between positions of one sequence, in every layer (`moves`: (from, to) positions)."""
+        if not moves:
+            return
+        size = self.cache_config.block_size
+        slot = lambda pos: block_table[pos // size] * size + pos % size  # noqa: E731
+        sources = torch.tensor([slot(a) for a, _ in moves], dtype=torch.int64)
+        targets = torch.tensor([slot(b) for _, b in moves], dtype=torch.int64)
+        for k_cache, v_cache in self.kv_cache:
+            k_cache.index_copy_(0, targets, k_cache.index_select(0, sources))
+            v_cache.index_copy_(0, targets, v_cache.index_select(0, sources))

@@ -18,10 +18,16 @@ from specserve.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledSeq:
-    """One sequence's share of a step: its next `num_new_tokens` uncomputed tokens."""
+    """One sequence's share of a step: its next `num_new_tokens` uncomputed tokens, and for a decode
+    that speculates, `num_draft_tokens` drafted tokens verified after them (slots are reserved for both)."""
 
     seq: Sequence
     num_new_tokens: int
+    num_draft_tokens: int = 0
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.num_new_tokens + self.num_draft_tokens
 
     @property
     def samples(self) -> bool:
@@ -52,8 +58,11 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, num_draft_tokens: dict[int, int] | None = None) -> SchedulerOutput:
+        """`num_draft_tokens`: seq_id -> drafted tokens to verify after a decoding sequence's last token.
+        A draft is dropped (plain decode) when the step's token budget or the free blocks cannot hold it."""
         budget = self.config.max_num_batched_tokens
+        drafts = num_draft_tokens or {}
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
         for seq in list(self.running):
@@ -62,11 +71,15 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
-            if not self._make_room(seq, num_new, preempted):
+            num_draft = drafts.get(seq.seq_id, 0) if seq.num_uncomputed_tokens == 1 else 0
+            bm = self.block_manager
+            if num_new + num_draft > budget or not bm.can_allocate(bm.blocks_needed(seq, num_new + num_draft)):
+                num_draft = 0  # speculation never preempts anyone
+            if not self._make_room(seq, num_new + num_draft, preempted):
                 continue
-            self.block_manager.append_slots(seq, num_new)
-            scheduled.append(ScheduledSeq(seq, num_new))
-            budget -= num_new
+            self.block_manager.append_slots(seq, num_new + num_draft)
+            scheduled.append(ScheduledSeq(seq, num_new, num_draft))
+            budget -= num_new + num_draft
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             seq = self.waiting[0]
             self.block_manager.allocate_cached_prefix(seq)

@@ -82,3 +82,33 @@ def test_matches_dense_attention(block_size, heads, kv_heads, lens):
     out = paged_attention_ref(torch.cat(queries), k_cache, v_cache, meta, scale)
     expected = torch.cat([dense_causal(q, k, v, scale) for q, k, v in zip(queries, full_k, full_v)])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def dense_over(q, k, v, visible, scale):
+    """q [H, D] attending only the key rows `visible` of k/v [L, Hkv, D] -> [H, D]."""
+    groups = q.shape[0] // k.shape[1]
+    k, v = k[visible].repeat_interleave(groups, 1), v[visible].repeat_interleave(groups, 1)
+    weights = F.softmax(torch.einsum("hd,lhd->hl", q, k) * scale, -1)
+    return torch.einsum("hl,lhd->hd", weights, v)
+
+
+def test_tree_mask_replaces_causality_among_new_tokens():
+    # Sequence 0: 5 cached tokens, then root + a fork: root ─ a ─ b, root ─ c (new tokens r, a, b, c).
+    # Sequence 1: a plain decode beside it (no tree), same step.
+    torch.manual_seed(0)
+    heads, kv_heads, dim, block_size, scale = 6, 2, 8, 4, 8**-0.5
+    tree = [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
+    tables, lens = [[3, 0, 5], [1, 4]], [(4, 9), (1, 7)]
+    k_cache = torch.zeros(8 * block_size, kv_heads, dim)
+    v_cache = torch.zeros_like(k_cache)
+    full_k = [torch.randn(c, kv_heads, dim) for _, c in lens]
+    full_v = [torch.randn(c, kv_heads, dim) for _, c in lens]
+    everything = build_attention_metadata([c for _, c in lens], [c for _, c in lens], tables, block_size)
+    write_kv(k_cache, v_cache, torch.cat(full_k), torch.cat(full_v), everything.slot_mapping)
+    queries = torch.randn(5, heads, dim)
+    meta = build_attention_metadata([4, 1], [9, 7], tables, block_size, tree_masks=[[[bool(x) for x in row] for row in tree], None])
+    out = paged_attention_ref(queries, k_cache, v_cache, meta, scale)
+    for row in range(4):
+        visible = list(range(5)) + [5 + j for j in range(4) if tree[row][j]]
+        torch.testing.assert_close(out[row], dense_over(queries[row], full_k[0], full_v[0], visible, scale))
+    torch.testing.assert_close(out[4], dense_over(queries[4], full_k[1], full_v[1], list(range(7)), scale))

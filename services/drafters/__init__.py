@@ -1,0 +1,46 @@
+"""Draft sources, one module each, all behind `drafters.base.Drafter`; `build_drafter` picks one by name."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from specserve.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from specserve.drafters.base import Drafter
+    from specserve.engine.config import SpecConfig
+    from specserve.engine.model import LlamaModel
+    from specserve.engine.tokenizer import Tokenizer
+
+
+def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> Drafter | None:
+    """The drafter `spec.method` names (None for "off"). Modules load lazily: "off" imports none.
+
+    "auto" merges the n-gram drafter with retrieval when `spec.datastore_path` is set (hypothesis
+    reduction, drafters/auto.py); "rest" needs the datastore.
+    """
+    from specserve.drafters.ngram import NgramDrafter
+
+    if spec.method == "off":
+        return None
+    if spec.method == "ngram":
+        return NgramDrafter()
+    if spec.method == "rest":
+        if spec.datastore_path is None:
+            raise InvalidRequestError("the rest drafter needs a datastore (specserve datastore build ...)")
+        return _rest(spec.datastore_path, tokenizer)
+    if spec.method == "auto":
+        from specserve.drafters.auto import MergedDrafter
+
+        sources: list[Drafter] = [NgramDrafter()]
+        if spec.datastore_path is not None:
+            sources.append(_rest(spec.datastore_path, tokenizer))
+        return MergedDrafter(sources)
+    raise InvalidRequestError(f"drafter {spec.method!r} is not available in this version")
+
+
+def _rest(path: str, tokenizer: Tokenizer) -> Drafter:
+    from specserve.drafters.datastore import TokenDatastore, tokenizer_fingerprint
+    from specserve.drafters.rest import RestDrafter
+
+    return RestDrafter(TokenDatastore.load(path, tokenizer_fingerprint(tokenizer)))

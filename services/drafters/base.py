@@ -1,0 +1,35 @@
+"""The one interface every draft source implements: a batch of sequences in, one token tree each out.
+
+A drafter may keep per-sequence state (an n-gram index, a retrieval cursor) keyed by `seq_id`; that
+state must be rebuildable from `token_ids` alone (the router holds the token history, a drafter
+replica can be lost) and is dropped in `release`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from specserve.engine.draft_tree import DraftTree
+
+
+@dataclass
+class DraftRequest:
+    """One sequence's share of a `propose` call."""
+
+    seq_id: int
+    token_ids: list[int]  # [num_tokens] the whole history: prompt + output so far (last = the root)
+    num_prompt_tokens: int
+    budget: int  # most nodes this sequence's tree may have (>= 1)
+
+
+class Drafter(Protocol):
+    name: str
+
+    def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
+        """One tree per request, in order, each with at most `request.budget` nodes (may be empty)."""
+        ...
+
+    def release(self, seq_id: int) -> None:
+        """Forget `seq_id`'s state (the sequence finished or was aborted). Unknown ids are ignored."""
+        ...
