@@ -1,4 +1,4 @@
-"""`specserve` command line: `generate` (one streamed generation, embedded mode) and `pull`.
+"""`specserve` command line: `generate` (one streamed generation, embedded mode), `pull`, `datastore build`.
 
 Errors end with one line on stderr and a non-zero exit code (see specserve.errors); nothing below the
 CLI reads the environment.
@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from specserve.engine.config import WEIGHT_DTYPES, EngineConfig, SamplingParams
+from specserve.engine.config import SPEC_METHODS, WEIGHT_DTYPES, EngineConfig, SamplingParams, SpecConfig
 from specserve.errors import InvalidRequestError, SpecserveError
 from specserve.model_fetch import ensure_default_model, specserve_home
 
@@ -50,8 +50,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     if not args.prompt:
         raise InvalidRequestError("prompt is empty")
+    spec = spec_config(args)
     load_start = time.perf_counter()
-    engine = LLMEngine.from_config(EngineConfig(model_path=resolve_model(args.model), dtype=args.dtype))
+    engine = LLMEngine.from_config(EngineConfig(model_path=resolve_model(args.model), dtype=args.dtype, spec=spec))
     load_seconds = time.perf_counter() - load_start
     prompt_ids = engine.encode_prompt(args.prompt, chat=not args.raw)
     start = time.perf_counter()
@@ -59,11 +60,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     token_ids: list[int] = []
     text: list[str] = []
     finish_reason = None
+    spec_stats = None
     for out in engine.stream(prompt_ids, params):
         first_token_at = first_token_at or time.perf_counter()
         token_ids += out.new_token_ids
         text.append(out.text_delta)
         finish_reason = out.finish_reason
+        spec_stats = out.spec or spec_stats
         if not args.json:
             print(out.text_delta, end="", flush=True)
     seconds = time.perf_counter() - start
@@ -75,6 +78,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "time_to_first_token_s": round((first_token_at or start) - start, 4),
         "load_seconds": round(load_seconds, 3),
         "dtype": args.dtype,
+        "spec": {"method": spec.method, **(spec_stats.as_dict() if spec_stats else {}),
+                 "draft_seconds": round(engine.draft_seconds, 4), "forward_seconds": round(engine.forward_seconds, 4)},
     }
     if args.json:
         print(json.dumps({
@@ -86,9 +91,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         }))
     else:
         print()
+        tau = f", spec={spec.method} tau={spec_stats.mean_accepted_len:.2f}" if spec.enabled and spec_stats else ""
         _log(f"[{stats['new_tokens']} tokens in {stats['seconds']:.2f} s, {stats['tokens_per_s']:.1f} tok/s, "
-             f"finish={finish_reason}, dtype={args.dtype}]")
+             f"finish={finish_reason}, dtype={args.dtype}{tau}]")
     return 0
+
+
+def spec_config(args: argparse.Namespace) -> SpecConfig:
+    """Speculation flags -> SpecConfig; the default datastore is used when rest/auto gets none."""
+    from specserve.drafters.datastore import default_datastore_path
+
+    datastore = args.datastore
+    if datastore is None and args.spec in ("rest", "auto"):
+        default = default_datastore_path(specserve_home(os.environ))
+        # rest reports a missing default (with the command that builds it); auto just drafts without it.
+        datastore = str(default) if args.spec == "rest" or default.exists() else None
+    lossy = None
+    if args.lossy:
+        from specserve.engine.acceptance import LossyConfig
+
+        knobs = {"top_k": args.lossy_top_k, "min_ratio": args.lossy_min_ratio, "budget": args.lossy_budget}
+        lossy = LossyConfig(**{name: value for name, value in knobs.items() if value is not None})
+    return SpecConfig(method=args.spec, num_draft_tokens=args.num_draft_tokens, datastore_path=datastore, lossy=lossy)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,8 +135,39 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="makes sampled output reproducible")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--json", action="store_true", help="print exactly one JSON object instead of streaming")
+    gen.add_argument("--spec", choices=SPEC_METHODS, default="off",
+                     help="speculative decoding drafter (lossless unless --lossy); auto merges the available ones")
+    gen.add_argument("--num-draft-tokens", type=int, default=SpecConfig.num_draft_tokens,
+                     help="most drafted tokens verified per step")
+    gen.add_argument("--datastore", help="retrieval datastore for --spec rest/auto (default: the cache's default.npz)")
+    gen.add_argument("--lossy", action="store_true", help="relaxed acceptance within a divergence budget (not exact)")
+    gen.add_argument("--lossy-top-k", type=int, help="relax only tokens in the target's top k (0 = any; default 2)")
+    gen.add_argument("--lossy-min-ratio", type=float, help="relax only if p(x) >= ratio * max p (default 0.5)")
+    gen.add_argument("--lossy-budget", type=float, help="nats of divergence a request may spend (default 2.0)")
     gen.set_defaults(func=cmd_generate)
+    add_datastore_parser(sub)
     return parser
+
+
+# --- `specserve datastore build` (logic in specserve.drafters.datastore) ---
+
+def cmd_datastore_build(args: argparse.Namespace) -> int:
+    from specserve.drafters.datastore import build_datastore_file, default_datastore_path
+
+    out = args.out or default_datastore_path(specserve_home(os.environ))
+    print(build_datastore_file(args.inputs, out, resolve_model(args.model), max_docs=args.max_docs))
+    return 0
+
+
+def add_datastore_parser(sub: argparse._SubParsersAction) -> None:
+    datastore = sub.add_parser("datastore", help="token datastores for the retrieval drafter (rest)")
+    actions = datastore.add_subparsers(dest="action", required=True)
+    build = actions.add_parser("build", help="tokenize JSONL corpora into a datastore; prints one summary line")
+    build.add_argument("inputs", nargs="+", metavar="FILE.jsonl", help="corpus files, one JSON object per line")
+    build.add_argument("--out", help="datastore file to write (default: the cache's datastores/default.npz)")
+    build.add_argument("--model", help="GGUF whose tokenizer to use (default: SmolLM2-135M)")
+    build.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
+    build.set_defaults(func=cmd_datastore_build)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
