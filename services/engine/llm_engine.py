@@ -173,7 +173,8 @@ class LLMEngine:
         self.forward_seconds += time.perf_counter() - start
         emitted = self._accept(plan.scheduled, step_trees, logits)
         for s in plan.scheduled:
-            self.block_manager.commit(s.seq)
+            if s.seq.seq_id not in emitted:  # a prefill chunk; the others commit once their tokens are in
+                self.block_manager.commit(s.seq)
         return [self._emit(self.requests[seq_id], tokens, tree) for seq_id, (tokens, tree) in emitted.items()]
 
     def _propose(self) -> dict[int, DraftTree]:
@@ -249,6 +250,10 @@ class LLMEngine:
             if seq.is_finished:
                 break
         request.spec.record(tree, len(token_ids) - 1, len(appended))
+        # Hash the blocks the accepted tokens filled (their token ids are in the sequence only now). A stop
+        # may cut the step's tokens short of the K/V computed for them.
+        seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)
+        self.block_manager.commit(seq)
         if seq.is_finished:
             request.text.flush()
         output = RequestOutput(
