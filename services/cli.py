@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="makes sampled output reproducible")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--json", action="store_true", help="print exactly one JSON object instead of streaming")
-    gen.add_argument("--spec", choices=SPEC_METHODS, default="off",
+    gen.add_argument("--spec", default="off", metavar="{" + ",".join(SPEC_METHODS) + "}",
                      help="speculative decoding drafter (lossless unless --lossy); auto merges the available ones")
     gen.add_argument("--num-draft-tokens", type=int, default=SpecConfig.num_draft_tokens,
                      help="most drafted tokens verified per step")

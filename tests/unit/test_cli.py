@@ -62,6 +62,10 @@ def test_fixed_seed_gives_same_json(model_path, tmp_path):
         (("generate", "hi", "--top-p", "0"), "top_p"),
         (("generate", "hi", "--top-p", "1.5"), "top_p"),
         (("generate", "hi", "--model", "/nonexistent/model.gguf"), "no such file"),
+        (("generate", "hi", "--spec", "medusa"), "unknown drafter 'medusa'"),
+        (("generate", "hi", "--spec", "ngram", "--num-draft-tokens", "0"), "budgets must be > 0"),
+        (("generate", "hi", "--spec", "rest", "--datastore", "/nonexistent/ds.npz"), "no datastore at"),
+        (("generate", "hi", "--spec", "ngram", "--lossy", "--lossy-min-ratio", "2"), "min_ratio"),
     ],
 )
 def test_bad_input_exits_with_one_line(args, needle, tmp_path):
@@ -87,3 +91,22 @@ def test_pull_is_idempotent_with_a_good_copy(model_path, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(model_path)
+
+
+def test_corrupt_datastore_is_one_line(model_path, tmp_path):
+    bad = tmp_path / "broken.npz"
+    bad.write_bytes(os.urandom(2048))
+    result = run_cli("generate", "hi", "--spec", "rest", "--datastore", str(bad), "--model", str(model_path),
+                     cwd=tmp_path)
+    assert_one_line_error(result, str(bad))
+
+
+def test_speculative_json_reports_its_counters(model_path, tmp_path):
+    result = run_cli("generate", "Repeat exactly: one two three, one two three, one two three.", "--spec", "ngram",
+                     "--max-tokens", "24", "--json", "--model", str(model_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    spec = out["stats"]["spec"]
+    assert spec["method"] == "ngram"
+    assert spec["forwards"] >= 1 and spec["accepted"] <= spec["drafted"]
+    assert spec["mean_accepted_len"] == pytest.approx(len(out["token_ids"]) / spec["forwards"], abs=1e-3)

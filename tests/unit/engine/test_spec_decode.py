@@ -163,3 +163,33 @@ def test_budget_shrinks_as_the_batch_grows():
     spec = SpecConfig(method="ngram", num_draft_tokens=8, max_draft_tokens_per_step=32)
     assert [spec.budget_per_sequence(n) for n in (1, 4, 8, 32, 64)] == [8, 8, 4, 1, 0]
     assert SpecConfig().budget_per_sequence(1) == 0
+
+
+def test_seeded_sampling_with_speculation_is_reproducible(llama_model, tokenizer, spread_prompts):
+    params = SamplingParams(max_tokens=48, temperature=0.8, top_p=0.95, seed=11)
+    runs = []
+    for _ in range(2):
+        engine = make_engine(llama_model, tokenizer, "float32", SpecConfig(method="ngram"), 4)
+        runs.append([c.token_ids for c in engine.generate(spread_prompts[:3], params)])
+        assert engine.spec_stats.verify_steps > 0
+    assert runs[0] == runs[1]
+
+
+def test_lossy_acceptance_spends_at_most_its_budget(llama_model, tokenizer, spread_prompts):
+    from specserve.engine.acceptance import LossyConfig
+
+    lossy = LossyConfig(top_k=2, min_ratio=0.3, budget=1.5)
+    engine = make_engine(llama_model, tokenizer, "float32", SpecConfig(method="ngram", lossy=lossy), 4)
+    seen_budgets: list[float] = []
+    original = engine._emit
+
+    def spy(request, token_ids, tree):
+        seen_budgets.append(request.lossy_budget_left)
+        return original(request, token_ids, tree)
+
+    engine._emit = spy
+    completions = engine.generate(spread_prompts[:4], SamplingParams(max_tokens=64))
+    assert all(c.token_ids for c in completions)
+    # Some relaxation happened and was paid for, and no request went past its budget.
+    assert -1e-9 <= min(seen_budgets) < lossy.budget and max(seen_budgets) <= lossy.budget
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
