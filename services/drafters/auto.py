@@ -12,7 +12,7 @@ engine does not call the drafters at all.
 from __future__ import annotations
 
 from specserve.drafters.base import DraftRequest, Drafter
-from specserve.engine.draft_tree import ROOT, DraftTree
+from specserve.engine.draft_tree import ROOT, DraftTree, tree_from_path_scores
 
 
 class MergedDrafter:
@@ -38,11 +38,5 @@ class MergedDrafter:
             for token, parent, score in zip(tree.tokens, tree.parents, tree.path_scores()):
                 paths.append((paths[parent] if parent != ROOT else ()) + (token,))
                 scores[paths[-1]] = max(scores.get(paths[-1], 0.0), score)
-        ranked = sorted((p for p in scores if scores[p] >= self.min_score), key=lambda p: (-scores[p], len(p)))
-        chosen = sorted(ranked[:budget], key=len)  # parents first
-        index = {path: i for i, path in enumerate(chosen)}
-        return DraftTree(
-            tokens=[path[-1] for path in chosen],
-            parents=[index[path[:-1]] if len(path) > 1 else ROOT for path in chosen],
-            draft_probs=[scores[path] / (scores[path[:-1]] if len(path) > 1 else 1.0) for path in chosen],
-        )
+        best_first = dict(sorted(scores.items(), key=lambda item: -item[1]))  # siblings come out best first
+        return tree_from_path_scores(best_first, budget, min_score=self.min_score)

@@ -119,18 +119,31 @@ def tree_from_continuations(continuations: Sequence[Sequence[int]], budget: int)
     first, then first seen, which keeps the tree parent-closed: a child never outcounts its parent.
     Example: [[4, 5], [4, 6], [7]] with budget 3 -> root ─ 4 (2/3) ─ 5 (1/2), root ─ 7 (1/3).
     """
-    counts: dict[tuple[int, ...], int] = {}  # path of tokens -> continuations through it, in first-seen order
+    counts: dict[tuple[int, ...], float] = {}  # path of tokens -> continuations through it, in first-seen order
     for continuation in continuations:
         for depth in range(1, len(continuation) + 1):
             path = tuple(continuation[:depth])
             counts[path] = counts.get(path, 0) + 1
-    order = {path: i for i, path in enumerate(counts)}
-    chosen = sorted(counts, key=lambda p: (-counts[p], len(p), order[p]))[: max(budget, 0)]
-    chosen.sort(key=lambda p: (len(p), order[p]))  # parents before children
+    return tree_from_path_scores(counts, budget, root_score=len(continuations))
+
+
+def tree_from_path_scores(
+    scores: dict[tuple[int, ...], float], budget: int, root_score: float = 1.0, min_score: float = 0.0
+) -> DraftTree:
+    """The `budget` best-scored paths (token tuples from depth 1) as a tree.
+
+    Scores must not grow along a path (a child never scores above its parent), so taking them best
+    first, then shallower first, then in `scores`' order, gives a parent-closed tree; nodes come out by
+    depth, in `scores`' order within a depth. A node's draft
+    probability is its score over its parent's (`root_score` for depth 1). Paths scoring below
+    `min_score` are never taken.
+    """
+    order = {path: i for i, path in enumerate(scores)}
+    ranked = sorted((p for p in scores if scores[p] >= min_score), key=lambda p: (-scores[p], len(p), order[p]))
+    chosen = sorted(ranked[: max(budget, 0)], key=lambda p: (len(p), order[p]))  # parents before children
     index = {path: i for i, path in enumerate(chosen)}
-    total = len(continuations)
     return DraftTree(
         tokens=[path[-1] for path in chosen],
         parents=[index[path[:-1]] if len(path) > 1 else ROOT for path in chosen],
-        draft_probs=[counts[path] / (counts[path[:-1]] if len(path) > 1 else total) for path in chosen],
+        draft_probs=[scores[path] / (scores[path[:-1]] if len(path) > 1 else root_score) for path in chosen],
     )
