@@ -67,7 +67,7 @@ def build_attention_metadata(
         starts.append(starts[-1] + q)
     slot_mapping = torch.cat(
         [
-            _slots(table, torch.arange(ctx - q, ctx), block_size)
+            slots_of(table, torch.arange(ctx - q, ctx), block_size)
             for q, ctx, table in zip(query_lens, context_lens, block_tables)
         ]
     )
@@ -108,7 +108,8 @@ def _buckets_by_context(members: list[int], context_lens: list[int]) -> list[lis
     return [sorted(bucket) for bucket in buckets]
 
 
-def _slots(block_table: list[int], positions: torch.Tensor, block_size: int) -> torch.Tensor:
+def slots_of(block_table: list[int], positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache slots `# [len(positions)]` of one sequence's token positions, through its block table."""
     table = torch.tensor(block_table, dtype=torch.int64)
     return table[positions // block_size] * block_size + positions % block_size
 

@@ -15,7 +15,7 @@ from specserve.engine.draft_tree import DraftTree
 from specserve.engine.model import KVCache, LlamaModel
 from specserve.engine.scheduler import ScheduledSeq
 from specserve.engine.verify import verify_layout
-from specserve.kernels.paged_attention import build_attention_metadata
+from specserve.kernels.paged_attention import build_attention_metadata, slots_of
 
 
 def allocate_kv_cache(model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype) -> KVCache:
@@ -86,9 +86,8 @@ class ModelRunner:
         if not moves:
             return
         size = self.cache_config.block_size
-        slot = lambda pos: block_table[pos // size] * size + pos % size  # noqa: E731
-        sources = torch.tensor([slot(a) for a, _ in moves], dtype=torch.int64)
-        targets = torch.tensor([slot(b) for _, b in moves], dtype=torch.int64)
+        sources = slots_of(block_table, torch.tensor([a for a, _ in moves]), size)
+        targets = slots_of(block_table, torch.tensor([b for _, b in moves]), size)
         for k_cache, v_cache in self.kv_cache:
             k_cache.index_copy_(0, targets, k_cache.index_select(0, sources))
             v_cache.index_copy_(0, targets, v_cache.index_select(0, sources))
