@@ -8,7 +8,6 @@ Run: .venv/bin/python bench/bench_engine.py [--quick] [--no-write]   (see --help
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.util
 import itertools
 import json
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specserve.bench.common import default_data_dir, log, machine_text, md_table, write_doc
 from specserve.engine.config import CacheConfig, EngineConfig, SamplingParams
 from specserve.engine.llm_engine import LLMEngine, build_model, load_tokenizer
 from specserve.engine.model import Attention, LlamaModel
@@ -40,7 +40,6 @@ from specserve.model_fetch import ensure_default_model, specserve_home
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 DOC_START, DOC_END = "<!-- bench_engine:start -->", "<!-- bench_engine:end -->"
-DOC_HEADER = "# Benchmarks\n\nMeasured results. Each section is written by the script it names; rerun it to update.\n"
 
 SYSTEMS = {  # --systems name -> label
     "hf": "transformers float32",
@@ -89,14 +88,10 @@ class Bench:
 Generate = Callable[[list[int]], list[int]]  # prompt ids -> exactly max_tokens greedy new token ids
 
 
-def data_dir() -> Path:
-    return Path(os.environ.get("SPECSERVE_DATA_DIR") or REPO_ROOT.parent / "shared" / "data")
-
-
 def select_questions(n: int) -> list[dict]:
     """`n` Spec-Bench questions evenly spaced over the file sorted by (category, id), then interleaved
     by category so that any leading slice (the throughput workload) mixes short and long prompts."""
-    with open(data_dir() / "spec_bench" / "question.jsonl") as f:
+    with open(default_data_dir(os.environ) / "spec_bench" / "question.jsonl") as f:
         questions = sorted((json.loads(line) for line in f), key=lambda q: (q["category"], q["question_id"]))
     by_category: dict[str, list[dict]] = defaultdict(list)
     for i in range(n):
@@ -108,7 +103,7 @@ def select_questions(n: int) -> list[dict]:
 def perplexity_text_ids(tokenizer: Tokenizer) -> list[int]:
     """First PPL_TOKENS tokens of GSM8K-train question/answer pairs (a corpus no benchmark prompt uses)."""
     ids: list[int] = []
-    with open(data_dir() / "train" / "gsm8k_train.jsonl") as f:
+    with open(default_data_dir(os.environ) / "train" / "gsm8k_train.jsonl") as f:
         for line in f:
             row = json.loads(line)
             text = f"Question: {row['question']}\nAnswer: {row['answer']}\n\n"
@@ -285,11 +280,6 @@ def profile_decode(bench: Bench, system: str) -> dict[str, float]:
             "other": ms["forward"] - linear - attention, "bookkeeping": ms["step"] - ms["forward"]}
 
 
-def md_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "| --- |" + " ---: |" * (len(headers) - 1)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def over(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -349,18 +339,6 @@ def targets_text(runs: dict[str, list[Run]], aggregate: dict[str, dict[int, floa
     return "Targets of the issue, checked against the numbers above:\n\n" + "\n".join(lines)
 
 
-def machine_text() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)}
-    flags = set(fields.get("flags", "").split())
-    isa = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), ("amx_int8", "AMX"))
-           if flag in flags]
-    cpu = f"{fields.get('model name', 'unknown CPU')}, {os.cpu_count()} cores" + (f" ({', '.join(isa)})" if isa else "")
-    references = {"transformers": "transformers", "llama_cpp": "llama-cpp-python"}  # module -> distribution
-    versions = [f"{d} {importlib.metadata.version(d)}" for m, d in references.items() if importlib.util.find_spec(m)]
-    return f"{cpu}; torch {torch.__version__} with {torch.get_num_threads()} threads; {', '.join(versions)}"
-
-
 def command_line() -> str:
     python = Path(sys.executable)
     shown = python.relative_to(REPO_ROOT) if python.is_relative_to(REPO_ROOT) else python
@@ -402,18 +380,6 @@ def doc_section(bench: Bench, load_average: float, tables: str) -> str:
 {tables}"""
 
 
-def write_doc(section: str, start: str = DOC_START, end: str = DOC_END) -> None:
-    """Replace the text between the `start` and `end` markers of docs/benchmarks.md (append if absent)."""
-    text = DOC_PATH.read_text() if DOC_PATH.exists() else DOC_HEADER
-    block = f"{start}\n{section}\n{end}"
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        text = before + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOC_PATH.write_text(text)
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=20, help="Spec-Bench questions (default 20)")
@@ -434,10 +400,6 @@ def parse_args() -> argparse.Namespace:
         args.systems.remove("llamacpp")
     args.concurrency = sorted({1, *(int(n) for n in args.concurrency.split(","))})
     return args
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def load_bench(args: argparse.Namespace) -> Bench:
@@ -475,7 +437,7 @@ def main() -> None:
     tables.append(targets_text(runs, aggregate))
     print("\n\n".join(tables), flush=True)
     if not args.no_write:
-        write_doc(doc_section(bench, load_average, "\n\n".join(tables)))
+        write_doc(DOC_PATH, doc_section(bench, load_average, "\n\n".join(tables)), DOC_START, DOC_END)
         print(f"\nwrote {DOC_PATH.relative_to(REPO_ROOT)}")
 
 

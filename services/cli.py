@@ -1,4 +1,5 @@
-"""`specserve` command line: `generate` (one streamed generation, embedded mode), `pull`, `datastore build`.
+"""`specserve` command line: `generate` (one streamed generation, embedded mode), `pull`, `datastore build`,
+`bench spec | lossy`.
 
 Errors end with one line on stderr and a non-zero exit code (see specserve.errors); nothing below the
 CLI reads the environment.
@@ -9,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from specserve.engine.config import SPEC_METHODS, WEIGHT_DTYPES, EngineConfig, SamplingParams, SpecConfig
 from specserve.errors import InvalidRequestError, SpecserveError
@@ -146,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lossy-budget", type=float, help="nats of divergence a request may spend (default 2.0)")
     gen.set_defaults(func=cmd_generate)
     add_datastore_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -170,8 +174,110 @@ def add_datastore_parser(sub: argparse._SubParsersAction) -> None:
     build.set_defaults(func=cmd_datastore_build)
 
 
+# --- `specserve bench spec | lossy` (logic in specserve.bench) ---
+
+def bench_fields(args: argparse.Namespace, **given: object) -> dict[str, object]:
+    """Config fields from the flags both benchmarks share and the environment; `given` flags left at None
+    are dropped, so the config's own defaults apply."""
+    from specserve.bench.common import default_data_dir
+    from specserve.drafters.datastore import default_datastore_path
+
+    home = specserve_home(os.environ)
+    return {
+        "model_path": Path(resolve_model(None)),
+        "data_dir": Path(args.data_dir) if args.data_dir else default_data_dir(os.environ),
+        "datastore": Path(args.datastore) if args.datastore else default_datastore_path(home),
+        "dtype": args.dtype,
+        "num_draft_tokens": args.num_draft_tokens,
+        "doc": bench_doc(args),
+        "command": shlex.join(["specserve", *args.argv]),
+        **{name: value for name, value in given.items() if value is not None},
+    }
+
+
+def bench_doc(args: argparse.Namespace) -> Path | None:
+    """Where the results go: --doc, else the checkout's docs/benchmarks.md; None prints only."""
+    from specserve.bench.common import default_doc_path
+
+    if args.no_write:
+        return None
+    if args.doc:
+        doc = Path(args.doc)
+        if not doc.parent.is_dir():
+            raise InvalidRequestError(f"--doc {doc}: no directory {doc.parent}")
+        return doc
+    doc = default_doc_path()
+    if doc is None or not doc.exists():
+        _log("no docs/benchmarks.md here (not running from a checkout): printing only; --doc PATH writes one")
+        return None
+    return doc
+
+
+def cmd_bench_spec(args: argparse.Namespace) -> int:
+    from specserve.bench.spec import SpecBenchConfig, run_bench
+
+    quick = {"per_category": 1, "max_tokens": 32} if args.quick else {}
+    run_bench(SpecBenchConfig(**{**quick, **bench_fields(
+        args, drafters=tuple(d for d in args.drafters.split(",") if d), per_category=args.per_category,
+        max_tokens=args.max_tokens, hf=not args.no_hf,
+    )}))
+    return 0
+
+
+def cmd_bench_lossy(args: argparse.Namespace) -> int:
+    from specserve.bench.lossy import LossyBenchConfig, parse_settings, run_bench
+
+    settings = parse_settings(args.lossy_settings) if args.lossy_settings is not None else None
+    run_bench(LossyBenchConfig(**bench_fields(
+        args, problems=args.problems, max_tokens=args.max_tokens, drafter=args.drafter,
+        concurrency=args.concurrency, settings=settings,
+    )))
+    return 0
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    drafters = ",".join(m for m in SPEC_METHODS if m != "off")
+    bench = sub.add_parser("bench", help="benchmarks: print markdown, rewrite their section of docs/benchmarks.md")
+    kinds = bench.add_subparsers(dest="benchmark", required=True)
+    spec = kinds.add_parser("spec", help="speculative decoding per Spec-Bench category (+ HumanEval, GSM8K) "
+                            "against plain decoding and transformers; greedy, batch 1")
+    spec.add_argument("--per-category", type=int, help="prompts per category (default 5)")
+    spec.add_argument("--max-tokens", type=int, help="most new tokens per prompt (default 128)")
+    spec.add_argument("--drafters", default="ngram,rest,auto", help=f"comma list of drafters to compare, of {drafters}")
+    spec.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    spec.add_argument("--quick", action="store_true",
+                      help="smoke run: 1 prompt per category, 32 tokens (--per-category / --max-tokens still win)")
+    add_bench_flags(spec)
+    spec.set_defaults(func=cmd_bench_spec)
+
+    lossy = kinds.add_parser("lossy", help="lossy acceptance against lossless on GSM8K: accuracy, tok/s, tau")
+    lossy.add_argument("--problems", type=int, help="the first N GSM8K test problems (default 200)")
+    lossy.add_argument("--max-tokens", type=int, help="most new tokens per problem (default 256)")
+    lossy.add_argument("--drafter", help=f"one of {drafters} (default ngram)")
+    lossy.add_argument("--concurrency", type=int, help="requests in flight in each setting's engine (default 8)")
+    lossy.add_argument("--lossy-settings", metavar="K:R:B,...",
+                       help="lossy settings to run besides lossless and the default, as top_k:min_ratio:budget "
+                       "(default 2:0.8:1,3:0.3:4,0:0.1:8)")
+    add_bench_flags(lossy)
+    lossy.set_defaults(func=cmd_bench_lossy)
+
+
+def add_bench_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32", help="specserve weight precision")
+    parser.add_argument("--num-draft-tokens", type=int, default=SpecConfig.num_draft_tokens,
+                        help="most drafted tokens verified per step")
+    parser.add_argument("--datastore", help="retrieval datastore for rest/auto (default: the cache's default.npz, "
+                        "built by `specserve datastore build ../shared/data/train/*.jsonl`)")
+    parser.add_argument("--data-dir", help="prompt data (default: $SPECSERVE_DATA_DIR, else shared/data beside the "
+                        "checkout)")
+    parser.add_argument("--doc", help="results doc whose section to rewrite (default: the checkout's "
+                        "docs/benchmarks.md)")
+    parser.add_argument("--no-write", action="store_true", help="print only; write no doc")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for the benchmarks' doc sections
     try:
         return args.func(args)
     except SpecserveError as exc:

@@ -110,3 +110,59 @@ def test_speculative_json_reports_its_counters(model_path, tmp_path):
     assert spec["method"] == "ngram"
     assert spec["forwards"] >= 1 and spec["accepted"] <= spec["drafted"]
     assert spec["mean_accepted_len"] == pytest.approx(len(out["token_ids"]) / spec["forwards"], abs=1e-3)
+
+
+# --- specserve bench ---
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("bench", "spec", "--drafters", "ngram,medusa"), "unknown drafter 'medusa'"),
+        (("bench", "lossy", "--drafter", "off"), "unknown drafter 'off'"),
+        (("bench", "spec", "--per-category", "0"), "--per-category must be > 0"),
+        (("bench", "spec", "--data-dir", "/nonexistent/data"), "no data file /nonexistent/data/spec_bench"),
+        (("bench", "lossy", "--data-dir", "/nonexistent/data"), "no data file /nonexistent/data/gsm8k"),
+        (("bench", "spec", "--drafters", "rest", "--datastore", "/nonexistent/ds.npz"), "no datastore at"),
+        (("bench", "lossy", "--lossy-settings", "2:0.5"), "top_k:min_ratio:budget"),
+    ],
+)
+def test_bench_bad_input_exits_2_with_one_line(args, needle, model_path, tmp_path):
+    result = run_cli(*args, "--no-write", cwd=tmp_path)
+    assert_one_line_error(result, needle)
+    assert result.returncode == 2
+
+
+def test_bench_doc_in_a_missing_folder_exits_2_with_one_line(model_path, tmp_path):
+    result = run_cli("bench", "lossy", "--doc", str(tmp_path / "no" / "benchmarks.md"), cwd=tmp_path)
+    assert_one_line_error(result, "no directory")
+    assert result.returncode == 2
+
+
+def test_bench_spec_quick_covers_every_category(model_path, data_dir, tmp_path):
+    result = run_cli("bench", "spec", "--quick", "--no-hf", "--no-write", "--per-category", "1", "--max-tokens", "8",
+                     "--drafters", "ngram", "--data-dir", str(data_dir), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == ("| category | specserve plain tok/s | specserve ngram tok/s | specserve ngram vs plain "
+                        "| specserve ngram tau |")
+    rows = {line.split("|")[1].strip(" *"): line.split("|")[2:-1] for line in lines[2:] if line.startswith("| ")}
+    with open(data_dir / "spec_bench" / "question.jsonl") as f:
+        categories = {json.loads(line)["category"] for line in f}
+    assert set(rows) == categories | {"humaneval", "gsm8k", "Spec-Bench mix"}
+    assert all(float(cells[-1]) >= 1.0 for cells in rows.values())  # tau: at least one token per forward
+    assert "Targets of the issue" in result.stdout and "wrote" not in result.stdout
+
+
+def test_bench_lossy_writes_its_section(model_path, data_dir, tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    result = run_cli("bench", "lossy", "--problems", "2", "--max-tokens", "16", "--data-dir", str(data_dir),
+                     "--doc", str(doc), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| lossless", "| lossy"))]
+    assert len(rows) == 5  # lossless, the default, three more
+    assert rows[0].endswith("| 1.00x | 0/2 |") and rows[1].startswith("| lossy (default) | 2 | 0.5 | 2 |")
+    assert result.stdout.rstrip().endswith(f"2 problems, NOT met\n\nwrote {doc}")  # under 200 problems never meets it
+    text = doc.read_text()
+    assert "<!-- bench_lossy:start -->\n## Lossy acceptance" in text
+    assert text.rstrip().endswith("<!-- bench_lossy:end -->")
+    assert "`specserve bench lossy --problems 2 --max-tokens 16 --data-dir" in text
