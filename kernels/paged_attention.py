@@ -42,6 +42,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64, cache slot each new token's K/V is written to
     groups: list[AttentionGroup]
     num_tokens: int
+    batch_invariant: bool = False  # attend in float64 (see `_attend_group_float64`)
 
 
 def build_attention_metadata(
@@ -50,6 +51,7 @@ def build_attention_metadata(
     block_tables: list[list[int]],
     block_size: int,
     tree_masks: list[list[list[bool]] | None] | None = None,
+    batch_invariant: bool = False,
 ) -> AttentionMetadata:
     """Metadata for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new this step.
 
@@ -58,6 +60,7 @@ def build_attention_metadata(
     rule among sequence i's new tokens: new query a sees new key b iff tree_masks[i][a][b]; every
     query still sees all of the sequence's earlier keys. A speculative verify step uses it for token
     trees (see engine/verify.py), whose nodes sit in the cache in node order, not in path order.
+    `batch_invariant` selects the float64 attention path (`_attend_group_float64`).
     """
     assert len(query_lens) == len(context_lens) == len(block_tables)
     tree_masks = tree_masks or [None] * len(query_lens)
@@ -80,7 +83,8 @@ def build_attention_metadata(
         for q, members in by_query_len.items()
         for bucket in _buckets_by_context(members, context_lens)
     ]
-    return AttentionMetadata(slot_mapping=slot_mapping, groups=groups, num_tokens=starts[-1])
+    return AttentionMetadata(slot_mapping=slot_mapping, groups=groups, num_tokens=starts[-1],
+                             batch_invariant=batch_invariant)
 
 
 # A bucket's padded keys (members x longest context) may exceed its real keys by at most this factor;
@@ -167,11 +171,12 @@ def paged_attention_ref(
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Plain-torch paged attention: gather each group's keys, one masked SDPA per group (GQA native)."""
     assert q.shape[0] == meta.num_tokens and q.shape[2] == k_cache.shape[2]
+    attend = _attend_group_float64 if meta.batch_invariant else _attend_group
     if len(meta.groups) == 1 and meta.groups[0].token_index.numel() == meta.num_tokens:
-        return _attend_group(q, k_cache, v_cache, meta.groups[0], scale)  # tokens already in group order
+        return attend(q, k_cache, v_cache, meta.groups[0], scale)  # tokens already in group order
     out = torch.empty_like(q)
     for group in meta.groups:
-        out.index_copy_(0, group.token_index, _attend_group(q[group.token_index], k_cache, v_cache, group, scale))
+        out.index_copy_(0, group.token_index, attend(q[group.token_index], k_cache, v_cache, group, scale))
     return out
 
 
@@ -192,3 +197,44 @@ def _attend_group(
         qg, k, v, attn_mask=group.mask, is_causal=group.is_causal, scale=scale, enable_gqa=True
     )
     return out.transpose(1, 2).reshape(q.shape)
+
+
+def _attend_group_float64(
+    q: torch.Tensor,  # [num_seqs * query_len, num_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    group: AttentionGroup,
+    scale: float,
+) -> torch.Tensor:  # [num_seqs * query_len, num_heads, head_dim], q's dtype
+    """`_attend_group` computed in float64 and rounded once at the end: a batch-invariant attention.
+
+    float32 SDPA (and matmul) on CPU is not bitwise invariant: a query row's output changes in the last
+    bits with the number of query rows beside it, the padding of its keys and the mask form, because the
+    kernels pick their blocking and reduction order by shape. A plain decode (1 query row) and a verify
+    forward (1 + draft rows) then differ by ~1e-7, which int8's per-token activation rounding (and bf16's)
+    amplifies into different tokens. Here the same shape dependence exists, but at float64 rounding
+    (~1e-16 relative); the float32 result differs only when the exact value lies within that of a float32
+    rounding boundary (about 1 element in 1e9). Costs about 2x the float32 path (float64 copies of K/V).
+    """
+    num_seqs, max_ctx = group.kv_index.shape
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[1]
+    per_kv = num_heads // num_kv_heads
+    query_len = group.query_len
+    flat_index = group.kv_index.view(-1)
+    k = k_cache.index_select(0, flat_index).to(torch.float64).view(num_seqs, max_ctx, num_kv_heads, head_dim)
+    v = v_cache.index_select(0, flat_index).to(torch.float64).view(k.shape)
+    # Query rows of one KV head side by side: [S, Hkv, per_kv * Q, D].
+    qg = (q.to(torch.float64).view(num_seqs, query_len, num_kv_heads, per_kv, head_dim)
+          .permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, per_kv * query_len, head_dim))
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).mul_(scale)  # [S, Hkv, per_kv * Q, L]
+    allowed = group.mask
+    if allowed is None and group.is_causal:
+        allowed = torch.ones(query_len, max_ctx, dtype=torch.bool).tril(max_ctx - query_len)
+    if allowed is not None:
+        allowed = allowed.reshape(-1, 1, 1, query_len, max_ctx)  # [S or 1, 1, 1, Q, L]
+        scores.view(num_seqs, num_kv_heads, per_kv, query_len, max_ctx).masked_fill_(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v.transpose(1, 2))  # [S, Hkv, per_kv * Q, D]
+    out = out.view(num_seqs, num_kv_heads, per_kv, query_len, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(q.shape).to(q.dtype)

@@ -55,7 +55,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InvalidRequestError("prompt is empty")
     spec = spec_config(args)
     load_start = time.perf_counter()
-    engine = LLMEngine.from_config(EngineConfig(model_path=resolve_model(args.model), dtype=args.dtype, spec=spec))
+    engine = LLMEngine.from_config(EngineConfig(
+        model_path=resolve_model(args.model), dtype=args.dtype, spec=spec, batch_invariant=args.batch_invariant
+    ))
     load_seconds = time.perf_counter() - load_start
     prompt_ids = engine.encode_prompt(args.prompt, chat=not args.raw)
     start = time.perf_counter()
@@ -130,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--model", help="GGUF file or Hugging Face safetensors directory (default: SmolLM2-135M)")
     gen.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32", help="weight precision")
+    gen.add_argument("--batch-invariant", action="store_true",
+                     help="float64 attention: a token's logits never depend on the rest of the batch (slower)")
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)

@@ -151,6 +151,12 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     spec: SpecConfig = SpecConfig()
+    # Attention in float64 so that a token's logits do not depend on the other rows of its forward (a
+    # verify step's drafts, other sequences, padding): greedy speculation then equals plain greedy
+    # decoding token for token at every dtype. Without it float32 differs only in near-ties, but int8
+    # and bfloat16 rounding can turn an attention difference in the last bit into another token.
+    # Costs about 2x the attention time (kernels/paged_attention.py, `_attend_group_float64`).
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in WEIGHT_DTYPES:

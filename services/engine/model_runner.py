@@ -34,9 +34,13 @@ class StepBatch:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, cache_config: CacheConfig, kv_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, model: LlamaModel, cache_config: CacheConfig, kv_dtype: torch.dtype = torch.float32,
+        batch_invariant: bool = False,
+    ) -> None:
         self.model = model
         self.cache_config = cache_config
+        self.batch_invariant = batch_invariant
         self.kv_cache = allocate_kv_cache(model.config, cache_config, kv_dtype)
 
     def prepare(self, scheduled: list[ScheduledSeq], trees: list[DraftTree | None]) -> StepBatch:
@@ -78,6 +82,7 @@ class ModelRunner:
             block_tables=[s.seq.block_table for s in scheduled],
             block_size=self.cache_config.block_size,
             tree_masks=batch.tree_masks,
+            batch_invariant=self.batch_invariant,
         )
         return self.model(batch.input_ids, batch.positions, self.kv_cache, meta, batch.logits_indices, return_hidden)
 

@@ -11,8 +11,9 @@ CPU (AMX) with torch 2.13, for the 135M model's shapes and M = 1..512:
     themselves, in the last bits.
   * bf16 `F.linear`: invariant for most shapes, but not all (the 49152-row head at M=64/128, the
     gate/up projection at M=512) — not something to rely on.
-  * `PackedLinear` (AMD EPYC Zen 4, M = 1..512): float32 and bfloat16 both invariant for every M >= 2,
-    but M=1 differs from M>=2 for the down projection (K=1536): not invariant as shipped.
+  * oneDNN's prepacked linear (AMD EPYC Zen 4, M = 1..512): float32 and bfloat16 both invariant for
+    every M >= 2, but M=1 differs from M>=2 for the down projection (K=1536). `PackedLinear` therefore
+    computes a lone row as two (free: M=2 costs what M=1 does), which makes it invariant at every M.
   * `Int8Linear`: invariant at every M tried (1..2048) and across thread counts: integer accumulation
     is exact and its float epilogue is per element. tests/unit/engine/test_quant.py checks it. Smoothing
     (engine/smoothing.py) changes only the weights, so it keeps this.
@@ -47,7 +48,7 @@ class PackedLinear(nn.Module):
     30.8, packed 14.0 / 15.3 / 20.0. MKL's GEMV reads a row-major [out, in] weight at about half the
     memory bandwidth; oneDNN's layout reaches ~20 GB/s, and M=8 costs no more than M=1.
     float32 accumulates in float32 (max error vs float64 ~2x `F.linear`'s, both at rounding level).
-    Not batch-invariant in general (M=1 and M>1 may take different kernels); Int8Linear is.
+    Batch-invariant on the machines measured (module docstring), with a lone row computed as two.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
@@ -60,8 +61,11 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] float32 -> [..., out] float32
         rows = x.reshape(-1, self.in_features).to(self.dtype)  # [M, in]
+        num_rows = rows.shape[0]
+        if num_rows == 1:
+            rows = rows.expand(2, -1)  # M=1 takes another kernel than every M >= 2
         out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
-        return out.float().view(*x.shape[:-1], self.out_features)
+        return out[:num_rows].float().view(*x.shape[:-1], self.out_features)
 
 
 class BF16Linear(nn.Module):

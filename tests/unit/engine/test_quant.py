@@ -109,6 +109,19 @@ def test_packed_bfloat16_close_to_float32(in_features: int, out_features: int):
     assert relative_error(out, F.linear(x, weight)) < 0.01
 
 
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features,out_features", SHAPES)
+@pytest.mark.parametrize("batch", [2, 9, 72, 300])
+def test_packed_is_batch_invariant(in_features: int, out_features: int, batch: int, dtype: torch.dtype):
+    # A lone row (a plain decode) is computed as two rows, so it takes the kernel every M >= 2 takes.
+    layer = PackedLinear(torch.randn(out_features, in_features) * 0.02, None, dtype)
+    x = activations(batch, in_features, None)
+    together = layer(x)
+    for row in (0, batch // 2, batch - 1):
+        assert torch.equal(together[row], layer(x[row : row + 1])[0])
+
+
 @pytest.mark.parametrize("in_features,out_features", SHAPES)
 @pytest.mark.parametrize("batch", [2, 8, 16, 64, 300])
 def test_int8_is_batch_invariant(in_features: int, out_features: int, batch: int):

@@ -50,6 +50,7 @@ def test_mixed_contexts_get_an_explicit_mask():
     ]
 
 
+@pytest.mark.parametrize("batch_invariant", [False, True])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (9, 3)])
 @pytest.mark.parametrize(
@@ -57,7 +58,7 @@ def test_mixed_contexts_get_an_explicit_mask():
     [[(1, 1)], [(1, 17), (5, 5), (3, 33), (1, 2)], [(16, 16), (16, 40), (1, 64)], [(1, 9), (1, 9)], [(7, 7), (7, 7)],
      [(2, 20), (2, 25)], [(1, 90), (1, 12), (1, 40), (1, 15)]],
 )
-def test_matches_dense_attention(block_size, heads, kv_heads, lens):
+def test_matches_dense_attention(block_size, heads, kv_heads, lens, batch_invariant):
     torch.manual_seed(0)
     dim, scale = 8, 8**-0.5
     num_blocks = 160
@@ -75,7 +76,8 @@ def test_matches_dense_attention(block_size, heads, kv_heads, lens):
         old = build_attention_metadata([ctx - q_len], [ctx - q_len], [tables[-1]], block_size) if ctx > q_len else None
         if old is not None:
             write_kv(k_cache, v_cache, full_k[-1][: ctx - q_len], full_v[-1][: ctx - q_len], old.slot_mapping)
-    meta = build_attention_metadata([q for q, _ in lens], [c for _, c in lens], tables, block_size)
+    meta = build_attention_metadata([q for q, _ in lens], [c for _, c in lens], tables, block_size,
+                                    batch_invariant=batch_invariant)
     new_k = torch.cat([k[c - q :] for k, (q, c) in zip(full_k, lens)])
     new_v = torch.cat([v[c - q :] for v, (q, c) in zip(full_v, lens)])
     write_kv(k_cache, v_cache, new_k, new_v, meta.slot_mapping)
@@ -92,7 +94,8 @@ def dense_over(q, k, v, visible, scale):
     return torch.einsum("hl,lhd->hd", weights, v)
 
 
-def test_tree_mask_replaces_causality_among_new_tokens():
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_tree_mask_replaces_causality_among_new_tokens(batch_invariant):
     # Sequence 0: 5 cached tokens, then root + a fork: root ─ a ─ b, root ─ c (new tokens r, a, b, c).
     # Sequence 1: a plain decode beside it (no tree), same step.
     torch.manual_seed(0)
@@ -106,9 +109,37 @@ def test_tree_mask_replaces_causality_among_new_tokens():
     everything = build_attention_metadata([c for _, c in lens], [c for _, c in lens], tables, block_size)
     write_kv(k_cache, v_cache, torch.cat(full_k), torch.cat(full_v), everything.slot_mapping)
     queries = torch.randn(5, heads, dim)
-    meta = build_attention_metadata([4, 1], [9, 7], tables, block_size, tree_masks=[[[bool(x) for x in row] for row in tree], None])
+    meta = build_attention_metadata([4, 1], [9, 7], tables, block_size,
+                                    tree_masks=[[[bool(x) for x in row] for row in tree], None], batch_invariant=batch_invariant)
     out = paged_attention_ref(queries, k_cache, v_cache, meta, scale)
     for row in range(4):
         visible = list(range(5)) + [5 + j for j in range(4) if tree[row][j]]
         torch.testing.assert_close(out[row], dense_over(queries[row], full_k[0], full_v[0], visible, scale))
     torch.testing.assert_close(out[4], dense_over(queries[4], full_k[1], full_v[1], list(range(7)), scale))
+
+
+def test_batch_invariant_rows_equal_one_row_decodes_bitwise():
+    """With `batch_invariant`, each query row of a mixed step (a verify chain, a prefill chunk, decodes of
+    other lengths, so padding and masks) equals, bit for bit, the same row computed as a lone decode.
+    The model's shapes (9 heads over 3 KV heads, head_dim 64), contexts up to 300 keys."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, block_size, scale = 9, 3, 64, 16, 64**-0.5
+    lens = [(9, 300), (1, 41), (1, 170), (24, 24), (9, 130)]  # (query rows, context) per sequence
+    num_blocks = sum(-(-c // block_size) for _, c in lens)
+    k_cache, v_cache = torch.randn(num_blocks * block_size, kv_heads, dim), torch.randn(num_blocks * block_size, kv_heads, dim)
+    free = torch.randperm(num_blocks).tolist()
+    tables = [[free.pop() for _ in range(-(-c // block_size))] for _, c in lens]
+    queries = torch.randn(sum(q for q, _ in lens), heads, dim)
+    chain = lambda n: [[b <= a for b in range(n)] for a in range(n)]  # noqa: E731
+    masks = [chain(q) if 1 < q < c else None for q, c in lens]
+    meta = build_attention_metadata([q for q, _ in lens], [c for _, c in lens], tables, block_size, masks, True)
+    mixed = paged_attention_ref(queries, k_cache, v_cache, meta, scale)
+    plain = build_attention_metadata([q for q, _ in lens], [c for _, c in lens], tables, block_size, masks)
+    torch.testing.assert_close(mixed, paged_attention_ref(queries, k_cache, v_cache, plain, scale))
+    row = 0
+    for (q_len, ctx), table in zip(lens, tables):
+        for i in range(q_len):
+            alone = build_attention_metadata([1], [ctx - q_len + i + 1], [table], block_size, batch_invariant=True)
+            out = paged_attention_ref(queries[row : row + 1], k_cache, v_cache, alone, scale)
+            assert torch.equal(out[0], mixed[row]), f"row {row} differs by {(out[0] - mixed[row]).abs().max():.1e}"
+            row += 1
