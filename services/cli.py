@@ -117,7 +117,8 @@ def spec_config(args: argparse.Namespace) -> SpecConfig:
 
         knobs = {"top_k": args.lossy_top_k, "min_ratio": args.lossy_min_ratio, "budget": args.lossy_budget}
         lossy = LossyConfig(**{name: value for name, value in knobs.items() if value is not None})
-    return SpecConfig(method=args.spec, num_draft_tokens=args.num_draft_tokens, datastore_path=datastore, lossy=lossy)
+    return SpecConfig(method=args.spec, num_draft_tokens=args.num_draft_tokens, datastore_path=datastore, lossy=lossy,
+                      exit_layer=args.exit_layer)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-draft-tokens", type=int, default=SpecConfig.num_draft_tokens,
                      help="most drafted tokens verified per step")
     gen.add_argument("--datastore", help="retrieval datastore for --spec rest/auto (default: the cache's default.npz)")
+    gen.add_argument("--exit-layer", type=int, default=None,
+                     help="decoder layers the --spec early-exit drafter runs, 1 .. the model's layers - 1 "
+                     "(default: the model's layers - 2)")
     gen.add_argument("--lossy", action="store_true", help="relaxed acceptance within a divergence budget (not exact)")
     gen.add_argument("--lossy-top-k", type=int, help="relax only tokens in the target's top k (0 = any; default 2)")
     gen.add_argument("--lossy-min-ratio", type=float, help="relax only if p(x) >= ratio * max p (default 0.5)")

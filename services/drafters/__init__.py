@@ -17,7 +17,8 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
     """The drafter `spec.method` names (None for "off"). Modules load lazily: "off" imports none.
 
     "auto" merges the n-gram drafter with retrieval when `spec.datastore_path` is set (hypothesis
-    reduction, drafters/auto.py); "rest" needs the datastore.
+    reduction, drafters/auto.py); "rest" needs the datastore; "early-exit" drafts with the target's first
+    `spec.exit_layer` layers (its weights, not a copy).
     """
     from specserve.drafters.ngram import NgramDrafter
 
@@ -29,6 +30,11 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
         if spec.datastore_path is None:
             raise InvalidRequestError("the rest drafter needs a datastore (specserve datastore build ...)")
         return _rest(spec.datastore_path, tokenizer)
+    if spec.method == "early-exit":
+        from specserve.drafters.early_exit import EXIT_LAYERS_SKIPPED, EarlyExitConfig, EarlyExitDrafter
+
+        exit_layer = spec.exit_layer if spec.exit_layer is not None else model.config.num_layers - EXIT_LAYERS_SKIPPED
+        return EarlyExitDrafter(model, EarlyExitConfig(exit_layer=exit_layer))
     if spec.method == "auto":
         from specserve.drafters.auto import MergedDrafter
 

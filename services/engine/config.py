@@ -105,7 +105,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-SPEC_METHODS = ("off", "ngram", "rest", "auto")
+SPEC_METHODS = ("off", "ngram", "rest", "early-exit", "auto")
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,10 @@ class SpecConfig:
     max_draft_tokens_per_step: int = 64
     datastore_path: str | None = None  # retrieval datastore for "rest" / "auto" (None: the default one)
     lossy: LossyConfig | None = None  # relaxed acceptance (engine/acceptance.py); None = lossless
+    # Decoder layers the "early-exit" drafter runs before the final norm and LM head (1 .. num_layers - 1,
+    # checked against the model when the drafter is built); None: num_layers - EXIT_LAYERS_SKIPPED.
+    # drafters/early_exit.py says how the default was picked.
+    exit_layer: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:
@@ -130,6 +134,8 @@ class SpecConfig:
                 f"draft budgets must be > 0, got num_draft_tokens={self.num_draft_tokens}, "
                 f"max_draft_tokens_per_step={self.max_draft_tokens_per_step}"
             )
+        if self.exit_layer is not None and self.exit_layer < 1:
+            raise InvalidRequestError(f"exit_layer must be >= 1, got {self.exit_layer}")
 
     @property
     def enabled(self) -> bool:

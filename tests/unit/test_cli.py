@@ -66,6 +66,8 @@ def test_fixed_seed_gives_same_json(model_path, tmp_path):
         (("generate", "hi", "--spec", "ngram", "--num-draft-tokens", "0"), "budgets must be > 0"),
         (("generate", "hi", "--spec", "rest", "--datastore", "/nonexistent/ds.npz"), "no datastore at"),
         (("generate", "hi", "--spec", "ngram", "--lossy", "--lossy-min-ratio", "2"), "min_ratio"),
+        (("generate", "hi", "--spec", "early-exit", "--exit-layer", "0"), "exit_layer must be >= 1"),
+        (("generate", "hi", "--spec", "early-exit", "--exit-layer", "30"), "exit_layer must be in [1, 29]"),
     ],
 )
 def test_bad_input_exits_with_one_line(args, needle, tmp_path):
@@ -101,13 +103,14 @@ def test_corrupt_datastore_is_one_line(model_path, tmp_path):
     assert_one_line_error(result, str(bad))
 
 
-def test_speculative_json_reports_its_counters(model_path, tmp_path):
-    result = run_cli("generate", "Repeat exactly: one two three, one two three, one two three.", "--spec", "ngram",
+@pytest.mark.parametrize("spec_args", [("--spec", "ngram"), ("--spec", "early-exit", "--exit-layer", "24")])
+def test_speculative_json_reports_its_counters(model_path, tmp_path, spec_args):
+    result = run_cli("generate", "Repeat exactly: one two three, one two three, one two three.", *spec_args,
                      "--max-tokens", "24", "--json", "--model", str(model_path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     spec = out["stats"]["spec"]
-    assert spec["method"] == "ngram"
+    assert spec["method"] == spec_args[1]
     assert spec["forwards"] >= 1 and spec["accepted"] <= spec["drafted"]
     assert spec["mean_accepted_len"] == pytest.approx(len(out["token_ids"]) / spec["forwards"], abs=1e-3)
 

@@ -2,10 +2,13 @@
 same engine and dtype token for token; KV blocks all come back; bad speculation settings are clear errors.
 
 Exactness and float rounding: a verify forward computes a token's logits among other rows, a plain decode
-alone, and neither the attention nor every linear kernel is bitwise batch-invariant on CPU. Where that alone
-flips a near-tie, the outputs part ways at a position whose top-2 logit gap (under plain decoding) is below
-TIE_EPS[dtype]; such a prompt counts as a tie, is reported, and may not exceed MAX_TIES. Any other
-difference fails.
+alone. The linears are batch-invariant (engine/quant.py), the default float32 attention is not. Where that
+alone flips a near-tie, the outputs part ways at a position whose top-2 logit gap (under plain decoding) is
+below TIE_EPS[dtype]; such a prompt counts as a tie, is reported, and may not exceed MAX_TIES. Any other
+difference fails. With `EngineConfig.batch_invariant` (float64 attention) no tie is allowed: outputs must
+be identical. int8 and bfloat16 are tested only that way: their rounding of a linear's input turns a
+last-bit attention difference into a visibly different logit (measured: |logit diff| ~1 four tokens after a
+1.5e-5 attention difference), so without it their speculation is lossless only up to such flips.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from specserve.engine.model_runner import allocate_kv_cache
 NUM_PROMPTS, MAX_TOKENS = 20, 128
 # Top-2 logit gap below which a differing token counts as a float-rounding tie (float32 logits move by
 # ~1e-5 between batch shapes).
-TIE_EPS = {"float32": 1e-3}
+TIE_EPS = {"float32": 1e-3}  # batch-invariant engines: 0 (no tie allowed)
 MAX_TIES = 2
 
 
@@ -59,10 +62,12 @@ def datastore_path(tmp_path_factory, data_dir, model_path) -> str:
     return str(path)
 
 
-def make_engine(model, tokenizer, dtype: str, spec: SpecConfig, max_num_seqs: int) -> LLMEngine:
+def make_engine(
+    model, tokenizer, dtype: str, spec: SpecConfig, max_num_seqs: int, batch_invariant: bool = False
+) -> LLMEngine:
     config = EngineConfig(
         model_path="unused", dtype=dtype, spec=spec, cache=CacheConfig(num_blocks=1024),
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs), batch_invariant=batch_invariant,
     )
     return LLMEngine(config, model, tokenizer)
 
@@ -74,14 +79,16 @@ def generate(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
     return [c.token_ids for c in completions]
 
 
-_plain: dict[str, list[list[int]]] = {}
+_plain: dict[tuple[str, bool], list[list[int]]] = {}
 
 
-def plain_greedy(model, tokenizer, dtype: str, prompts: list[list[int]]) -> list[list[int]]:
-    """Plain greedy outputs of the engine at `dtype` (8 sequences at a time), computed once per dtype."""
-    if dtype not in _plain:
-        _plain[dtype] = generate(make_engine(model, tokenizer, dtype, SpecConfig(), max_num_seqs=8), prompts)
-    return _plain[dtype]
+def plain_greedy(model, tokenizer, dtype: str, batch_invariant: bool, prompts: list[list[int]]) -> list[list[int]]:
+    """Plain greedy outputs of the engine (8 sequences at a time), computed once per engine kind."""
+    key = (dtype, batch_invariant)
+    if key not in _plain:
+        engine = make_engine(model, tokenizer, dtype, SpecConfig(), max_num_seqs=8, batch_invariant=batch_invariant)
+        _plain[key] = generate(engine, prompts)
+    return _plain[key]
 
 
 def top2_gap(model, ids: list[int]) -> tuple[float, list[int]]:
@@ -94,8 +101,9 @@ def top2_gap(model, ids: list[int]) -> tuple[float, list[int]]:
     return (top.values[0] - top.values[1]).item(), top.indices.tolist()
 
 
-def count_ties(model, dtype: str, prompts, expected, actual) -> int:
-    """Number of prompts whose outputs differ only by a near-tie; fails on any other difference."""
+def count_ties(model, dtype: str, prompts, expected, actual, tie_eps: float) -> int:
+    """Number of prompts whose outputs differ only by a near-tie (top-2 gap < tie_eps); fails on any other
+    difference."""
     ties = []
     for i, (prompt, want, got) in enumerate(zip(prompts, expected, actual)):
         if want == got:
@@ -103,9 +111,9 @@ def count_ties(model, dtype: str, prompts, expected, actual) -> int:
         k = next((j for j, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
         assert k < min(len(want), len(got)), f"prompt {i}: one output is a prefix of the other"
         gap, top2 = top2_gap(model, prompt + want[:k])
-        assert gap < TIE_EPS[dtype] and {want[k], got[k]} <= set(top2), (
-            f"prompt {i}: speculative output differs from plain greedy at token {k} "
-            f"({got[k]} vs {want[k]}), top-2 gap {gap:.2e} >= {TIE_EPS[dtype]}"
+        assert gap < tie_eps and {want[k], got[k]} <= set(top2), (
+            f"{dtype} prompt {i}: speculative output differs from plain greedy at token {k} "
+            f"({got[k]} vs {want[k]}), top-2 gap {gap:.2e}, allowed below {tie_eps}"
         )
         ties.append((i, k, gap))
     if ties:
@@ -113,29 +121,34 @@ def count_ties(model, dtype: str, prompts, expected, actual) -> int:
     return len(ties)
 
 
-# Every drafter x batch size at float32; CI runs one batch size per drafter, `make test-slow` the rest.
-# int8 and bfloat16 are not in the grid: their greedy speculation is NOT exact today. Attention of a
-# verify row and of a plain decode differ in the last float bits (different SDPA shapes), and per-token
-# int8 (or bf16) rounding of the next linear's input turns such a bit into a visibly different logit
-# (measured: max |logit diff| ~1 four tokens after a 1.5e-5 attention difference). Exactness there
-# needs bitwise batch-invariant attention; see the issue notes.
-IN_CI = {("ngram", 1), ("ngram", 8), ("rest", 8), ("auto", 1)}
+# Every drafter x batch size x engine kind: float32 as shipped (near-ties allowed), and float32, int8 and
+# bfloat16 with batch-invariant attention (identical outputs). CI runs the cells in IN_CI, `make test-slow`
+# the rest.
+METHODS = ("ngram", "rest", "early-exit", "auto")
+ENGINES = [("float32", False), ("float32", True), ("int8", True), ("bfloat16", True)]
+IN_CI = {
+    ("ngram", "float32", 1, False), ("ngram", "float32", 8, False), ("rest", "float32", 8, False),
+    ("auto", "float32", 1, False), ("early-exit", "float32", 1, False),
+    ("ngram", "int8", 1, True), ("ngram", "bfloat16", 8, True),
+}
 GRID = [
-    pytest.param(method, "float32", seqs, marks=() if (method, seqs) in IN_CI else pytest.mark.slow)
-    for method in ("ngram", "rest", "auto") for seqs in (1, 8)
+    pytest.param(method, dtype, seqs, invariant,
+                 marks=() if (method, dtype, seqs, invariant) in IN_CI else pytest.mark.slow)
+    for dtype, invariant in ENGINES for method in METHODS for seqs in (1, 8)
 ]
 
 
-@pytest.mark.parametrize("method,dtype,max_num_seqs", GRID)
+@pytest.mark.parametrize("method,dtype,max_num_seqs,batch_invariant", GRID)
 def test_greedy_speculation_equals_plain_greedy(
-    models, tokenizer, spread_prompts, datastore_path, method, dtype, max_num_seqs
+    models, tokenizer, spread_prompts, datastore_path, method, dtype, max_num_seqs, batch_invariant
 ):
     model = models(dtype)
-    expected = plain_greedy(model, tokenizer, dtype, spread_prompts)
-    spec = SpecConfig(method=method, datastore_path=None if method == "ngram" else datastore_path)
-    engine = make_engine(model, tokenizer, dtype, spec, max_num_seqs)
+    expected = plain_greedy(model, tokenizer, dtype, batch_invariant, spread_prompts)
+    spec = SpecConfig(method=method, datastore_path=datastore_path if method in ("rest", "auto") else None)
+    engine = make_engine(model, tokenizer, dtype, spec, max_num_seqs, batch_invariant)
     actual = generate(engine, spread_prompts)
-    assert count_ties(model, dtype, spread_prompts, expected, actual) <= MAX_TIES
+    tie_eps = 0.0 if batch_invariant else TIE_EPS[dtype]
+    assert count_ties(model, dtype, spread_prompts, expected, actual, tie_eps) <= MAX_TIES
     # The drafter really drafted and the verifier really accepted: the test exercises speculation.
     assert engine.spec_stats.verify_steps > 0 and engine.spec_stats.accepted > 0
 
@@ -153,6 +166,7 @@ def test_speculation_stats_reach_completions(llama_model, tokenizer, spread_prom
     ({"method": "medusa-ish"}, "unknown drafter"),
     ({"method": "ngram", "num_draft_tokens": 0}, "budgets must be > 0"),
     ({"method": "ngram", "max_draft_tokens_per_step": -1}, "budgets must be > 0"),
+    ({"method": "early-exit", "exit_layer": 0}, "exit_layer must be >= 1"),
 ])
 def test_bad_speculation_settings_are_clear_errors(kwargs, match):
     with pytest.raises(InvalidRequestError, match=match):
