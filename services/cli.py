@@ -152,9 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="decoder layers the --spec early-exit drafter runs, 1 .. the model's layers - 1 "
                      "(default: the model's layers - 2)")
     gen.add_argument("--lossy", action="store_true", help="relaxed acceptance within a divergence budget (not exact)")
-    gen.add_argument("--lossy-top-k", type=int, help="relax only tokens in the target's top k (0 = any; default 2)")
-    gen.add_argument("--lossy-min-ratio", type=float, help="relax only if p(x) >= ratio * max p (default 0.5)")
-    gen.add_argument("--lossy-budget", type=float, help="nats of divergence a request may spend (default 2.0)")
+    gen.add_argument("--lossy-top-k", type=int, help="relax only tokens in the target's top k (0 = any; default 3)")
+    gen.add_argument("--lossy-min-ratio", type=float, help="relax only if p(x) >= ratio * max p (default 0.3)")
+    gen.add_argument("--lossy-budget", type=float, help="nats of divergence a request may spend (default 32)")
     gen.set_defaults(func=cmd_generate)
     add_datastore_parser(sub)
     add_bench_parser(sub)
@@ -265,7 +265,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     lossy.add_argument("--concurrency", type=int, help="requests in flight in each setting's engine (default 8)")
     lossy.add_argument("--lossy-settings", metavar="K:R:B,...",
                        help="lossy settings to run besides lossless and the default, as top_k:min_ratio:budget "
-                       "(default 2:0.8:1,3:0.3:4,0:0.1:8)")
+                       "(default 2:0.5:2,2:0.5:16,0:0.2:64)")
     add_bench_flags(lossy)
     lossy.set_defaults(func=cmd_bench_lossy)
 

@@ -28,7 +28,7 @@ from specserve.errors import InvalidRequestError
 DOC_MARKERS = ("<!-- bench_lossy:start -->", "<!-- bench_lossy:end -->")
 ANSWER_MARK = "####"  # a GSM8K answer ends with "#### <number>"
 # Run besides lossless and LossyConfig() (always run): strict to loose (top_k, min_ratio, budget nats).
-EXTRA_SETTINGS = (LossyConfig(2, 0.8, 1.0), LossyConfig(3, 0.3, 4.0), LossyConfig(0, 0.1, 8.0))
+EXTRA_SETTINGS = (LossyConfig(2, 0.5, 2.0), LossyConfig(2, 0.5, 16.0), LossyConfig(0, 0.2, 64.0))
 # The criterion for the default setting.
 MAX_ACCURACY_DROP = 1.0  # percentage points below lossless
 MIN_TAU_RATIO = 1.3  # tau / lossless tau

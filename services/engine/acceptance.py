@@ -45,19 +45,19 @@ class LossyConfig:
     nearly as high as its favourite, within a per-sequence divergence budget.
 
     A token x drafted at a row whose target distribution is p is *relaxable* when p(x) > 0 and
-    - `top_k` (default 2; 0 = no rank limit): fewer than `top_k` tokens have p strictly above p(x),
+    - `top_k` (default 3; 0 = no rank limit): fewer than `top_k` tokens have p strictly above p(x),
       so x ranks among the target's top_k there (ties included, as in the sampler's top-k), and
-    - `min_ratio` (default 0.5; 0 = no ratio limit): p(x) >= min_ratio * max p at that row.
+    - `min_ratio` (default 0.3; 0 = no ratio limit): p(x) >= min_ratio * max p at that row.
     Keeping it costs log(max p / p(x)) nats (<= -log(min_ratio)), the log-likelihood the target loses
     against its favourite token; 0 for a token tied with the maximum.
-    - `budget` (default 2.0): nats a sequence may spend over its whole generation; the engine starts
+    - `budget` (default 32.0): nats a sequence may spend over its whole generation; the engine starts
       each sequence with it and passes what is left to `accept_lossy`. A relaxation is taken only if
       its cost fits in what is left; with nothing left the rule is exactly the lossless/greedy one.
     """
 
-    top_k: int = 2
-    min_ratio: float = 0.5
-    budget: float = 2.0
+    top_k: int = 3
+    min_ratio: float = 0.3
+    budget: float = 32.0
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
