@@ -11,6 +11,10 @@ last 1 token; sequence B has 3 tokens, block table [5], and queries all 3 (a pre
   Q=1: token_index [0], kv_index [[28, 29, 30, 31, 8, 9]], mask None (a decode sees every key)
   Q=3: token_index [1, 2, 3], kv_index [[20, 21, 22]], mask None and is_causal (a fresh prefill).
 With contexts of different lengths in one group, an explicit boolean mask hides padding and the future.
+
+`paged_attention` is what the model calls: this torch reference, or, for metadata built with
+backend="triton", the tree-attention kernel of kernels/tree_attention.py over the same cache (CUDA;
+on CPU only under TRITON_INTERPRET=1, which the tests use).
 """
 
 from __future__ import annotations
@@ -36,13 +40,32 @@ class AttentionGroup:
 
 
 @dataclass
+class KernelArgs:
+    """The flat layout the Triton tree-attention kernel reads (kernels/tree_attention.py, worked example)."""
+
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
+    prefix_lens: torch.Tensor  # [num_seqs] int32, tokens in the cache before this step's
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32, where each sequence's rows start
+    tree_mask: torch.Tensor  # [num_tokens, max_query_len] bool, row t may attend its sequence's new token j
+    block_size: int
+
+    def to(self, device: torch.device | str) -> KernelArgs:
+        return KernelArgs(self.block_tables.to(device), self.prefix_lens.to(device),
+                          self.query_start_loc.to(device), self.tree_mask.to(device), self.block_size)
+
+
+ATTENTION_BACKENDS = ("torch", "triton")
+
+
+@dataclass
 class AttentionMetadata:
     """Everything attention needs for one forward; built once per step on the host, shared by layers."""
 
     slot_mapping: torch.Tensor  # [num_tokens] int64, cache slot each new token's K/V is written to
-    groups: list[AttentionGroup]
+    groups: list[AttentionGroup]  # the torch path's (empty with kernel_args)
     num_tokens: int
     batch_invariant: bool = False  # attend in float64 (see `_attend_group_float64`)
+    kernel_args: KernelArgs | None = None  # set: the Triton kernel attends instead of the torch groups
 
 
 def build_attention_metadata(
@@ -52,6 +75,7 @@ def build_attention_metadata(
     block_size: int,
     tree_masks: list[list[list[bool]] | None] | None = None,
     batch_invariant: bool = False,
+    backend: str = "torch",
 ) -> AttentionMetadata:
     """Metadata for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new this step.
 
@@ -60,9 +84,11 @@ def build_attention_metadata(
     rule among sequence i's new tokens: new query a sees new key b iff tree_masks[i][a][b]; every
     query still sees all of the sequence's earlier keys. A speculative verify step uses it for token
     trees (see engine/verify.py), whose nodes sit in the cache in node order, not in path order.
-    `batch_invariant` selects the float64 attention path (`_attend_group_float64`).
+    `batch_invariant` selects the float64 attention path (`_attend_group_float64`); backend "triton"
+    the kernel's flat layout instead of the torch groups.
     """
     assert len(query_lens) == len(context_lens) == len(block_tables)
+    assert backend in ATTENTION_BACKENDS and not (batch_invariant and backend != "torch")
     tree_masks = tree_masks or [None] * len(query_lens)
     assert len(tree_masks) == len(query_lens)
     starts = [0]
@@ -74,6 +100,9 @@ def build_attention_metadata(
             for q, ctx, table in zip(query_lens, context_lens, block_tables)
         ]
     )
+    if backend == "triton":
+        args = _kernel_args(query_lens, context_lens, block_tables, block_size, tree_masks)
+        return AttentionMetadata(slot_mapping=slot_mapping, groups=[], num_tokens=starts[-1], kernel_args=args)
     by_query_len: dict[int, list[int]] = defaultdict(list)
     for i, q in enumerate(query_lens):
         by_query_len[q].append(i)
@@ -110,6 +139,31 @@ def _buckets_by_context(members: list[int], context_lens: list[int]) -> list[lis
         buckets.append([i])
     # Batch order inside a bucket, so a single bucket covering the batch needs no gather/scatter.
     return [sorted(bucket) for bucket in buckets]
+
+
+def _kernel_args(
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    tree_masks: list[list[list[bool]] | None],
+) -> KernelArgs:
+    """The kernel's layout: one row per sequence of the block table, and each new token's row of its tree
+    mask (causal among the new tokens when the sequence has no tree)."""
+    max_blocks = max(len(table) for table in block_tables)
+    tables = torch.zeros(len(block_tables), max_blocks, dtype=torch.int32)
+    for i, table in enumerate(block_tables):
+        tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    max_query_len = max(query_lens)
+    mask = torch.zeros(sum(query_lens), max_query_len, dtype=torch.bool)  # [num_tokens, max_query_len]
+    row = 0
+    for q, tree_mask in zip(query_lens, tree_masks):
+        own = torch.ones(q, q, dtype=torch.bool).tril() if tree_mask is None else torch.tensor(tree_mask)
+        mask[row : row + q, :q] = own
+        row += q
+    prefix_lens = torch.tensor([c - q for q, c in zip(query_lens, context_lens)], dtype=torch.int32)
+    starts = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return KernelArgs(tables, prefix_lens, starts, mask, block_size)
 
 
 def slots_of(block_table: list[int], positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -160,6 +214,24 @@ def write_kv(
 ) -> None:
     k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """One layer's attention: the Triton kernel for metadata built with backend "triton", else the torch
+    reference."""
+    args = meta.kernel_args
+    if args is None:
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    from specserve.kernels.tree_attention import tree_attention_triton  # imports triton
+
+    return tree_attention_triton(q, k_cache, v_cache, args.block_tables, args.prefix_lens, args.query_start_loc,
+                                 args.tree_mask, scale, args.block_size)
 
 
 def paged_attention_ref(
@@ -214,27 +286,27 @@ def _attend_group_float64(
     forward (1 + draft rows) then differ by ~1e-7, which int8's per-token activation rounding (and bf16's)
     amplifies into different tokens. Here the same shape dependence exists, but at float64 rounding
     (~1e-16 relative); the float32 result differs only when the exact value lies within that of a float32
-    rounding boundary (about 1 element in 1e9). Costs about 2x the float32 path (float64 copies of K/V).
+    rounding boundary (about 1 element in 1e9). It is memory-bound on the float64 copies of K/V: 1.5-7x the
+    float32 SDPA time on a 2-core EPYC, by shape (decode, verify, batch 1 or 8; timings there are noisy).
     """
     num_seqs, max_ctx = group.kv_index.shape
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[1]
-    per_kv = num_heads // num_kv_heads
-    query_len = group.query_len
+    per_kv, query_len = num_heads // num_kv_heads, group.query_len
+    # Gathered head-major, [Hkv, S, L, D], so every matmul below is one strided batch without copies.
     flat_index = group.kv_index.view(-1)
-    k = k_cache.index_select(0, flat_index).to(torch.float64).view(num_seqs, max_ctx, num_kv_heads, head_dim)
-    v = v_cache.index_select(0, flat_index).to(torch.float64).view(k.shape)
-    # Query rows of one KV head side by side: [S, Hkv, per_kv * Q, D].
+    k, v = (cache.index_select(0, flat_index).view(num_seqs, max_ctx, num_kv_heads, head_dim)
+            .permute(2, 0, 1, 3).to(torch.float64, memory_format=torch.contiguous_format) for cache in (k_cache, v_cache))
+    # Head h reads KV head h // per_kv; a KV head's query rows side by side: [Hkv, S, per_kv * Q, D].
     qg = (q.to(torch.float64).view(num_seqs, query_len, num_kv_heads, per_kv, head_dim)
-          .permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, per_kv * query_len, head_dim))
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).mul_(scale)  # [S, Hkv, per_kv * Q, L]
+          .permute(2, 0, 3, 1, 4).reshape(num_kv_heads, num_seqs, per_kv * query_len, head_dim))
+    scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)  # [Hkv, S, per_kv * Q, L]
     allowed = group.mask
     if allowed is None and group.is_causal:
         allowed = torch.ones(query_len, max_ctx, dtype=torch.bool).tril(max_ctx - query_len)
     if allowed is not None:
-        allowed = allowed.reshape(-1, 1, 1, query_len, max_ctx)  # [S or 1, 1, 1, Q, L]
-        scores.view(num_seqs, num_kv_heads, per_kv, query_len, max_ctx).masked_fill_(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v.transpose(1, 2))  # [S, Hkv, per_kv * Q, D]
-    out = out.view(num_seqs, num_kv_heads, per_kv, query_len, head_dim).permute(0, 3, 1, 2, 4)
+        allowed = allowed.reshape(1, -1, 1, query_len, max_ctx)  # [1, S or 1, 1, Q, L]
+        scores.view(num_kv_heads, num_seqs, per_kv, query_len, max_ctx).masked_fill_(~allowed, float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [Hkv, S, per_kv * Q, D]
+    out = out.view(num_kv_heads, num_seqs, per_kv, query_len, head_dim).permute(1, 3, 0, 2, 4)
     return out.reshape(q.shape).to(q.dtype)

@@ -161,9 +161,17 @@ class EngineConfig:
     # verify step's drafts, other sequences, padding): greedy speculation then equals plain greedy
     # decoding token for token at every dtype. Without it float32 differs only in near-ties, but int8
     # and bfloat16 rounding can turn an attention difference in the last bit into another token.
-    # Costs about 2x the attention time (kernels/paged_attention.py, `_attend_group_float64`).
+    # Attention then takes 1.5-7x as long, by shape (kernels/paged_attention.py, `_attend_group_float64`).
     batch_invariant: bool = False
+    # "torch": the plain-torch paged attention (CPU serving). "triton": the tree-attention kernel of
+    # kernels/tree_attention.py, for a cache on a CUDA device; on CPU it runs only under
+    # TRITON_INTERPRET=1 (tests). The engine itself keeps its cache on the CPU today.
+    attention_backend: str = "torch"
 
     def __post_init__(self) -> None:
         if self.dtype not in WEIGHT_DTYPES:
             raise InvalidRequestError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend not in ("torch", "triton"):
+            raise InvalidRequestError(f"attention_backend must be torch or triton, got {self.attention_backend!r}")
+        if self.batch_invariant and self.attention_backend != "torch":
+            raise InvalidRequestError("batch_invariant attention exists only on the torch backend")

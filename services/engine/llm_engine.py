@@ -91,7 +91,8 @@ class LLMEngine:
         cache = config.cache
         self.block_manager = BlockManager(cache.num_blocks, cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.runner = ModelRunner(model, cache, batch_invariant=config.batch_invariant)
+        self.runner = ModelRunner(model, cache, batch_invariant=config.batch_invariant,
+                                  attention_backend=config.attention_backend)
         self.sampler = Sampler()
         self.drafter = build_drafter(config.spec, model, tokenizer)
         # A request may use the whole context, but never more slots than the cache has.

@@ -16,7 +16,7 @@ from torch import nn
 
 from specserve.engine.config import ModelConfig
 from specserve.errors import ModelLoadError
-from specserve.kernels.paged_attention import AttentionMetadata, paged_attention_ref, write_kv
+from specserve.kernels.paged_attention import AttentionMetadata, paged_attention, write_kv
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k, v), each [num_slots, num_kv_heads, head_dim]
 
@@ -109,7 +109,7 @@ class Attention(nn.Module):
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.num_heads + self.num_kv_heads :]
         write_kv(*kv_cache, k, v, meta.slot_mapping)
-        out = paged_attention_ref(q, *kv_cache, meta, self.scale)  # [num_tokens, H, D]
+        out = paged_attention(q, *kv_cache, meta, self.scale)  # [num_tokens, H, D]
         return self.o_proj(out.reshape(x.shape[0], -1))
 
 

@@ -37,10 +37,12 @@ class ModelRunner:
     def __init__(
         self, model: LlamaModel, cache_config: CacheConfig, kv_dtype: torch.dtype = torch.float32,
         batch_invariant: bool = False,
+        attention_backend: str = "torch",
     ) -> None:
         self.model = model
         self.cache_config = cache_config
         self.batch_invariant = batch_invariant
+        self.attention_backend = attention_backend
         self.kv_cache = allocate_kv_cache(model.config, cache_config, kv_dtype)
 
     def prepare(self, scheduled: list[ScheduledSeq], trees: list[DraftTree | None]) -> StepBatch:
@@ -83,6 +85,7 @@ class ModelRunner:
             block_size=self.cache_config.block_size,
             tree_masks=batch.tree_masks,
             batch_invariant=self.batch_invariant,
+            backend=self.attention_backend,
         )
         return self.model(batch.input_ids, batch.positions, self.kv_cache, meta, batch.logits_indices, return_hidden)
 
