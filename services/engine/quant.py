@@ -13,7 +13,7 @@ CPU (AMX) with torch 2.13, for the 135M model's shapes and M = 1..512:
     gate/up projection at M=512) — not something to rely on.
   * oneDNN's prepacked linear (AMD EPYC Zen 4, M = 1..512): float32 and bfloat16 both invariant for
     every M >= 2, but M=1 differs from M>=2 for the down projection (K=1536). `PackedLinear` therefore
-    computes a lone row as two (free: M=2 costs what M=1 does), which makes it invariant at every M.
+    pads fewer than MIN_ROWS rows up to MIN_ROWS, which makes it invariant at every M (and faster).
   * `Int8Linear`: invariant at every M tried (1..2048) and across thread counts: integer accumulation
     is exact and its float epilogue is per element. tests/unit/engine/test_quant.py checks it. Smoothing
     (engine/smoothing.py) changes only the weights, so it keeps this.
@@ -40,6 +40,12 @@ def can_pack() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+# All 121 linears of the 135M model, median ms on AMD EPYC (Zen 4, 2 cores) by M = 1 / 2 / 3 / 4 / 5 / 6 / 8:
+# float32 32.0 / 34.0 / 29.1 / 27.3 / 26.6 / 27.2 / 30.3, bfloat16 18.8 / 20.1 / 17.2 / 16.1 / 16.9 / 16.7 / 19.0.
+# oneDNN's kernels for 4-6 rows beat its 1-row and 2-row ones, so short inputs are padded to 4 rows.
+MIN_ROWS = 4
+
+
 class PackedLinear(nn.Module):
     """float32 or bfloat16 weights prepacked once into oneDNN's blocked layout; float32 in and out.
 
@@ -48,7 +54,7 @@ class PackedLinear(nn.Module):
     30.8, packed 14.0 / 15.3 / 20.0. MKL's GEMV reads a row-major [out, in] weight at about half the
     memory bandwidth; oneDNN's layout reaches ~20 GB/s, and M=8 costs no more than M=1.
     float32 accumulates in float32 (max error vs float64 ~2x `F.linear`'s, both at rounding level).
-    Batch-invariant on the machines measured (module docstring), with a lone row computed as two.
+    Batch-invariant on the machines measured (module docstring), with short inputs padded to MIN_ROWS.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
@@ -62,8 +68,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] float32 -> [..., out] float32
         rows = x.reshape(-1, self.in_features).to(self.dtype)  # [M, in]
         num_rows = rows.shape[0]
-        if num_rows == 1:
-            rows = rows.expand(2, -1)  # M=1 takes another kernel than every M >= 2
+        if num_rows < MIN_ROWS:  # copies of the last row; a contiguous input (an expanded one is slow)
+            rows = torch.cat([rows, rows[-1:].expand(MIN_ROWS - num_rows, -1)])
         out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
         return out[:num_rows].float().view(*x.shape[:-1], self.out_features)
 
