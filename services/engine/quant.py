@@ -68,7 +68,7 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] float32 -> [..., out] float32
         rows = x.reshape(-1, self.in_features).to(self.dtype)  # [M, in]
         num_rows = rows.shape[0]
-        if num_rows < MIN_ROWS:  # copies of the last row; a contiguous input (an expanded one is slow)
+        if 0 < num_rows < MIN_ROWS:  # copies of the last row; a contiguous input (an expanded one is slow)
             rows = torch.cat([rows, rows[-1:].expand(MIN_ROWS - num_rows, -1)])
         out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
         return out[:num_rows].float().view(*x.shape[:-1], self.out_features)

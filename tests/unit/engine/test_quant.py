@@ -122,6 +122,13 @@ def test_packed_is_batch_invariant(in_features: int, out_features: int, batch: i
         assert torch.equal(together[row], layer(x[row : row + 1])[0])
 
 
+@needs_onednn
+def test_packed_takes_no_rows():
+    # A step whose rows all belong to prefill chunks asks the LM head for no logits at all.
+    out = PackedLinear(torch.randn(8, 16), None, torch.float32)(torch.randn(0, 16))
+    assert out.shape == (0, 8)
+
+
 @pytest.mark.parametrize("in_features,out_features", SHAPES)
 @pytest.mark.parametrize("batch", [2, 8, 16, 64, 300])
 def test_int8_is_batch_invariant(in_features: int, out_features: int, batch: int):
