@@ -49,10 +49,6 @@ class KernelArgs:
     tree_mask: torch.Tensor  # [num_tokens, max_query_len] bool, row t may attend its sequence's new token j
     block_size: int
 
-    def to(self, device: torch.device | str) -> KernelArgs:
-        return KernelArgs(self.block_tables.to(device), self.prefix_lens.to(device),
-                          self.query_start_loc.to(device), self.tree_mask.to(device), self.block_size)
-
 
 ATTENTION_BACKENDS = ("torch", "triton")
 

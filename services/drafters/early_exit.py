@@ -26,9 +26,10 @@ clocks on this shared machine agreed within their noise). No setting is faster t
                                             28  0.95            2.26  1.16
 
 Shallow exits cost little and almost never match the target; deep ones match but cost nearly a
-forward. The defaults (L = 28 in SpecConfig, min_confidence 0.9) are about the least slow measured
-(0.8 to 0.95 is a wash): an untrained exit does not pay on this CPU. Trained exit heads, and a
-verifier that reuses the drafter's first-L-layer work instead of recomputing it, are later issues.
+forward. The defaults (L = num_layers - EXIT_LAYERS_SKIPPED = 28, min_confidence 0.9) are about the
+least slow measured (0.8 to 0.95 is a wash): an untrained exit does not pay on this CPU. Trained exit
+heads, and a verifier that reuses the drafter's first-L-layer work instead of recomputing it, are later
+issues. A draft forward is the target's own `forward` given only the first L layers' caches.
 """
 
 from __future__ import annotations
@@ -88,7 +89,6 @@ class EarlyExitDrafter:
             )
         self.model = model
         self.config = config
-        self.layers = model.layers[: config.exit_layer]
         shallow = replace(model.config, num_layers=config.exit_layer)
         self.kv_cache = allocate_kv_cache(shallow, config.cache, torch.float32)
         self.free_blocks = list(range(config.cache.num_blocks))
@@ -170,11 +170,8 @@ class EarlyExitDrafter:
         last_rows = torch.tensor(query_lens).cumsum(0) - 1  # [len(states)]
         for state, ids in zip(states, new_token_ids):
             state.token_ids.extend(ids)
-        x = self.model.embed_tokens(input_ids)  # [num_tokens, hidden]
-        rope = self.model.rotary.tables(positions)
-        for layer, kv_cache in zip(self.layers, self.kv_cache):
-            x = layer(x, rope, kv_cache, meta)
-        return self.model.lm_head(self.model.norm(x[last_rows])).float()
+        logits, _ = self.model(input_ids, positions, self.kv_cache, meta, last_rows)  # the first L layers only
+        return logits
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:

@@ -159,8 +159,13 @@ class LlamaModel(nn.Module):
         logits_indices: torch.Tensor,  # [num_selected] int64, rows whose logits are wanted
         return_hidden: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits `# [num_selected, vocab]` and, if asked, final-norm hidden states `# [num_selected, hidden]`."""
+        """Logits `# [num_selected, vocab]` and, if asked, final-norm hidden states `# [num_selected, hidden]`.
+
+        Runs as many layers as `kv_caches` holds, from the first: given the caches of the first L layers
+        only, it is the early exit after layer L (drafters/early_exit.py drafts that way).
+        """
         assert input_ids.shape == positions.shape and input_ids.dim() == 1
+        assert 1 <= len(kv_caches) <= len(self.layers)
         x = self.embed_tokens(input_ids)
         rope = self.rotary.tables(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):

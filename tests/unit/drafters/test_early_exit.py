@@ -135,6 +135,5 @@ def test_bad_exit_layer_is_a_clear_error(llama_model, tokenizer, exit_layer):
 
 def test_build_drafter_shares_the_targets_weights(llama_model, tokenizer):
     drafter = build_drafter(SpecConfig(method="early-exit", exit_layer=5), llama_model, tokenizer)
-    assert isinstance(drafter, EarlyExitDrafter) and len(drafter.layers) == len(drafter.kv_cache) == 5
-    assert all(mine is target for mine, target in zip(drafter.layers, llama_model.layers))
-    assert drafter.model.lm_head is llama_model.lm_head and drafter.model.norm is llama_model.norm
+    # It runs the target model itself, over caches for the first 5 layers only.
+    assert isinstance(drafter, EarlyExitDrafter) and drafter.model is llama_model and len(drafter.kv_cache) == 5
