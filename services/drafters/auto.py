@@ -21,6 +21,7 @@ class MergedDrafter:
     def __init__(self, drafters: list[Drafter], min_score: float = 0.0) -> None:
         assert drafters, "hypothesis reduction needs at least one drafter"
         self.drafters = drafters
+        self.needs_hidden = any(drafter.needs_hidden for drafter in drafters)
         self.min_score = min_score  # nodes scoring below it are never verified, even with budget left
 
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:

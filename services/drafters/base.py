@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from specserve.engine.draft_tree import DraftTree
 
 
@@ -21,10 +23,16 @@ class DraftRequest:
     token_ids: list[int]  # [num_tokens] the whole history: prompt + output so far (last = the root)
     num_prompt_tokens: int
     budget: int  # most nodes this sequence's tree may have (>= 1)
+    # The target's final-norm hidden state of every token but the root, row i for token i
+    # `# [num_tokens - 1, hidden]`; only for drafters with `needs_hidden` (feature drafters), else None.
+    hidden_states: torch.Tensor | None = None
 
 
 class Drafter(Protocol):
     name: str
+    # True: the engine keeps the target's hidden state of every computed token and sends it along
+    # (`DraftRequest.hidden_states`); that costs a final norm over every row of every forward.
+    needs_hidden: bool
 
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
         """One tree per request, in order, each with at most `request.budget` nodes (may be empty)."""

@@ -79,6 +79,7 @@ class _DraftState:
 
 class EarlyExitDrafter:
     name = "early-exit"
+    needs_hidden = False
 
     def __init__(self, model: LlamaModel, config: EarlyExitConfig) -> None:
         num_layers = model.config.num_layers

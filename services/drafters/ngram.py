@@ -44,6 +44,7 @@ class _History:
 
 class NgramDrafter:
     name = "ngram"
+    needs_hidden = False
 
     def __init__(self, config: NgramConfig = NgramConfig()) -> None:
         self.config = config

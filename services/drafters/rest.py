@@ -14,6 +14,7 @@ from specserve.engine.draft_tree import DraftTree, tree_from_continuations
 
 class RestDrafter:
     name = "rest"
+    needs_hidden = False
 
     def __init__(self, datastore: TokenDatastore, *, max_depth: int = 8, max_matches: int = 256,
                  min_suffix_len: int = 2, max_suffix_len: int = 16) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specserve.drafters import build_drafter
-from specserve.drafters.base import DraftRequest
+from specserve.drafters.base import DraftRequest, Drafter
 from specserve.engine.block_manager import BlockManager
 from specserve.engine.config import EngineConfig, SamplingParams
 from specserve.engine.draft_tree import DraftTree
@@ -83,7 +83,10 @@ def build_model(model_path: str, dtype: str) -> LlamaModel:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model: LlamaModel, tokenizer: Tokenizer) -> None:
+    def __init__(self, config: EngineConfig, model: LlamaModel, tokenizer: Tokenizer,
+                 drafter: Drafter | None = None) -> None:
+        """`drafter`: a draft source built elsewhere (a test's, a custom one); default: the one
+        `config.spec.method` names (config.spec still sets the budgets)."""
         self.config = config
         self.model = model
         self.model_config = model.config
@@ -91,10 +94,11 @@ class LLMEngine:
         cache = config.cache
         self.block_manager = BlockManager(cache.num_blocks, cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.runner = ModelRunner(model, cache, batch_invariant=config.batch_invariant,
-                                  attention_backend=config.attention_backend)
         self.sampler = Sampler()
-        self.drafter = build_drafter(config.spec, model, tokenizer)
+        self.drafter = drafter if drafter is not None else build_drafter(config.spec, model, tokenizer)
+        self.runner = ModelRunner(model, cache, batch_invariant=config.batch_invariant,
+                                  attention_backend=config.attention_backend,
+                                  keep_hidden=self.drafter is not None and self.drafter.needs_hidden)
         # A request may use the whole context, but never more slots than the cache has.
         self.max_total_tokens = min(model.config.max_position_embeddings, cache.num_blocks * cache.block_size)
         self.requests: dict[int, _Request] = {}
@@ -170,7 +174,7 @@ class LLMEngine:
             return []
         step_trees = [trees[s.seq.seq_id] if s.num_draft_tokens else None for s in plan.scheduled]
         start = time.perf_counter()
-        logits, _ = self.runner.execute(plan.scheduled, step_trees)
+        logits = self.runner.execute(plan.scheduled, step_trees)
         self.forward_seconds += time.perf_counter() - start
         emitted = self._accept(plan.scheduled, step_trees, logits)
         for s in plan.scheduled:
@@ -190,7 +194,10 @@ class LLMEngine:
             room = min(budget, seq.max_total_tokens - seq.num_tokens,
                        seq.params.max_tokens - len(seq.output_token_ids) - 1)
             if room > 0:
-                requests.append(DraftRequest(seq.seq_id, seq.all_token_ids, seq.num_prompt_tokens, room))
+                hidden = None
+                if self.drafter.needs_hidden:
+                    hidden = self.runner.hidden_states(seq.block_table, seq.num_computed_tokens)
+                requests.append(DraftRequest(seq.seq_id, seq.all_token_ids, seq.num_prompt_tokens, room, hidden))
         if not requests:
             return {}
         start = time.perf_counter()

@@ -159,7 +159,8 @@ class LlamaModel(nn.Module):
         logits_indices: torch.Tensor,  # [num_selected] int64, rows whose logits are wanted
         return_hidden: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits `# [num_selected, vocab]` and, if asked, final-norm hidden states `# [num_selected, hidden]`.
+        """Logits `# [num_selected, vocab]` and, if asked, the final-norm hidden state of every row
+        `# [num_tokens, hidden]` (feature drafters such as EAGLE keep them all, prefill rows included).
 
         Runs as many layers as `kv_caches` holds, from the first: given the caches of the first L layers
         only, it is the early exit after layer L (drafters/early_exit.py drafts that way).
@@ -170,9 +171,10 @@ class LlamaModel(nn.Module):
         rope = self.rotary.tables(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, rope, kv_cache, meta)
-        hidden = self.norm(x[logits_indices])
-        logits = self.lm_head(hidden).float()
-        return logits, (hidden if return_hidden else None)
+        if return_hidden:
+            hidden = self.norm(x)  # row-wise: a selected row's value equals normalising it alone
+            return self.lm_head(hidden[logits_indices]).float(), hidden
+        return self.lm_head(self.norm(x[logits_indices])).float(), None
 
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load HF Llama names, fusing q/k/v and gate/up into the model's combined projections."""

@@ -1,7 +1,9 @@
 """Turns a scheduled step into flat tensors, runs the model once, and returns the logits to sample.
 
 The only engine piece that touches both bookkeeping (sequences, block tables) and torch; it also owns
-the paged KV cache tensors.
+the paged KV cache tensors and, for feature drafters, a hidden-state cache laid out like one layer's K:
+slot s holds the target's final-norm hidden state of the token whose K/V are in slot s. Indexed by slot,
+it follows the KV everywhere: shared prefix blocks, preemption, and the accepted path's moves.
 """
 
 from __future__ import annotations
@@ -38,12 +40,16 @@ class ModelRunner:
         self, model: LlamaModel, cache_config: CacheConfig, kv_dtype: torch.dtype = torch.float32,
         batch_invariant: bool = False,
         attention_backend: str = "torch",
+        keep_hidden: bool = False,
     ) -> None:
         self.model = model
         self.cache_config = cache_config
         self.batch_invariant = batch_invariant
         self.attention_backend = attention_backend
         self.kv_cache = allocate_kv_cache(model.config, cache_config, kv_dtype)
+        num_slots = cache_config.num_blocks * cache_config.block_size
+        # [num_slots, hidden] float32, only for drafters that read the target's hidden states.
+        self.hidden_cache = torch.zeros(num_slots, model.config.hidden_size) if keep_hidden else None
 
     def prepare(self, scheduled: list[ScheduledSeq], trees: list[DraftTree | None]) -> StepBatch:
         input_ids: list[int] = []
@@ -72,10 +78,9 @@ class ModelRunner:
             tree_masks=tree_masks,
         )
 
-    def execute(
-        self, scheduled: list[ScheduledSeq], trees: list[DraftTree | None] | None = None, return_hidden: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits `# [num_rows, vocab]`: one row per sampling sequence, 1 + num_nodes rows per tree."""
+    def execute(self, scheduled: list[ScheduledSeq], trees: list[DraftTree | None] | None = None) -> torch.Tensor:
+        """Logits `# [num_rows, vocab]`: one row per sampling sequence, 1 + num_nodes rows per tree.
+        With a hidden cache, every row's hidden state is stored in its token's slot."""
         trees = trees or [None] * len(scheduled)
         batch = self.prepare(scheduled, trees)
         meta = build_attention_metadata(
@@ -87,7 +92,17 @@ class ModelRunner:
             batch_invariant=self.batch_invariant,
             backend=self.attention_backend,
         )
-        return self.model(batch.input_ids, batch.positions, self.kv_cache, meta, batch.logits_indices, return_hidden)
+        keep_hidden = self.hidden_cache is not None
+        logits, hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, meta, batch.logits_indices,
+                                    return_hidden=keep_hidden)
+        if keep_hidden:
+            self.hidden_cache.index_copy_(0, meta.slot_mapping, hidden)
+        return logits
+
+    def hidden_states(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        """The stored hidden states of a sequence's first `num_tokens` tokens `# [num_tokens, hidden]`."""
+        assert self.hidden_cache is not None, "the runner keeps no hidden states"
+        return self.hidden_cache[slots_of(block_table, torch.arange(num_tokens), self.cache_config.block_size)]
 
     def move_kv(self, block_table: list[int], moves: list[tuple[int, int]]) -> None:
         """Copy K/V between positions of one sequence, in every layer (`moves`: (from, to) positions)."""
@@ -96,6 +111,6 @@ class ModelRunner:
         size = self.cache_config.block_size
         sources = slots_of(block_table, torch.tensor([a for a, _ in moves]), size)
         targets = slots_of(block_table, torch.tensor([b for _, b in moves]), size)
-        for k_cache, v_cache in self.kv_cache:
-            k_cache.index_copy_(0, targets, k_cache.index_select(0, sources))
-            v_cache.index_copy_(0, targets, v_cache.index_select(0, sources))
+        caches = [cache for layer in self.kv_cache for cache in layer]
+        for cache in caches + ([self.hidden_cache] if self.hidden_cache is not None else []):
+            cache.index_copy_(0, targets, cache.index_select(0, sources))

@@ -13,6 +13,7 @@ class FixedDrafter:
     """Proposes the same tree for every request; remembers releases."""
 
     name = "fixed"
+    needs_hidden = False
 
     def __init__(self, tree: DraftTree) -> None:
         self.tree, self.released = tree, []

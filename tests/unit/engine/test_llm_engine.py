@@ -66,7 +66,7 @@ def test_paged_cache_equals_contiguous_cache(make_engine, prompts):
 def first_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:
     engine.add_request(prompt, GREEDY_32)
     plan = engine.scheduler.schedule()
-    logits, _ = engine.runner.execute(plan.scheduled)
+    logits = engine.runner.execute(plan.scheduled)
     return logits[0]
 
 

@@ -68,6 +68,7 @@ class ForkDrafter:
     (random) model says, so the kernel sees tree masks; the verifier accepts what matches."""
 
     name = "fork"
+    needs_hidden = False
 
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
         trees = []
@@ -83,9 +84,7 @@ class ForkDrafter:
 
 def generate(model, tokenizer, backend: str, spec: SpecConfig, prompts: list[list[int]]) -> tuple[list, LLMEngine]:
     config = EngineConfig(model_path="unused", cache=CacheConfig(BLOCK_SIZE, 128), spec=spec, attention_backend=backend)
-    engine = LLMEngine(config, model, tokenizer)
-    if spec.enabled:
-        engine.drafter = ForkDrafter()
+    engine = LLMEngine(config, model, tokenizer, drafter=ForkDrafter() if spec.enabled else None)
     completions = engine.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     return [c.token_ids for c in completions], engine
