@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specserve.bench.common import default_data_dir, log, machine_text, md_table, write_doc
+from specserve.drafters.base import common_prefix_len
 from specserve.engine.config import CacheConfig, EngineConfig, SamplingParams
 from specserve.engine.llm_engine import LLMEngine, build_model, load_tokenizer
 from specserve.engine.model import Attention, LlamaModel
@@ -210,10 +211,6 @@ def run_throughput(bench: Bench, runs: dict[str, list[Run]]) -> dict[str, dict[i
             fresh_engine(bench, system, [bench.warmup_ids] * n, 8).generate([bench.warmup_ids] * n, warmup)
             aggregate[system][n] = waves_tok_per_s(bench, system, workload, n)
     return aggregate
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def all_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:

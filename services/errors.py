@@ -27,3 +27,9 @@ class ModelFetchError(SpecserveError):
     """The default model could not be fetched (offline with no cached copy, checksum mismatch)."""
 
     exit_code = 4
+
+
+class DraftCheckpointError(SpecserveError):
+    """A learned drafter's checkpoint is missing, corrupt, of another kind, or made for another target."""
+
+    exit_code = 5

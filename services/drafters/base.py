@@ -41,3 +41,9 @@ class Drafter(Protocol):
     def release(self, seq_id: int) -> None:
         """Forget `seq_id`'s state (the sequence finished or was aborted). Unknown ids are ignored."""
         ...
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix: [1, 2, 3] and [1, 2, 5, 6] -> 2. Drafters with per-sequence
+    state keep what the new history still shares with the one they last saw."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

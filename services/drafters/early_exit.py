@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from specserve.drafters.base import DraftRequest
+from specserve.drafters.base import DraftRequest, common_prefix_len
 from specserve.engine.config import CacheConfig
 from specserve.engine.draft_tree import DraftTree
 from specserve.engine.model import LlamaModel
@@ -121,7 +121,7 @@ class EarlyExitDrafter:
         depth = min(request.budget, self.config.max_depth)
         state = self.states.setdefault(request.seq_id, _DraftState())
         # The root is always recomputed: its early-exit logits give the first draft token.
-        del state.token_ids[_common_prefix_len(state.token_ids, request.token_ids[:-1]):]
+        del state.token_ids[common_prefix_len(state.token_ids, request.token_ids[:-1]):]
         # Slots for the history and the drafted tokens fed back (all but the last one).
         num_slots = len(request.token_ids) + depth - 1
         assert num_slots <= self.model.config.max_position_embeddings, "the chain runs past the context"
@@ -173,8 +173,3 @@ class EarlyExitDrafter:
             state.token_ids.extend(ids)
         logits, _ = self.model(input_ids, positions, self.kv_cache, meta, last_rows)  # the first L layers only
         return logits
-
-
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix: [1, 2, 3] and [1, 2, 5, 6] -> 2."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

@@ -1,0 +1,1 @@
+"""Learned draft sources and how they are trained from the target (self-distillation on CPU or CUDA)."""
