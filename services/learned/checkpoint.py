@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from specserve.engine.model import LlamaModel
@@ -70,9 +70,8 @@ def load_checkpoint(path: str | Path, kind: str, fingerprint: str | None) -> Dra
             f"draft checkpoint {path} does not exist (make one: specserve train-draft --kind {kind})")
     try:
         tensors = load_file(str(path))
-        with open(path, "rb") as f:
-            header = json.loads(f.read(8 + int.from_bytes(f.read(8), "little"))[8:])
-        metadata = header.get("__metadata__") or {}
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
         config, recipe = json.loads(metadata.get("config", "null")), json.loads(metadata.get("recipe", "{}"))
     except (SafetensorError, OSError, ValueError) as e:
         raise DraftCheckpointError(f"draft checkpoint {path} is corrupt or not a safetensors file ({e})") from e
