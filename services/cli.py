@@ -1,5 +1,5 @@
 """`specserve` command line: `generate` (one streamed generation, embedded mode), `pull`, `datastore build`,
-`bench spec | lossy`.
+`train-draft`, `bench spec | lossy`.
 
 Errors end with one line on stderr and a non-zero exit code (see specserve.errors); nothing below the
 CLI reads the environment.
@@ -14,6 +14,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from specserve.engine.config import SPEC_METHODS, WEIGHT_DTYPES, EngineConfig, SamplingParams, SpecConfig
@@ -103,7 +104,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def spec_config(args: argparse.Namespace) -> SpecConfig:
-    """Speculation flags -> SpecConfig; the default datastore is used when rest/auto gets none."""
+    """Speculation flags -> SpecConfig; the default datastore / EAGLE checkpoint are used when rest / eagle
+    (and auto, where they exist) get none."""
     from specserve.drafters.datastore import default_datastore_path
 
     datastore = args.datastore
@@ -117,8 +119,15 @@ def spec_config(args: argparse.Namespace) -> SpecConfig:
 
         knobs = {"top_k": args.lossy_top_k, "min_ratio": args.lossy_min_ratio, "budget": args.lossy_budget}
         lossy = LossyConfig(**{name: value for name, value in knobs.items() if value is not None})
+    checkpoint = args.draft_checkpoint
+    if checkpoint is None and args.spec in ("eagle", "auto"):
+        from specserve.learned.checkpoint import default_checkpoint_path
+
+        default = default_checkpoint_path(specserve_home(os.environ), "eagle")
+        # eagle reports a missing default (with the command that makes it); auto drafts without it.
+        checkpoint = str(default) if args.spec == "eagle" or default.exists() else None
     return SpecConfig(method=args.spec, num_draft_tokens=args.num_draft_tokens, datastore_path=datastore, lossy=lossy,
-                      exit_layer=args.exit_layer)
+                      exit_layer=args.exit_layer, draft_checkpoint=checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,12 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--exit-layer", type=int, default=None,
                      help="decoder layers the --spec early-exit drafter runs, 1 .. the model's layers - 1 "
                      "(default: the model's layers - 2)")
+    gen.add_argument("--draft-checkpoint", help="trained checkpoint for --spec eagle "
+                     "(default: the cache's drafters/eagle.safetensors, made by specserve train-draft)")
     gen.add_argument("--lossy", action="store_true", help="relaxed acceptance within a divergence budget (not exact)")
     gen.add_argument("--lossy-top-k", type=int, help="relax only tokens in the target's top k (0 = any; default 3)")
     gen.add_argument("--lossy-min-ratio", type=float, help="relax only if p(x) >= ratio * max p (default 0.3)")
     gen.add_argument("--lossy-budget", type=float, help="nats of divergence a request may spend (default 32)")
     gen.set_defaults(func=cmd_generate)
     add_datastore_parser(sub)
+    add_train_draft_parser(sub)
     add_bench_parser(sub)
     return parser
 
@@ -182,6 +194,59 @@ def add_datastore_parser(sub: argparse._SubParsersAction) -> None:
     build.set_defaults(func=cmd_datastore_build)
 
 
+# --- `specserve train-draft` (logic in specserve.learned.train_draft) ---
+
+def cmd_train_draft(args: argparse.Namespace) -> int:
+    from specserve.bench.common import default_data_dir
+    from specserve.learned.checkpoint import default_checkpoint_path
+    from specserve.learned.distill_data import DistillConfig
+    from specserve.learned.train_draft import TrainDraftConfig, train_draft
+    from specserve.learned.train_eagle import TrainConfig
+
+    def given(**flags: object) -> dict[str, object]:  # flags left at None take the config's default
+        return {name: value for name, value in flags.items() if value is not None}
+
+    home = specserve_home(os.environ)
+    config = TrainDraftConfig(
+        model_path=resolve_model(args.model),
+        train_dir=Path(args.train_data) if args.train_data else default_data_dir(os.environ) / "train",
+        cache_dir=Path(args.data_dir) if args.data_dir else home / "distill",
+        out=Path(args.out) if args.out else default_checkpoint_path(home, args.kind),
+        distill=DistillConfig(**given(num_prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed)),
+        train=TrainConfig(loss=args.loss, device=args.device, **given(
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every)),
+        resume=args.resume,
+        **given(draft_vocab_size=args.draft_vocab),
+    )
+    print(json.dumps(asdict(train_draft(config))))
+    return 0
+
+
+def add_train_draft_parser(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train-draft", help="self-distil a learned drafter from the target; prints one JSON "
+                           "summary (corpus, vocabulary coverage, phase times, loss, held-out accuracy)")
+    train.add_argument("--kind", choices=("eagle",), default="eagle", help="drafter to train")
+    train.add_argument("--out", help="checkpoint to write (default: the cache's drafters/KIND.safetensors)")
+    train.add_argument("--model", help="target GGUF file or safetensors directory (default: SmolLM2-135M)")
+    train.add_argument("--loss", choices=("hard", "soft", "unroll"), default="soft",
+                       help="hard: CE on the target's tokens; soft: KL to the target's distribution; unroll: soft "
+                       "plus a second step on the head's own features (all with feature regression)")
+    train.add_argument("--prompts", type=int, help="training prompts the target answers (default 1200)")
+    train.add_argument("--max-new-tokens", type=int, help="most tokens of each response (default 256)")
+    train.add_argument("--draft-vocab", type=int, help="draft vocabulary: the most frequent tokens (default 8192)")
+    train.add_argument("--epochs", type=int, help="passes over the corpus (default 12)")
+    train.add_argument("--batch-size", type=int, help="sequences per optimizer step (default 8)")
+    train.add_argument("--lr", type=float, help="peak learning rate (default 5e-3)")
+    train.add_argument("--seed", type=int, help="prompt order, held-out split, init and batch order (default 0)")
+    train.add_argument("--save-every", type=int, help="steps between training-state saves (default 100)")
+    train.add_argument("--resume", action="store_true", help="continue from the training state beside --out")
+    train.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    train.add_argument("--data-dir", help="distilled-corpus cache (default: the cache's distill/)")
+    train.add_argument("--train-data", help="folder of *.jsonl training prompts (default: $SPECSERVE_DATA_DIR/train, "
+                       "else shared/data/train beside the checkout)")
+    train.set_defaults(func=cmd_train_draft)
+
+
 # --- `specserve bench spec | lossy` (logic in specserve.bench) ---
 
 def bench_fields(args: argparse.Namespace, **given: object) -> dict[str, object]:
@@ -189,12 +254,14 @@ def bench_fields(args: argparse.Namespace, **given: object) -> dict[str, object]
     are dropped, so the config's own defaults apply."""
     from specserve.bench.common import default_data_dir
     from specserve.drafters.datastore import default_datastore_path
+    from specserve.learned.checkpoint import default_checkpoint_path
 
     home = specserve_home(os.environ)
     return {
         "model_path": Path(resolve_model(None)),
         "data_dir": Path(args.data_dir) if args.data_dir else default_data_dir(os.environ),
         "datastore": Path(args.datastore) if args.datastore else default_datastore_path(home),
+        "draft_checkpoint": Path(args.draft_checkpoint or default_checkpoint_path(home, "eagle")),
         "dtype": args.dtype,
         "num_draft_tokens": args.num_draft_tokens,
         "doc": bench_doc(args),
@@ -276,6 +343,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
                         help="most drafted tokens verified per step")
     parser.add_argument("--datastore", help="retrieval datastore for rest/auto (default: the cache's default.npz, "
                         "built by `specserve datastore build ../shared/data/train/*.jsonl`)")
+    parser.add_argument("--draft-checkpoint", help="checkpoint for the eagle drafter (default: the cache's "
+                        "drafters/eagle.safetensors, made by `specserve train-draft --kind eagle`)")
     parser.add_argument("--data-dir", help="prompt data (default: $SPECSERVE_DATA_DIR, else shared/data beside the "
                         "checkout)")
     parser.add_argument("--doc", help="results doc whose section to rewrite (default: the checkout's "

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +33,7 @@ GSM8K_FILE = "gsm8k/test_head1119.jsonl"
 DOC_HEADER = "# Benchmarks\n\nMeasured results. Each section is written by the script it names; rerun it to update.\n"
 DRAFTERS = tuple(m for m in SPEC_METHODS if m != "off")
 RETRIEVAL_DRAFTERS = ("rest", "auto")  # the drafters that read a token datastore
+LEARNED_DRAFTERS = ("eagle",)  # the drafters that load a trained checkpoint
 
 
 def checkout_root() -> Path | None:
@@ -85,10 +86,22 @@ def require_datastore(drafters: Iterable[str], datastore: Path) -> None:
             )
 
 
-def spec_config(method: str, num_draft_tokens: int, datastore: Path, lossy: LossyConfig | None = None) -> SpecConfig:
-    """A drafter's SpecConfig; only the retrieval drafters are given the datastore."""
+def require_checkpoint(drafters: Sequence[str], checkpoint: Path | None) -> None:
+    """Fail before any measurement when a learned drafter has no checkpoint file to load."""
+    if any(d in LEARNED_DRAFTERS for d in drafters) and (checkpoint is None or not checkpoint.is_file()):
+        raise InvalidRequestError(f"no draft checkpoint at {checkpoint}; train one with "
+                                  "`specserve train-draft --kind eagle` or pass --draft-checkpoint PATH")
+
+
+def spec_config(method: str, num_draft_tokens: int, datastore: Path, lossy: LossyConfig | None = None,
+                draft_checkpoint: Path | None = None) -> SpecConfig:
+    """A drafter's SpecConfig; only the retrieval drafters are given the datastore, the learned ones the
+    checkpoint, and auto the checkpoint where it exists (as `specserve generate --spec auto` does)."""
     path = str(datastore) if method in RETRIEVAL_DRAFTERS else None
-    return SpecConfig(method=method, num_draft_tokens=num_draft_tokens, datastore_path=path, lossy=lossy)
+    has_checkpoint = draft_checkpoint is not None and (method in LEARNED_DRAFTERS or draft_checkpoint.is_file())
+    checkpoint = str(draft_checkpoint) if method in (*LEARNED_DRAFTERS, "auto") and has_checkpoint else None
+    return SpecConfig(method=method, num_draft_tokens=num_draft_tokens, datastore_path=path, lossy=lossy,
+                      draft_checkpoint=checkpoint)
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specserve.bench.common import (
-    GSM8K_FILE, chat_ids, log, md_table, provenance_text, publish, read_jsonl, require_datastore, require_files,
-    require_run_values, spec_config,
+    GSM8K_FILE, chat_ids, log, md_table, provenance_text, publish, read_jsonl, require_checkpoint, require_datastore,
+    require_files, require_run_values, spec_config,
 )
 from specserve.engine.acceptance import LossyConfig
 from specserve.engine.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, SpecConfig
@@ -46,6 +46,7 @@ class LossyBenchConfig:
     model_path: Path
     data_dir: Path  # holds GSM8K_FILE
     datastore: Path  # read when the drafter is a retrieval one (rest, auto)
+    draft_checkpoint: Path | None = None  # read when the drafter is a learned one (eagle)
     settings: tuple[LossyConfig, ...] = EXTRA_SETTINGS  # run after lossless and LossyConfig()
     problems: int = 200  # the first N of GSM8K_FILE
     max_tokens: int = 256
@@ -61,6 +62,7 @@ class LossyBenchConfig:
                            num_draft_tokens=self.num_draft_tokens, concurrency=self.concurrency)
         require_files(self.data_dir, (GSM8K_FILE,))
         require_datastore((self.drafter,), self.datastore)
+        require_checkpoint((self.drafter,), self.draft_checkpoint)
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ def engine_for(config: LossyBenchConfig, model: LlamaModel, tokenizer: Tokenizer
         dtype=config.dtype,
         cache=CacheConfig(BLOCK_SIZE, config.concurrency * per_seq + 1),
         scheduler=SchedulerConfig(max_num_seqs=config.concurrency),
-        spec=spec_config(config.drafter, config.num_draft_tokens, config.datastore, lossy),
+        spec=spec_config(config.drafter, config.num_draft_tokens, config.datastore, lossy, config.draft_checkpoint),
     )
     return LLMEngine(engine_config, model, tokenizer)
 

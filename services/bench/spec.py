@@ -17,7 +17,7 @@ import torch
 
 from specserve.bench.common import (
     GSM8K_FILE, HUMANEVAL_FILE, SPEC_BENCH_FILE, chat_ids, log, md_table, provenance_text, publish, read_jsonl,
-    require_datastore, require_files, require_run_values, spec_config,
+    require_checkpoint, require_datastore, require_files, require_run_values, spec_config,
 )
 from specserve.engine.config import CacheConfig, EngineConfig, SamplingParams, SpecConfig
 from specserve.engine.llm_engine import LLMEngine, build_model, load_tokenizer
@@ -38,6 +38,7 @@ class SpecBenchConfig:
     model_path: Path
     data_dir: Path  # holds SPEC_BENCH_FILE, HUMANEVAL_FILE and GSM8K_FILE
     datastore: Path  # read by the retrieval drafters (rest, auto)
+    draft_checkpoint: Path | None = None  # read by the learned drafters (eagle)
     drafters: tuple[str, ...] = ("ngram", "rest", "auto")
     per_category: int = 5  # prompts of each Spec-Bench category, and of HumanEval and GSM8K
     max_tokens: int = 128
@@ -52,6 +53,7 @@ class SpecBenchConfig:
                            num_draft_tokens=self.num_draft_tokens)
         require_files(self.data_dir, (SPEC_BENCH_FILE, HUMANEVAL_FILE, GSM8K_FILE))
         require_datastore(self.drafters, self.datastore)
+        require_checkpoint(self.drafters, self.draft_checkpoint)
 
 
 @dataclass
@@ -179,7 +181,7 @@ def run_bench(config: SpecBenchConfig) -> None:
     model = build_model(str(config.model_path), config.dtype)
     runners = {PLAIN: specserve_runner(model, tokenizer, config.model_path, SpecConfig(), config.max_tokens)}
     for drafter in config.drafters:
-        spec = spec_config(drafter, config.num_draft_tokens, config.datastore)
+        spec = spec_config(drafter, config.num_draft_tokens, config.datastore, draft_checkpoint=config.draft_checkpoint)
         runners[f"specserve {drafter}"] = specserve_runner(model, tokenizer, config.model_path, spec, config.max_tokens)
     if hf:
         for key, label in HF_SYSTEMS.items():

@@ -16,9 +16,10 @@ if TYPE_CHECKING:
 def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> Drafter | None:
     """The drafter `spec.method` names (None for "off"). Modules load lazily: "off" imports none.
 
-    "auto" merges the n-gram drafter with retrieval when `spec.datastore_path` is set (hypothesis
-    reduction, drafters/auto.py); "rest" needs the datastore; "early-exit" drafts with the target's first
-    `spec.exit_layer` layers (its weights, not a copy).
+    "auto" merges the n-gram drafter with retrieval when `spec.datastore_path` is set and with the EAGLE
+    head when `spec.draft_checkpoint` is (hypothesis reduction, drafters/auto.py); "rest" needs the datastore; "early-exit" drafts with the target's first
+    `spec.exit_layer` layers (its weights, not a copy); "eagle" loads the head in `spec.draft_checkpoint`,
+    trained for this target (learned/).
     """
     from specserve.drafters.ngram import NgramDrafter
 
@@ -35,12 +36,18 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
 
         exit_layer = spec.exit_layer if spec.exit_layer is not None else model.config.num_layers - EXIT_LAYERS_SKIPPED
         return EarlyExitDrafter(model, EarlyExitConfig(exit_layer=exit_layer))
+    if spec.method == "eagle":
+        if spec.draft_checkpoint is None:
+            raise InvalidRequestError("the eagle drafter needs a checkpoint (specserve train-draft --kind eagle)")
+        return _eagle(spec.draft_checkpoint, model)
     if spec.method == "auto":
         from specserve.drafters.auto import MergedDrafter
 
         sources: list[Drafter] = [NgramDrafter()]
         if spec.datastore_path is not None:
             sources.append(_rest(spec.datastore_path, tokenizer))
+        if spec.draft_checkpoint is not None:
+            sources.append(_eagle(spec.draft_checkpoint, model))
         return MergedDrafter(sources)
     raise InvalidRequestError(f"drafter {spec.method!r} is not available in this version")
 
@@ -50,3 +57,10 @@ def _rest(path: str, tokenizer: Tokenizer) -> Drafter:
     from specserve.drafters.rest import RestDrafter
 
     return RestDrafter(TokenDatastore.load(path, tokenizer_fingerprint(tokenizer)))
+
+
+def _eagle(path: str, model: LlamaModel) -> Drafter:
+    from specserve.drafters.eagle import EagleDrafter
+    from specserve.learned.eagle_head import load_eagle_head
+
+    return EagleDrafter(load_eagle_head(path, model))

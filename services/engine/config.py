@@ -105,7 +105,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-SPEC_METHODS = ("off", "ngram", "rest", "early-exit", "auto")
+SPEC_METHODS = ("off", "ngram", "rest", "early-exit", "eagle", "auto")
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,9 @@ class SpecConfig:
     # checked against the model when the drafter is built); None: num_layers - EXIT_LAYERS_SKIPPED.
     # drafters/early_exit.py says how the default was picked.
     exit_layer: int | None = None
+    # The trained checkpoint of a learned drafter ("eagle"); the CLI fills in the default one
+    # (learned/checkpoint.py, `default_checkpoint_path`), made by `specserve train-draft`.
+    draft_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:

@@ -62,6 +62,21 @@ def datastore_path(tmp_path_factory, data_dir, model_path) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def eagle_checkpoint(tmp_path_factory, data_dir, model_path) -> str:
+    """A small EAGLE head distilled from the real model on training prompts (never benchmark ones): it
+    drafts well enough to have some drafts accepted, which is all the exactness test needs."""
+    from specserve.learned.distill_data import DistillConfig
+    from specserve.learned.train_draft import TrainDraftConfig, train_draft
+    from specserve.learned.train_eagle import TrainConfig
+
+    folder = tmp_path_factory.mktemp("eagle")
+    config = TrainDraftConfig(model_path=str(model_path), train_dir=data_dir / "train", cache_dir=folder / "distill",
+                              out=folder / "eagle.safetensors", distill=DistillConfig(num_prompts=16, max_new_tokens=64),
+                              train=TrainConfig(epochs=8, batch_size=4, lr=3e-3), draft_vocab_size=2048)
+    return train_draft(config).checkpoint
+
+
 def make_engine(
     model, tokenizer, dtype: str, spec: SpecConfig, max_num_seqs: int, batch_invariant: bool = False
 ) -> LLMEngine:
@@ -124,11 +139,11 @@ def count_ties(model, dtype: str, prompts, expected, actual, tie_eps: float) -> 
 # Every drafter x batch size x engine kind: float32 as shipped (near-ties allowed), and float32, int8 and
 # bfloat16 with batch-invariant attention (identical outputs). CI runs the cells in IN_CI, `make test-slow`
 # the rest.
-METHODS = ("ngram", "rest", "early-exit", "auto")
+METHODS = ("ngram", "rest", "early-exit", "eagle", "auto")
 ENGINES = [("float32", False), ("float32", True), ("int8", True), ("bfloat16", True)]
 IN_CI = {
     ("ngram", "float32", 1, False), ("ngram", "float32", 8, False), ("rest", "float32", 8, False),
-    ("auto", "float32", 1, False), ("early-exit", "float32", 1, False),
+    ("auto", "float32", 1, False), ("early-exit", "float32", 1, False), ("eagle", "float32", 1, False),
     ("ngram", "int8", 1, True), ("ngram", "bfloat16", 8, True),
 }
 GRID = [
@@ -140,11 +155,14 @@ GRID = [
 
 @pytest.mark.parametrize("method,dtype,max_num_seqs,batch_invariant", GRID)
 def test_greedy_speculation_equals_plain_greedy(
-    models, tokenizer, spread_prompts, datastore_path, method, dtype, max_num_seqs, batch_invariant
+    request, models, tokenizer, spread_prompts, method, dtype, max_num_seqs, batch_invariant
 ):
     model = models(dtype)
     expected = plain_greedy(model, tokenizer, dtype, batch_invariant, spread_prompts)
-    spec = SpecConfig(method=method, datastore_path=datastore_path if method in ("rest", "auto") else None)
+    # Each resource is built (once per module) only by the cells that need it.
+    datastore = request.getfixturevalue("datastore_path") if method in ("rest", "auto") else None
+    checkpoint = request.getfixturevalue("eagle_checkpoint") if method == "eagle" else None
+    spec = SpecConfig(method=method, datastore_path=datastore, draft_checkpoint=checkpoint)
     engine = make_engine(model, tokenizer, dtype, spec, max_num_seqs, batch_invariant)
     actual = generate(engine, spread_prompts)
     tie_eps = 0.0 if batch_invariant else TIE_EPS[dtype]
