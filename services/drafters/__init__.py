@@ -17,9 +17,9 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
     """The drafter `spec.method` names (None for "off"). Modules load lazily: "off" imports none.
 
     "auto" merges the n-gram drafter with retrieval when `spec.datastore_path` is set and with the EAGLE
-    head when `spec.draft_checkpoint` is (hypothesis reduction, drafters/auto.py); "rest" needs the datastore; "early-exit" drafts with the target's first
-    `spec.exit_layer` layers (its weights, not a copy); "eagle" loads the head in `spec.draft_checkpoint`,
-    trained for this target (learned/).
+    head when `spec.draft_checkpoint` is (hypothesis reduction, drafters/auto.py); "rest" needs the
+    datastore; "early-exit" drafts with the target's first `spec.exit_layer` layers (its weights, not a
+    copy); "eagle" loads the head in `spec.draft_checkpoint`, trained for this target (learned/).
     """
     from specserve.drafters.ngram import NgramDrafter
 
