@@ -11,8 +11,7 @@ from specserve.drafters.ngram import NgramDrafter
 from specserve.engine.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, SpecConfig
 from specserve.engine.draft_tree import DraftTree
 from specserve.engine.llm_engine import LLMEngine
-from specserve.engine.model_runner import allocate_kv_cache
-from specserve.kernels.paged_attention import build_attention_metadata
+from specserve.learned.distill_data import final_hidden_states
 
 BLOCK_SIZE = 16
 
@@ -37,16 +36,6 @@ class RecordingDrafter:
         self.ngram.release(seq_id)
 
 
-def fresh_hidden(model, token_ids: list[int]) -> torch.Tensor:
-    """Final-norm hidden states `# [len(token_ids), hidden]` of one prefill over the whole history."""
-    n = len(token_ids)
-    num_blocks = -(-n // BLOCK_SIZE)
-    cache = allocate_kv_cache(model.config, CacheConfig(BLOCK_SIZE, num_blocks), torch.float32)
-    meta = build_attention_metadata([n], [n], [list(range(num_blocks))], BLOCK_SIZE)
-    _, hidden = model(torch.tensor(token_ids), torch.arange(n), cache, meta, torch.tensor([n - 1]), return_hidden=True)
-    return hidden
-
-
 def test_drafter_sees_the_targets_hidden_states(llama_model, tokenizer):
     shared = tokenizer.render_prompt_ids([{"role": "user", "content": "Repeat after me: one two three, one two three."}])
     prompts = [shared, shared[:-3] + shared[-5:]]  # the second shares the first's full prefix blocks
@@ -58,5 +47,5 @@ def test_drafter_sees_the_targets_hidden_states(llama_model, tokenizer):
     assert engine.spec_stats.accepted > 0  # verify steps moved accepted nodes into place
     assert len(drafter.seen) > 10
     for token_ids, hidden in drafter.seen:
-        want = fresh_hidden(llama_model, token_ids)[:-1]
+        want = final_hidden_states(llama_model, token_ids)[:-1]
         torch.testing.assert_close(hidden, want, atol=2e-4, rtol=1e-4)
