@@ -14,6 +14,7 @@ import torch
 
 from specserve.drafters import build_drafter
 from specserve.drafters.base import DraftRequest, Drafter
+from specserve.engine.acceptance import LossyConfig
 from specserve.engine.block_manager import BlockManager
 from specserve.engine.config import EngineConfig, SamplingParams
 from specserve.engine.draft_tree import DraftTree
@@ -22,12 +23,13 @@ from specserve.engine.model import LlamaModel
 from specserve.engine.model_runner import ModelRunner
 from specserve.engine.quant import apply_weight_dtype
 from specserve.engine.sampler import Sampler
-from specserve.engine.scheduler import ScheduledSeq, Scheduler
+from specserve.engine.scheduler import Scheduler
 from specserve.engine.smoothing import calibration_text
+from specserve.engine.step_outcome import step_tokens
 from specserve.engine.sequence import FinishReason, Sequence
-from specserve.engine.text_output import TextOutput
+from specserve.engine.text_output import TextOutput, append_tokens
 from specserve.engine.tokenizer import Tokenizer
-from specserve.engine.verify import SpecStats, accept, kv_moves
+from specserve.engine.verify import SpecStats
 from specserve.errors import InvalidRequestError
 
 
@@ -64,6 +66,7 @@ class _Request:
     on_output: Callable[[RequestOutput], None] | None
     start_time: float = field(default_factory=time.perf_counter)
     spec: SpecStats = field(default_factory=SpecStats)
+    lossy: LossyConfig | None = None  # relaxed acceptance, or None = lossless
     lossy_budget_left: float = 0.0
 
 
@@ -137,6 +140,7 @@ class LLMEngine:
                 generator.seed()  # non-deterministic, and leaves the global RNG alone
         request = _Request(seq, TextOutput(self.tokenizer, params.stop), generator, on_output)
         if self.config.spec.lossy is not None:
+            request.lossy = self.config.spec.lossy
             request.lossy_budget_left = self.config.spec.lossy.budget
         self.requests[seq.seq_id] = request
         self.scheduler.add(seq)
@@ -176,11 +180,11 @@ class LLMEngine:
         start = time.perf_counter()
         logits = self.runner.execute(plan.scheduled, step_trees)
         self.forward_seconds += time.perf_counter() - start
-        emitted = self._accept(plan.scheduled, step_trees, logits)
+        emitted = step_tokens(plan.scheduled, step_trees, logits, self.requests, self.runner, self.sampler)
         for s in plan.scheduled:
             if s.seq.seq_id not in emitted:  # a prefill chunk; the others commit once their tokens are in
                 self.block_manager.commit(s.seq)
-        return [self._emit(self.requests[seq_id], tokens, tree) for seq_id, (tokens, tree) in emitted.items()]
+        return [self._emit(self.requests[seq_id], out.token_ids, out.tree) for seq_id, out in emitted.items()]
 
     def _propose(self) -> dict[int, DraftTree]:
         """Draft trees for the sequences about to decode; none at all when the budget is 0 (no drafter call)."""
@@ -205,65 +209,15 @@ class LLMEngine:
         self.draft_seconds += time.perf_counter() - start
         return {r.seq_id: tree for r, tree in zip(requests, trees) if tree.num_nodes}
 
-    def _accept(
-        self, scheduled: list[ScheduledSeq], trees: list[DraftTree | None], logits: torch.Tensor
-    ) -> dict[int, tuple[list[int], DraftTree | None]]:
-        """New tokens of every sequence that produced some, and advance each one's computed tokens.
-
-        Plain rows are sampled together; a tree's rows go through the acceptance rule, and the accepted
-        path's K/V are moved into place.
-        """
-        plain: list[tuple[Sequence, int]] = []  # (sequence, its logits row)
-        emitted: dict[int, tuple[list[int], DraftTree | None]] = {}
-        row = 0
-        for s, tree in zip(scheduled, trees):
-            seq = s.seq
-            if tree is None:
-                if s.samples:
-                    plain.append((seq, row))
-                    row += 1
-                seq.num_computed_tokens += s.num_new_tokens
-                continue
-            request = self.requests[seq.seq_id]
-            result = accept(tree, logits[row : row + 1 + tree.num_nodes], seq.params, request.generator,
-                            self.config.spec.lossy, request.lossy_budget_left)
-            row += 1 + tree.num_nodes
-            request.lossy_budget_left -= result.divergence
-            self.runner.move_kv(seq.block_table, kv_moves(result.accepted_nodes, seq.num_computed_tokens))
-            seq.num_computed_tokens += 1 + len(result.accepted_nodes)
-            emitted[seq.seq_id] = ([tree.tokens[i] for i in result.accepted_nodes] + [result.next_token], tree)
-        if plain:
-            requests = [self.requests[seq.seq_id] for seq, _ in plain]
-            tokens = self.sampler.sample(
-                logits[[r for _, r in plain]], [r.seq.params for r in requests], [r.generator for r in requests]
-            ).tolist()
-            for (seq, _), token in zip(plain, tokens):
-                emitted[seq.seq_id] = ([token], None)
-        return emitted
-
     def _emit(self, request: _Request, token_ids: list[int], tree: DraftTree | None) -> RequestOutput:
         """Append a step's tokens one by one, stopping at the first that finishes the request; stream them."""
-        seq, params = request.seq, request.seq.params
-        appended = []
-        for token_id in token_ids:
-            seq.append_token(token_id)
-            appended.append(token_id)
-            is_eos = token_id in self.tokenizer.eos_token_ids and not params.ignore_eos
-            if not is_eos:
-                request.text.push(token_id)
-            if is_eos or token_id in params.stop_token_ids or request.text.stopped:
-                seq.finish(FinishReason.STOP)
-            elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= seq.max_total_tokens:
-                seq.finish(FinishReason.LENGTH)
-            if seq.is_finished:
-                break
+        seq = request.seq
+        appended = append_tokens(seq, request.text, token_ids, self.tokenizer.eos_token_ids)
         request.spec.record(tree, len(token_ids) - 1, len(appended))
         # Hash the blocks the accepted tokens filled (their token ids are in the sequence only now). A stop
         # may cut the step's tokens short of the K/V computed for them.
         seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)
         self.block_manager.commit(seq)
-        if seq.is_finished:
-            request.text.flush()
         output = RequestOutput(
             request_id=seq.seq_id,
             new_token_ids=appended,

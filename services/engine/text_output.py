@@ -7,6 +7,9 @@ string later cuts off.
 
 from __future__ import annotations
 
+from collections.abc import Container
+
+from specserve.engine.sequence import FinishReason, Sequence
 from specserve.engine.tokenizer import Tokenizer
 
 
@@ -48,3 +51,26 @@ class TextOutput:
         delta = self.text[self._emitted : end]
         self._emitted = end
         return delta
+
+
+def append_tokens(seq: Sequence, text: TextOutput, token_ids: list[int], eos_token_ids: Container[int]) -> list[int]:
+    """Append one step's tokens to `seq` one by one, stopping at the first that finishes it (EOS, a stop
+    token, a stop string, max_tokens, the context). Returns the tokens appended; `seq` is finished (with
+    its reason) when one of them ended it. The text of every appended token except EOS goes to `text`."""
+    params = seq.params
+    appended = []
+    for token_id in token_ids:
+        seq.append_token(token_id)
+        appended.append(token_id)
+        is_eos = token_id in eos_token_ids and not params.ignore_eos
+        if not is_eos:
+            text.push(token_id)
+        if is_eos or token_id in params.stop_token_ids or text.stopped:
+            seq.finish(FinishReason.STOP)
+        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= seq.max_total_tokens:
+            seq.finish(FinishReason.LENGTH)
+        if seq.is_finished:
+            break
+    if seq.is_finished:
+        text.flush()
+    return appended

@@ -1,0 +1,78 @@
+"""Turn one target forward's logits into each sequence's new tokens: the part of a step that the
+in-process engine (engine/llm_engine.py) and the verifier service (verifier/core.py) share.
+
+Plain rows (a decode, or a prefill chunk that reaches the last token) are sampled together; a draft
+tree's rows go through the request's acceptance rule and the accepted path's K/V are moved into place.
+Every scheduled sequence's computed-token count advances; the caller appends the returned tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from specserve.engine.acceptance import LossyConfig
+from specserve.engine.draft_tree import DraftTree
+from specserve.engine.model_runner import ModelRunner
+from specserve.engine.sampler import Sampler
+from specserve.engine.scheduler import ScheduledSeq
+from specserve.engine.verify import accept, kv_moves
+
+
+class DecodeState(Protocol):
+    """Per-request state the acceptance rules read and spend."""
+
+    generator: torch.Generator | None
+    lossy: LossyConfig | None
+    lossy_budget_left: float
+
+
+@dataclass
+class StepTokens:
+    """One sequence's new tokens from a forward: accepted drafts, then the target's next token."""
+
+    token_ids: list[int]
+    num_accepted: int
+    tree: DraftTree | None
+
+
+def step_tokens(
+    scheduled: list[ScheduledSeq],
+    trees: list[DraftTree | None],
+    logits: torch.Tensor,  # [num_rows, vocab], as ModelRunner.execute returns them
+    states: Mapping[int, DecodeState],  # by seq_id
+    runner: ModelRunner,
+    sampler: Sampler,
+) -> dict[int, StepTokens]:
+    """New tokens of every sequence that produced some (by seq_id), advancing each one's computed tokens."""
+    plain: list[tuple[int, int]] = []  # (seq_id, its logits row)
+    out: dict[int, StepTokens] = {}
+    row = 0
+    for s, tree in zip(scheduled, trees):
+        seq = s.seq
+        if tree is None:
+            if s.samples:
+                plain.append((seq.seq_id, row))
+                row += 1
+            seq.num_computed_tokens += s.num_new_tokens
+            continue
+        state = states[seq.seq_id]
+        result = accept(tree, logits[row : row + 1 + tree.num_nodes], seq.params, state.generator,
+                        state.lossy, state.lossy_budget_left)
+        row += 1 + tree.num_nodes
+        state.lossy_budget_left -= result.divergence
+        runner.move_kv(seq.block_table, kv_moves(result.accepted_nodes, seq.num_computed_tokens))
+        seq.num_computed_tokens += 1 + len(result.accepted_nodes)
+        accepted = [tree.tokens[i] for i in result.accepted_nodes]
+        out[seq.seq_id] = StepTokens(accepted + [result.next_token], len(accepted), tree)
+    if plain:
+        plain_states = [states[seq_id] for seq_id, _ in plain]
+        by_id = {s.seq.seq_id: s.seq.params for s in scheduled}
+        params = [by_id[seq_id] for seq_id, _ in plain]
+        tokens = sampler.sample(logits[[r for _, r in plain]], params, [st.generator for st in plain_states]).tolist()
+        for (seq_id, _), token in zip(plain, tokens):
+            out[seq_id] = StepTokens([token], 0, None)
+    return out
