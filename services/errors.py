@@ -9,6 +9,8 @@ class SpecserveError(Exception):
     """Base class of every error specserve raises on purpose."""
 
     exit_code = 1
+    # The gRPC status name ("INVALID_ARGUMENT", ...) when the error came back from a server; else None.
+    code: str | None = None
 
 
 class InvalidRequestError(SpecserveError, ValueError):
@@ -33,3 +35,31 @@ class DraftCheckpointError(SpecserveError):
     """A learned drafter's checkpoint is missing, corrupt, of another kind, or made for another target."""
 
     exit_code = 5
+
+
+class OverloadedError(SpecserveError):
+    """The server's admission queue is full; retry later (gRPC RESOURCE_EXHAUSTED)."""
+
+    exit_code = 6
+
+
+class UnavailableError(SpecserveError):
+    """A backend replica is unreachable or draining and no other replica can take the work."""
+
+    exit_code = 7
+
+
+class DeadlineExceededError(SpecserveError):
+    """The call's deadline passed before the server answered (gRPC DEADLINE_EXCEEDED)."""
+
+    exit_code = 8
+
+
+class RequestCancelledError(SpecserveError):
+    """The call was cancelled, by the caller or by the server (gRPC CANCELLED)."""
+
+    exit_code = 9
+
+
+class RpcError(SpecserveError):
+    """A gRPC failure no other error names (INTERNAL, UNIMPLEMENTED, FAILED_PRECONDITION, ...); see `code`."""
