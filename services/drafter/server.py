@@ -1,0 +1,36 @@
+"""Start a drafter replica: load the target (the drafter may read its weights, and its fingerprint ties the
+replica to verifiers of the same model), build the drafter the SpecConfig names, serve it until SIGTERM."""
+
+from __future__ import annotations
+
+from specserve.drafter.servicer import DrafterServicer
+from specserve.drafters import build_drafter
+from specserve.engine.config import SpecConfig
+from specserve.engine.llm_engine import build_model, load_tokenizer
+from specserve.errors import InvalidRequestError
+from specserve.learned.checkpoint import target_fingerprint
+from specserve.rpc.server import RpcServer
+from specserve.v1 import drafter_pb2
+
+SERVICE = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"]
+
+
+def build_drafter_servicer(model_path: str, dtype: str, spec: SpecConfig) -> DrafterServicer:
+    """The servicer for `spec.method` on the model at `model_path`; "off" is refused."""
+    if not spec.enabled:
+        raise InvalidRequestError("a drafter replica needs a draft method, got 'off'")
+    model = build_model(model_path, dtype)
+    drafter = build_drafter(spec, model, load_tokenizer(model_path))
+    assert drafter is not None
+    return DrafterServicer(drafter, target_fingerprint(model))
+
+
+def serve_drafter(address: str, model_path: str, dtype: str, spec: SpecConfig, grace: float) -> None:
+    """Serve on `address` (port 0 picks one), print `drafter grpc=HOST:PORT method=NAME`, and block until
+    SIGTERM / SIGINT has drained the server (running calls get `grace` seconds). Main thread only."""
+    servicer = build_drafter_servicer(model_path, dtype, spec)
+    server = RpcServer([(servicer, SERVICE)], address)
+    server.handle_sigterm(grace)
+    server.start()
+    print(f"drafter grpc={server.address} method={servicer.drafter.name}", flush=True)
+    server.wait()

@@ -1,0 +1,210 @@
+"""An OpenAI-compatible HTTP API on a running `Router` (standard library only): /v1/models,
+/v1/completions, /v1/chat/completions (whole or as server-sent events) and /health.
+
+One thread per connection; each request is one `Router.submit`. A request ends with `handle.cancel()`
+whatever happened, so a client that leaves (seen when a write fails, or its socket reads as closed)
+frees its KV at the router's next step. The schema lives in openai_protocol.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from specserve.errors import SpecserveError
+from specserve.router.core import Router, RouterOutput
+from specserve.router.openai_protocol import ApiError, Reply, parse_request
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 << 20
+
+
+class ClientGone(Exception):
+    """The client closed its connection before the answer was complete."""
+
+
+class OpenAIServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, router: Router, host: str, port: int) -> None:
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), OpenAIHandler)
+        self.router = router
+        self.started = int(time.time())
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def shutdown(self) -> None:
+        """Stop accepting and close the listening socket; requests in flight run to their end."""
+        super().shutdown()
+        self.server_close()
+
+
+def start_openai_http(router: Router, host: str, port: int) -> OpenAIServer:
+    """Serve `router` (already started) on host:port (0 picks a free port) from a background thread."""
+    server = OpenAIServer(router, host, port)
+    threading.Thread(target=server.serve_forever, name="openai-http", daemon=True).start()
+    log.info("OpenAI HTTP API on %s:%d", host, server.port)
+    return server
+
+
+class OpenAIHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: every answer has a length or is chunked
+    server: OpenAIServer
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except ConnectionError:  # a client that drops a kept-alive connection between requests is no error
+            self.close_connection = True
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _routes(self, path: str) -> dict[str, Callable[[], None]]:
+        """method -> handler of `path`; empty when no such path."""
+        if path == "/health":
+            return {"GET": self._health}
+        if path == "/v1/models" or path.startswith("/v1/models/"):
+            return {"GET": lambda: self._models(path.removeprefix("/v1/models").removeprefix("/"))}
+        if path == "/v1/completions":
+            return {"POST": lambda: self._generate(chat=False)}
+        if path == "/v1/chat/completions":
+            return {"POST": lambda: self._generate(chat=True)}
+        return {}
+
+    def _dispatch(self, method: str) -> None:
+        path = urlsplit(self.path).path
+        routes = self._routes(path)
+        try:
+            if method not in routes:
+                self.close_connection = True  # any body stays unread
+            if not routes:
+                raise ApiError(404, f"no such path: {path}", code="not_found")
+            if method not in routes:
+                raise ApiError(405, f"{path} takes {', '.join(routes)}, not {method}", code="method_not_allowed")
+            routes[method]()
+        except (ClientGone, ConnectionError):
+            self.close_connection = True
+        except Exception as exc:  # our own bugs get an answer too, not a dropped connection
+            if not isinstance(exc, (ApiError, SpecserveError)):
+                log.exception("%s %s failed", method, path)
+            error = ApiError.answering(exc)
+            self._send_json(error.status, error.body())
+
+    # ---- endpoints --------------------------------------------------------------------------------
+
+    def _health(self) -> None:
+        healthy = any(v.healthy for v in self.server.router.verifiers)
+        self._send_json(200 if healthy else 503, {"status": "ok" if healthy else "no healthy verifier"})
+
+    def _models(self, model_id: str) -> None:
+        name = self.server.router.model_name
+        model = {"id": name, "object": "model", "created": self.server.started, "owned_by": "specserve"}
+        if not model_id:
+            self._send_json(200, {"object": "list", "data": [model]})
+        elif model_id == name:
+            self._send_json(200, model)
+        else:
+            raise ApiError(404, f"the model {model_id!r} does not exist; this server has {name!r}",
+                           param="model", code="model_not_found")
+
+    def _generate(self, chat: bool) -> None:
+        router = self.server.router
+        request = parse_request(self._read_json(), router, chat)
+        handle = router.submit(request.prompt_token_ids, request.params, mode=request.speculation,
+                               drafter=request.drafter)
+        reply = Reply(chat, router.model_name, request.include_usage)
+        prompt_tokens = len(handle.prompt_token_ids)
+        try:
+            outputs = iter(handle)
+            first = next(outputs)  # a failure before the first token still gets its own status code
+            if request.stream:
+                self._stream(reply.chunks(self._watch(chain([first], outputs)), prompt_tokens))
+            else:
+                self._send_json(200, reply.whole(self._watch(chain([first], outputs)), prompt_tokens))
+        finally:
+            handle.cancel()  # a no-op once finished; frees the KV of a client that left
+
+    # ---- the wire ---------------------------------------------------------------------------------
+
+    def _read_json(self) -> object:
+        length = self.headers.get("Content-Length", "0")
+        if not length.isdigit():
+            self.close_connection = True
+            raise ApiError(400, f"Content-Length must be a number of bytes, got {length!r}")
+        length = int(length)
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True  # the body stays unread
+            raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes")
+        try:
+            return json.loads(self.rfile.read(length))
+        except ValueError as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+    def _send_json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _stream(self, chunks: Iterator[dict]) -> None:
+        """Server-sent events over chunked transfer encoding; a failure mid-stream becomes an error event."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for chunk in chunks:
+                self._send_event(json.dumps(chunk))
+        except ConnectionError:
+            raise
+        except Exception as exc:  # the status line is out: the error goes as an event, as OpenAI's does
+            if not isinstance(exc, SpecserveError):
+                log.exception("stream failed")
+            self._send_event(json.dumps(ApiError.answering(exc).body()))
+        self._send_event("[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _send_event(self, data: str) -> None:
+        event = f"data: {data}\n\n".encode()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+        self.wfile.flush()
+
+    def _watch(self, outputs: Iterable[RouterOutput]) -> Iterator[RouterOutput]:
+        """`outputs`, raising ClientGone as soon as the client has closed its socket."""
+        for output in outputs:
+            if self._client_gone():
+                raise ClientGone
+            yield output
+
+    def _client_gone(self) -> bool:
+        """Readable with nothing to read: the peer closed (a pipelined next request reads as data)."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if not readable:
+            return False
+        try:
+            return not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("%s " + format, self.address_string(), *args)

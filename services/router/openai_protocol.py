@@ -1,0 +1,250 @@
+"""OpenAI's completions and chat-completions schema over the router: request bodies in, validated into
+`Router.submit` arguments; whole responses, stream chunks and error bodies out. Pure translation: the
+HTTP server (openai_http.py) owns sockets and threads.
+
+Accepted beyond OpenAI's fields: `top_k`, `min_p`, `speculation` (off | lossless | lossy) and `drafter`.
+Fields asking for what the router cannot do (n > 1, echo, logprobs, penalties, tools...) are refused
+with 400 rather than silently ignored. Unknown fields are ignored (as vLLM does; OpenAI refuses them) so
+that clients sending newer optional fields keep working. `model` is not checked: a router serves one model.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from specserve.engine.config import SamplingParams
+from specserve.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    OverloadedError,
+    SpecserveError,
+    UnavailableError,
+)
+from specserve.router.core import SPEC_MODES, Router, RouterOutput
+
+# OpenAI's default max_tokens of /v1/completions; chat completions default to the rest of the context.
+COMPLETION_MAX_TOKENS = 16
+# Fields this server cannot honour, with the values that ask for nothing and are therefore accepted.
+UNSUPPORTED = {
+    "echo": (False,), "logprobs": (False,), "top_logprobs": (0,), "best_of": (1,), "suffix": ("",),
+    "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,), "tools": ([],),
+    "functions": ([],), "response_format": ({"type": "text"},),
+}
+# Error class -> (HTTP status, OpenAI error type); anything else is a 500 "server_error".
+ERROR_STATUS: list[tuple[type[SpecserveError], int, str]] = [
+    (InvalidRequestError, 400, "invalid_request_error"),
+    (OverloadedError, 429, "overloaded_error"),
+    (UnavailableError, 503, "unavailable_error"),
+    (DeadlineExceededError, 504, "timeout_error"),
+]
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status plus the fields of OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    @classmethod
+    def bad_field(cls, param: str, message: str) -> ApiError:
+        return cls(400, message, param=param)
+
+    @classmethod
+    def answering(cls, exc: Exception) -> ApiError:
+        """The answer to any failure: itself, a SpecserveError's status, else a 500."""
+        if isinstance(exc, ApiError):
+            return exc
+        for error_class, status, type in ERROR_STATUS:
+            if isinstance(exc, error_class):
+                return cls(status, str(exc), type)
+        return cls(500, f"internal error: {exc}", "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    """One /v1/completions or /v1/chat/completions body, as the router takes it."""
+
+    chat: bool
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    speculation: str  # "" = the router's default
+    drafter: str  # "" = the router's first
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk carries the usage
+
+
+def parse_request(body: object, router: Router, chat: bool) -> OpenAIRequest:
+    """Validate a request body; raises ApiError (400) naming the offending field."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    for name, accepted in UNSUPPORTED.items():
+        if body.get(name) is not None and body[name] not in accepted:
+            raise ApiError.bad_field(name, f"{name} is not supported by this server")
+    if _get(body, "n", int, 1) != 1:
+        raise ApiError.bad_field("n", "n must be 1: this server returns one choice per request")
+    stream = _get(body, "stream", bool, False)
+    stream_options = _get(body, "stream_options", dict, None)
+    if stream_options is not None and not stream:
+        raise ApiError.bad_field("stream_options", "stream_options is only allowed when stream is true")
+    if chat:
+        prompt_ids = _encode(router, "messages", messages=_messages(body.get("messages")))
+        default_max = max(1, router.max_total_tokens - len(prompt_ids))
+        max_tokens = _get(body, "max_completion_tokens", int, None)  # OpenAI's newer name
+        if max_tokens is None:
+            max_tokens = _get(body, "max_tokens", int, default_max)
+    else:
+        prompt_ids = _completion_prompt(router, body.get("prompt"))
+        max_tokens = _get(body, "max_tokens", int, COMPLETION_MAX_TOKENS)
+    speculation = _get(body, "speculation", str, "")
+    if speculation not in ("", *SPEC_MODES):
+        raise ApiError.bad_field("speculation", f"speculation must be one of {', '.join(SPEC_MODES)}")
+    return OpenAIRequest(
+        chat=chat, prompt_token_ids=prompt_ids, params=_sampling(body, max_tokens), speculation=speculation,
+        drafter=_get(body, "drafter", str, ""), stream=stream,
+        include_usage=_get(stream_options or {}, "include_usage", bool, False),
+    )
+
+
+def _get(body: dict, name: str, kind: type | tuple[type, ...], default: object) -> object:
+    """body[name], type-checked (a bool is not a number here); absent or null gives `default`."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        expected = "a number" if kind == (int, float) else f"of type {getattr(kind, '__name__', kind)}"
+        raise ApiError.bad_field(name, f"{name} must be {expected}, got {json_type(value)}")
+    return value
+
+
+def json_type(value: object) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _sampling(body: dict, max_tokens: int) -> SamplingParams:
+    number = (int, float)
+    stop = _get(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(s, str) and s for s in stop):
+        raise ApiError.bad_field("stop", "stop must be a non-empty string or a list of them")
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=float(_get(body, "temperature", number, 1.0)),
+            top_p=float(_get(body, "top_p", number, 1.0)), top_k=_get(body, "top_k", int, 0),
+            min_p=float(_get(body, "min_p", number, 0.0)), seed=_get(body, "seed", int, None), stop=tuple(stop),
+        )
+    except InvalidRequestError as exc:  # an out-of-range value; the message names the field
+        raise ApiError(400, str(exc)) from None
+
+
+def _completion_prompt(router: Router, prompt: object) -> list[int]:
+    """A string (tokenized as is, no chat template) or a list of token ids; a batch of one is unwrapped."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return _encode(router, "prompt", prompt=prompt, raw=True)
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return _encode(router, "prompt", prompt_token_ids=prompt)
+    if isinstance(prompt, list):
+        raise ApiError.bad_field("prompt", "a list of prompts is not supported: send one prompt per request")
+    raise ApiError.bad_field("prompt", "prompt must be a string or a list of token ids")
+
+
+def _messages(value: object) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise ApiError.bad_field("messages", "messages must be a non-empty array")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise ApiError.bad_field(f"messages[{i}]", "a message must be an object with role and content")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError.bad_field(f"messages[{i}].content", "only text content parts are supported")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError.bad_field(f"messages[{i}].content", "content must be a string or text parts")
+        role = message.get("role")
+        messages.append({"role": "system" if role == "developer" else role, "content": content})
+    return messages
+
+
+def _encode(router: Router, param: str, **prompt: object) -> list[int]:
+    try:
+        return router.encode(**prompt)
+    except InvalidRequestError as exc:
+        raise ApiError.bad_field(param, str(exc)) from None
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The response bodies of one request: the whole answer, or its stream chunks in OpenAI's shapes."""
+
+    chat: bool
+    model: str
+    include_usage: bool = False
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", ("chatcmpl-" if self.chat else "cmpl-") + secrets.token_hex(12))
+
+    def whole(self, outputs: Iterable[RouterOutput], prompt_tokens: int) -> dict:
+        texts, completion_tokens, finish_reason = [], 0, None
+        for output in outputs:
+            texts.append(output.text)
+            completion_tokens += len(output.token_ids)
+            finish_reason = output.finish_reason
+        text = "".join(texts)
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}} if self.chat else {"index": 0, "text": text}
+        return {**self._envelope("chat.completion" if self.chat else "text_completion"),
+                "choices": [{**choice, "logprobs": None, "finish_reason": finish_reason}],
+                "usage": usage(prompt_tokens, completion_tokens)}
+
+    def chunks(self, outputs: Iterable[RouterOutput], prompt_tokens: int) -> Iterator[dict]:
+        """A chat stream opens with the role; text deltas follow; the finish reason comes in a chunk of its
+        own, then (with include_usage) one with no choices and the usage."""
+        if self.chat:
+            yield self._chunk(text="", role="assistant")
+        completion_tokens = 0
+        for output in outputs:
+            completion_tokens += len(output.token_ids)
+            if output.text:
+                yield self._chunk(text=output.text)
+            if output.finished:
+                yield self._chunk(text=None if self.chat else "", finish_reason=output.finish_reason)
+        if self.include_usage:
+            yield {**self._envelope(self._chunk_object), "choices": [],
+                   "usage": usage(prompt_tokens, completion_tokens)}
+
+    @property
+    def _chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    def _chunk(self, text: str | None, role: str | None = None, finish_reason: str | None = None) -> dict:
+        if self.chat:
+            delta = {"role": role} if role else {}
+            choice = {"index": 0, "delta": delta | ({"content": text} if text is not None else {})}
+        else:
+            choice = {"index": 0, "text": text}
+        chunk = {**self._envelope(self._chunk_object),
+                 "choices": [{**choice, "logprobs": None, "finish_reason": finish_reason}]}
+        return chunk | {"usage": None} if self.include_usage else chunk
+
+    def _envelope(self, object_name: str) -> dict:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
