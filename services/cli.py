@@ -1,5 +1,6 @@
-"""`specserve` command line: `generate` (one streamed generation, embedded mode), `pull`, `datastore build`,
-`train-draft`, `bench spec | lossy`.
+"""`specserve` command line: `generate` (one streamed generation, embedded or through a router at --url),
+`serve` (one gRPC service, or all of them in one process), `up` (the services as processes on this host),
+`pull`, `datastore build`, `train-draft`, `bench spec | lossy`.
 
 Errors end with one line on stderr and a non-zero exit code (see specserve.errors); nothing below the
 CLI reads the environment.
@@ -13,12 +14,20 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from specserve.engine.config import SPEC_METHODS, WEIGHT_DTYPES, EngineConfig, SamplingParams, SpecConfig
-from specserve.errors import InvalidRequestError, SpecserveError
+from specserve.client import Chunk, Client, Generation
+from specserve.engine.config import (
+    SPEC_METHODS,
+    WEIGHT_DTYPES,
+    CacheConfig,
+    EngineConfig,
+    SamplingParams,
+    SpecConfig,
+)
+from specserve.errors import InvalidRequestError, SpecserveError, UnavailableError
 from specserve.model_fetch import ensure_default_model, specserve_home
 
 
@@ -41,8 +50,6 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from specserve.engine.llm_engine import LLMEngine  # torch import is slow; keep `pull` light
-
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -54,6 +61,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     if not args.prompt:
         raise InvalidRequestError("prompt is empty")
+    if args.url:
+        generate_remote(args, params)
+    else:
+        generate_local(args, params)
+    return 0
+
+
+def generate_local(args: argparse.Namespace, params: SamplingParams) -> None:
+    """Embedded mode: load the model here and stream from the engine."""
+    from specserve.engine.llm_engine import LLMEngine  # torch import is slow; keep `pull` light
+
     spec = spec_config(args)
     load_start = time.perf_counter()
     engine = LLMEngine.from_config(EngineConfig(
@@ -61,73 +79,127 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ))
     load_seconds = time.perf_counter() - load_start
     prompt_ids = engine.encode_prompt(args.prompt, chat=not args.raw)
+    # The engine's deltas as the router would stream them, so both paths print alike.
+    chunks = (Chunk(out.new_token_ids, out.text_delta, out.finished, out.finish_reason, prompt_ids if i == 0 else [],
+                    out.spec.as_dict() if out.spec else None, None)
+              for i, out in enumerate(engine.stream(prompt_ids, params)))
+    generation, first_token_s = collect_stream(chunks, echo=not args.json)
+    spec_stats = {"method": spec.method, **generation.spec, "draft_seconds": round(engine.draft_seconds, 4),
+                  "forward_seconds": round(engine.forward_seconds, 4)}
+    report_generation(args, generation, first_token_s, round(load_seconds, 3), args.dtype, spec_stats)
+
+
+def generate_remote(args: argparse.Namespace, params: SamplingParams) -> None:
+    """Through the router at --url: its model, dtype and drafters apply. The counters only the engine's
+    process knows (load, draft and forward seconds, dtype) are null in --json."""
+    engine_flags = {"--model": args.model, "--batch-invariant": args.batch_invariant, "--datastore": args.datastore,
+                    "--exit-layer": args.exit_layer, "--draft-checkpoint": args.draft_checkpoint}
+    given = [flag for flag, value in engine_flags.items() if value not in (None, False)]
+    if given:
+        raise InvalidRequestError(f"{', '.join(given)} configure the local engine; the router at --url has its own")
+    drafter = "" if args.spec in (None, "off") else args.spec
+    speculation = "off" if args.spec == "off" else "lossy" if args.lossy else "lossless" if drafter else "default"
+    knobs = {"top_k": args.lossy_top_k, "min_ratio": args.lossy_min_ratio, "budget": args.lossy_budget}
+    lossy = {name: value for name, value in knobs.items() if value is not None} if args.lossy else None
+    with Client(args.url) as client:
+        stream = client.stream(
+            args.prompt, raw=args.raw, max_tokens=params.max_tokens, temperature=params.temperature,
+            top_p=params.top_p, top_k=params.top_k, min_p=params.min_p, seed=params.seed, stop=params.stop,
+            speculation=speculation, lossy=lossy, drafter=drafter,
+        )
+        try:
+            generation, first_token_s = collect_stream(stream, echo=not args.json)
+        except UnavailableError as exc:
+            raise UnavailableError(f"router at {args.url}: {exc}") from None
+    spec_stats = {"method": args.spec or "default", **generation.spec, "draft_seconds": None, "forward_seconds": None}
+    report_generation(args, generation, first_token_s, None, None, spec_stats)
+
+
+def collect_stream(chunks: Iterable[Chunk], echo: bool) -> tuple[Generation, float]:
+    """Gather a stream into one Generation, printing its text as it comes when `echo`. `seconds` is timed
+    here, from the call to the last chunk; also returns the seconds to the first chunk."""
     start = time.perf_counter()
     first_token_at: float | None = None
     token_ids: list[int] = []
     text: list[str] = []
-    finish_reason = None
-    spec_stats = None
-    for out in engine.stream(prompt_ids, params):
+    prompt_ids: list[int] = []
+    finish_reason, spec, usage = None, None, None
+    for chunk in chunks:
         first_token_at = first_token_at or time.perf_counter()
-        token_ids += out.new_token_ids
-        text.append(out.text_delta)
-        finish_reason = out.finish_reason
-        spec_stats = out.spec or spec_stats
-        if not args.json:
-            print(out.text_delta, end="", flush=True)
+        token_ids += chunk.token_ids
+        text.append(chunk.text)
+        prompt_ids = prompt_ids or chunk.prompt_token_ids
+        finish_reason = chunk.finish_reason or finish_reason
+        spec, usage = chunk.spec or spec, chunk.usage or usage
+        if echo:
+            print(chunk.text, end="", flush=True)
     seconds = time.perf_counter() - start
+    generation = Generation("".join(text), token_ids, prompt_ids, finish_reason, spec or {}, usage or {}, seconds)
+    return generation, (first_token_at or start) - start
+
+
+def report_generation(args: argparse.Namespace, generation: Generation, first_token_s: float,
+                      load_seconds: float | None, dtype: str | None, spec: dict) -> None:
+    """`--json`: one object on stdout; else end the streamed text and print the one-line summary."""
+    seconds = generation.seconds
     stats = {
-        "new_tokens": len(token_ids),
+        "new_tokens": len(generation.token_ids),
         "seconds": round(seconds, 4),
-        "tokens_per_s": round(len(token_ids) / seconds, 2) if seconds > 0 else 0.0,
-        "prompt_tokens": len(prompt_ids),
-        "time_to_first_token_s": round((first_token_at or start) - start, 4),
-        "load_seconds": round(load_seconds, 3),
-        "dtype": args.dtype,
-        "spec": {"method": spec.method, **(spec_stats.as_dict() if spec_stats else {}),
-                 "draft_seconds": round(engine.draft_seconds, 4), "forward_seconds": round(engine.forward_seconds, 4)},
+        "tokens_per_s": round(len(generation.token_ids) / seconds, 2) if seconds > 0 else 0.0,
+        "prompt_tokens": len(generation.prompt_token_ids),
+        "time_to_first_token_s": round(first_token_s, 4),
+        "load_seconds": load_seconds,
+        "dtype": dtype,
+        "spec": spec,
     }
     if args.json:
         print(json.dumps({
-            "text": "".join(text),
-            "token_ids": token_ids,
-            "prompt_token_ids": prompt_ids,
-            "finish_reason": finish_reason,
+            "text": generation.text,
+            "token_ids": generation.token_ids,
+            "prompt_token_ids": generation.prompt_token_ids,
+            "finish_reason": generation.finish_reason,
             "stats": stats,
         }))
-    else:
-        print()
-        tau = f", spec={spec.method} tau={spec_stats.mean_accepted_len:.2f}" if spec.enabled and spec_stats else ""
-        _log(f"[{stats['new_tokens']} tokens in {stats['seconds']:.2f} s, {stats['tokens_per_s']:.1f} tok/s, "
-             f"finish={finish_reason}, dtype={args.dtype}{tau}]")
-    return 0
+        return
+    print()
+    where = f", dtype={dtype}" if dtype else f", router={args.url}"
+    tau = f", spec={spec['method']} tau={spec['mean_accepted_len']:.2f}" \
+        if spec["method"] != "off" and "mean_accepted_len" in spec else ""
+    _log(f"[{stats['new_tokens']} tokens in {stats['seconds']:.2f} s, {stats['tokens_per_s']:.1f} tok/s, "
+         f"finish={generation.finish_reason}{where}{tau}]")
 
 
 def spec_config(args: argparse.Namespace) -> SpecConfig:
-    """Speculation flags -> SpecConfig; the default datastore / EAGLE checkpoint are used when rest / eagle
-    (and auto, where they exist) get none."""
-    from specserve.drafters.datastore import default_datastore_path
-
-    datastore = args.datastore
-    if datastore is None and args.spec in ("rest", "auto"):
-        default = default_datastore_path(specserve_home(os.environ))
-        # rest reports a missing default (with the command that builds it); auto just drafts without it.
-        datastore = str(default) if args.spec == "rest" or default.exists() else None
+    """Speculation flags -> SpecConfig (drafter options as in `drafter_sources`)."""
     lossy = None
     if args.lossy:
         from specserve.engine.acceptance import LossyConfig
 
         knobs = {"top_k": args.lossy_top_k, "min_ratio": args.lossy_min_ratio, "budget": args.lossy_budget}
         lossy = LossyConfig(**{name: value for name, value in knobs.items() if value is not None})
+    method = args.spec or "off"
+    return SpecConfig(method=method, num_draft_tokens=args.num_draft_tokens, lossy=lossy,
+                      **drafter_sources(args, [method]))
+
+
+def drafter_sources(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, object]:
+    """SpecConfig's drafter options for `methods` from --datastore / --draft-checkpoint / --exit-layer. Without
+    a flag the cache's default datastore (rest, auto) and EAGLE checkpoint (eagle, auto) are used: rest and
+    eagle report a missing default (with the command that makes it), auto just drafts without it."""
+    home = specserve_home(os.environ)
+    datastore = args.datastore
+    if datastore is None and {"rest", "auto"} & set(methods):
+        from specserve.drafters.datastore import default_datastore_path
+
+        default = default_datastore_path(home)
+        datastore = str(default) if "rest" in methods or default.exists() else None
     checkpoint = args.draft_checkpoint
-    if checkpoint is None and args.spec in ("eagle", "auto"):
+    if checkpoint is None and {"eagle", "auto"} & set(methods):
         from specserve.learned.checkpoint import default_checkpoint_path
 
-        default = default_checkpoint_path(specserve_home(os.environ), "eagle")
-        # eagle reports a missing default (with the command that makes it); auto drafts without it.
-        checkpoint = str(default) if args.spec == "eagle" or default.exists() else None
-    return SpecConfig(method=args.spec, num_draft_tokens=args.num_draft_tokens, datastore_path=datastore, lossy=lossy,
-                      exit_layer=args.exit_layer, draft_checkpoint=checkpoint)
+        default = default_checkpoint_path(home, "eagle")
+        checkpoint = str(default) if "eagle" in methods or default.exists() else None
+    return {"datastore_path": datastore, "draft_checkpoint": checkpoint, "exit_layer": args.exit_layer}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate from one prompt in embedded mode, streaming to stdout")
     gen.add_argument("prompt", help="user message (chat template applied) or raw text with --raw")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("--url", metavar="HOST:PORT", help="generate through a running router instead of in this "
+                     "process; its model and engine settings apply (--model, --dtype, --datastore ... do not)")
     gen.add_argument("--model", help="GGUF file or Hugging Face safetensors directory (default: SmolLM2-135M)")
     gen.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32", help="weight precision")
     gen.add_argument("--batch-invariant", action="store_true",
@@ -152,25 +226,251 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="makes sampled output reproducible")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--json", action="store_true", help="print exactly one JSON object instead of streaming")
-    gen.add_argument("--spec", default="off", metavar="{" + ",".join(SPEC_METHODS) + "}",
-                     help="speculative decoding drafter (lossless unless --lossy); auto merges the available ones")
+    gen.add_argument("--spec", metavar="{" + ",".join(SPEC_METHODS) + "}",
+                     help="speculative decoding drafter (lossless unless --lossy); auto merges the available ones "
+                     "(default: off; with --url, the router's default)")
     gen.add_argument("--num-draft-tokens", type=int, default=SpecConfig.num_draft_tokens,
                      help="most drafted tokens verified per step")
-    gen.add_argument("--datastore", help="retrieval datastore for --spec rest/auto (default: the cache's default.npz)")
-    gen.add_argument("--exit-layer", type=int, default=None,
-                     help="decoder layers the --spec early-exit drafter runs, 1 .. the model's layers - 1 "
-                     "(default: the model's layers - 2)")
-    gen.add_argument("--draft-checkpoint", help="trained checkpoint for --spec eagle "
-                     "(default: the cache's drafters/eagle.safetensors, made by specserve train-draft)")
+    add_drafter_flags(gen)
     gen.add_argument("--lossy", action="store_true", help="relaxed acceptance within a divergence budget (not exact)")
     gen.add_argument("--lossy-top-k", type=int, help="relax only tokens in the target's top k (0 = any; default 3)")
     gen.add_argument("--lossy-min-ratio", type=float, help="relax only if p(x) >= ratio * max p (default 0.3)")
     gen.add_argument("--lossy-budget", type=float, help="nats of divergence a request may spend (default 32)")
     gen.set_defaults(func=cmd_generate)
+    add_serve_parsers(sub)
+    add_up_parser(sub)
     add_datastore_parser(sub)
     add_train_draft_parser(sub)
     add_bench_parser(sub)
     return parser
+
+
+# --- `specserve serve verifier | drafter | router`, `serve --embedded` (servers in specserve.*.server) and
+# `specserve up` (processes in specserve.launcher) ---
+
+# A child service of `up`: this interpreter, without the working directory on sys.path (-P).
+SERVE_COMMAND = [sys.executable, "-P", "-m", "specserve.cli", "serve"]
+# Router flags (their dests) that left at None take RouterConfig's defaults; `up` passes the set ones on.
+ROUTER_FLAGS = ("max_queue", "max_num_seqs", "max_batched_tokens", "max_prompt_chars", "num_draft_tokens",
+                "default_speculation")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.embedded == (args.role is not None):
+        raise InvalidRequestError("serve takes a role (verifier, drafter, router) or --embedded, and not both")
+    if args.role is not None and args.argv[1] != args.role:  # argparse would drop flags given before the role
+        raise InvalidRequestError(f"put the flags after the role: specserve serve {args.role} [flags]")
+    return args.serve(args)
+
+
+def cmd_serve_embedded(args: argparse.Namespace) -> int:
+    from specserve.router.server import build_embedded_router, serve_router
+
+    methods = [method for method in args.spec.split(",") if method not in ("", "off")]
+    router = build_embedded_router(resolve_model(args.model), args.dtype, methods, cache_config(args),
+                                   router_config(args), SpecConfig(**drafter_sources(args, methods)))
+    serve_router(bind_address(args), router, args.grace, args.http_port)
+    return 0
+
+
+def cmd_serve_verifier(args: argparse.Namespace) -> int:
+    from specserve.verifier.server import build_verifier_servicer, serve_verifier
+
+    servicer = build_verifier_servicer(resolve_model(args.model), args.dtype, cache_config(args), args.keep_hidden)
+    serve_verifier(bind_address(args), servicer, args.grace)
+    return 0
+
+
+def cmd_serve_drafter(args: argparse.Namespace) -> int:
+    from specserve.drafter.server import serve_drafter
+
+    spec = SpecConfig(method=args.spec, **drafter_sources(args, [args.spec]))
+    serve_drafter(bind_address(args), resolve_model(args.model), args.dtype, spec, args.grace)
+    return 0
+
+
+def cmd_serve_router(args: argparse.Namespace) -> int:
+    import grpc
+
+    from specserve.router.server import build_remote_router, serve_router
+
+    pools = drafter_pools(args.drafter)
+    try:
+        router = build_remote_router(resolve_model(args.model), args.verifier, pools, router_config(args))
+    except grpc.RpcError as exc:
+        replicas = ", ".join(args.verifier + [address for addresses in pools.values() for address in addresses])
+        raise UnavailableError(f"a replica did not answer Info ({exc.code().name}); replicas: {replicas}") from None
+    serve_router(bind_address(args), router, args.grace, args.http_port)
+    return 0
+
+
+def drafter_pools(values: list[str]) -> dict[str, list[str]]:
+    """["ngram=h:1", "ngram=h:2", "rest=h:3"] -> {"ngram": ["h:1", "h:2"], "rest": ["h:3"]}."""
+    pools: dict[str, list[str]] = {}
+    for value in values:
+        name, _, address = value.partition("=")
+        if not name or not address:
+            raise InvalidRequestError(f"--drafter takes NAME=HOST:PORT, got {value!r}")
+        pools.setdefault(name, []).append(address)
+    return pools
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from specserve.drafters import needs_hidden
+    from specserve.launcher import Launcher
+
+    if args.verifiers < 1 or args.drafters < 0:
+        raise InvalidRequestError("--verifiers must be >= 1 and --drafters >= 0")
+    spec = SpecConfig(method=args.spec, **drafter_sources(args, [args.spec]))
+    model = resolve_model(args.model)  # fetched once here, not by every child
+    common = ["--host", args.host, "--port", "0", "--model", model, "--dtype", args.dtype, "--grace", str(args.grace)]
+    verifier = [*SERVE_COMMAND, "verifier", *common, *as_flags(
+        num_blocks=args.num_blocks, block_size=args.block_size, keep_hidden=needs_hidden(spec))]
+    drafter = [*SERVE_COMMAND, "drafter", "--spec", spec.method, *common, *as_flags(
+        datastore=spec.datastore_path, draft_checkpoint=spec.draft_checkpoint, exit_layer=spec.exit_layer)]
+    services = [(f"verifier-{i}", verifier) for i in range(args.verifiers)]
+    services += [(f"drafter-{i}", drafter) for i in range(args.drafters if spec.enabled else 0)]
+    with Launcher(args.start_timeout, stop_timeout_s=args.grace + 10) as launcher:
+        backends = launcher.start(services)
+        router = [*SERVE_COMMAND, "router", "--host", args.host, "--port", str(args.port), "--model", model,
+                  "--grace", str(args.grace), *as_flags(http_port=args.http_port),
+                  *as_flags(**{dest: getattr(args, dest) for dest in ROUTER_FLAGS})]
+        for child in backends:
+            is_verifier = child.name.startswith("verifier")
+            router += ["--verifier", child.address] if is_verifier else ["--drafter", f"{spec.method}={child.address}"]
+        launcher.start([("router", router)])
+        for child in launcher.children:
+            print(child.summary, flush=True)
+        launcher.watch()
+    return 0
+
+
+def as_flags(**values: object) -> list[str]:
+    """The set options of a child's command line: as_flags(max_queue=2, keep_hidden=True, datastore=None)
+    -> ["--max-queue", "2", "--keep-hidden"]."""
+    argv: list[str] = []
+    for dest, value in values.items():
+        if value is None or value is False:
+            continue
+        argv += ["--" + dest.replace("_", "-")] + ([] if value is True else [str(value)])
+    return argv
+
+
+def bind_address(args: argparse.Namespace) -> str:
+    return f"{args.host}:{args.port}"
+
+
+def cache_config(args: argparse.Namespace) -> CacheConfig:
+    return CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks)
+
+
+def router_config(args: argparse.Namespace):
+    from specserve.router.core import RouterConfig
+
+    fields = {"max_num_batched_tokens" if dest == "max_batched_tokens" else dest: getattr(args, dest)
+              for dest in ROUTER_FLAGS}
+    return RouterConfig(**{name: value for name, value in fields.items() if value is not None})
+
+
+def add_serve_parsers(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="serve one gRPC service (verifier, drafter or router), or with --embedded "
+                           "the router API with everything in this process; prints `ROLE grpc=HOST:PORT ...`")
+    serve.add_argument("--embedded", action="store_true",
+                       help="router, verifier and drafters in this process (flags: those below)")
+    serve.add_argument("--spec", default="ngram", metavar="METHOD[,METHOD...]",
+                       help=f"drafters of --embedded, of {','.join(SPEC_METHODS)} (default ngram; off = none)")
+    add_bind_flags(serve, port=50051)
+    add_model_flags(serve)
+    add_cache_flags(serve)
+    add_drafter_flags(serve)
+    add_router_flags(serve)
+    serve.set_defaults(func=cmd_serve, serve=cmd_serve_embedded)
+    roles = serve.add_subparsers(dest="role")
+
+    verifier = roles.add_parser("verifier", help="the target model and its paged KV cache")
+    add_bind_flags(verifier, port=0)
+    add_model_flags(verifier)
+    add_cache_flags(verifier)
+    verifier.add_argument("--keep-hidden", action="store_true",
+                          help="keep every token's hidden state, for feature drafters (eagle, auto with eagle)")
+    verifier.set_defaults(serve=cmd_serve_verifier)
+
+    drafter = roles.add_parser("drafter", help="one draft method")
+    drafter.add_argument("--spec", required=True, choices=[m for m in SPEC_METHODS if m != "off"])
+    add_bind_flags(drafter, port=0)
+    add_model_flags(drafter)
+    add_drafter_flags(drafter)
+    drafter.set_defaults(serve=cmd_serve_drafter)
+
+    router = roles.add_parser("router", help="the public Router API over verifier and drafter replicas")
+    router.add_argument("--verifier", action="append", required=True, metavar="HOST:PORT",
+                        help="a verifier replica (repeatable)")
+    router.add_argument("--drafter", action="append", default=[], metavar="NAME=HOST:PORT",
+                        help="a drafter replica, under the name requests pick it by (repeatable)")
+    add_bind_flags(router, port=50051)
+    router.add_argument("--model", help="model whose tokenizer to use (default: SmolLM2-135M)")
+    add_router_flags(router)
+    router.set_defaults(serve=cmd_serve_router)
+
+
+def add_up_parser(sub: argparse._SubParsersAction) -> None:
+    up = sub.add_parser("up", help="start verifier and drafter replicas and a router as processes on this host; "
+                        "prints one line per service, runs until Ctrl-C / SIGTERM")
+    up.add_argument("--verifiers", type=int, default=1, metavar="M", help="verifier replicas (default 1)")
+    up.add_argument("--drafters", type=int, default=1, metavar="N", help="drafter replicas (default 1)")
+    up.add_argument("--spec", default="ngram", choices=SPEC_METHODS,
+                    help="the drafters' method (default ngram; off = no drafter pool); verifiers keep hidden states "
+                    "when it needs them")
+    up.add_argument("--start-timeout", type=float, default=300.0, help="seconds each service gets to start serving")
+    add_bind_flags(up, port=50051)
+    add_model_flags(up)
+    add_cache_flags(up)
+    add_drafter_flags(up)
+    add_router_flags(up)
+    up.set_defaults(func=cmd_up)
+
+
+def add_bind_flags(parser: argparse.ArgumentParser, port: int) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=port, help=f"port to listen on, 0 = any free one (default {port})")
+    parser.add_argument("--grace", type=float, default=10.0,
+                        help="seconds running calls get to finish after SIGTERM (default 10)")
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="GGUF file or Hugging Face safetensors directory (default: SmolLM2-135M)")
+    parser.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32", help="weight precision")
+
+
+def add_cache_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-blocks", type=int, default=CacheConfig.num_blocks,
+                        help=f"KV cache blocks of each verifier (default {CacheConfig.num_blocks})")
+    parser.add_argument("--block-size", type=int, default=CacheConfig.block_size,
+                        help=f"token slots per KV block (default {CacheConfig.block_size})")
+
+
+def add_drafter_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--datastore", help="retrieval datastore for rest/auto (default: the cache's default.npz)")
+    parser.add_argument("--exit-layer", type=int, default=None,
+                        help="decoder layers the early-exit drafter runs, 1 .. the model's layers - 1 "
+                        "(default: the model's layers - 2)")
+    parser.add_argument("--draft-checkpoint", help="trained checkpoint for eagle "
+                        "(default: the cache's drafters/eagle.safetensors, made by specserve train-draft)")
+
+
+def add_router_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--http-port", type=int, metavar="PORT",
+                        help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                        "/v1/models) on this port of --host, 0 = any free one (default: no HTTP)")
+    parser.add_argument("--max-queue", type=int,
+                        help="waiting requests; beyond them a request gets RESOURCE_EXHAUSTED (default 256)")
+    parser.add_argument("--max-num-seqs", type=int, help="requests decoding at once (default 64)")
+    parser.add_argument("--max-batched-tokens", type=int, help="tokens of one step over all verifiers (default 512)")
+    parser.add_argument("--max-prompt-chars", type=int, help="longest prompt accepted, in characters (default 1048576)")
+    parser.add_argument("--num-draft-tokens", type=int, help="most drafted tokens a sequence verifies per step "
+                        "(default 8)")
+    parser.add_argument("--default-speculation", choices=("off", "lossless", "lossy"),
+                        help="speculation of requests that leave it unspecified (default lossless)")
 
 
 # --- `specserve datastore build` (logic in specserve.drafters.datastore) ---

@@ -52,6 +52,12 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
     raise InvalidRequestError(f"drafter {spec.method!r} is not available in this version")
 
 
+def needs_hidden(spec: SpecConfig) -> bool:
+    """Whether the drafter `build_drafter(spec, ...)` builds drafts from the target's hidden states (its
+    verifiers must keep them), told without building it: EAGLE, alone or inside auto."""
+    return spec.method == "eagle" or (spec.method == "auto" and spec.draft_checkpoint is not None)
+
+
 def _rest(path: str, tokenizer: Tokenizer) -> Drafter:
     from specserve.drafters.datastore import TokenDatastore, tokenizer_fingerprint
     from specserve.drafters.rest import RestDrafter

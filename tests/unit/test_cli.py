@@ -169,3 +169,88 @@ def test_bench_lossy_writes_its_section(model_path, data_dir, tmp_path):
     assert "<!-- bench_lossy:start -->\n## Lossy acceptance" in text
     assert text.rstrip().endswith("<!-- bench_lossy:end -->")
     assert "`specserve bench lossy --problems 2 --max-tokens 16 --data-dir" in text
+
+
+# --- specserve generate --url (through a router; a scripted one here) ---
+
+class TwoChunkRouter:
+    """Streams "abcd" as two chunks and keeps the requests it got."""
+
+    def __init__(self) -> None:
+        self.requests = []
+
+    def GenerateStream(self, request, context):
+        from specserve.v1 import common_pb2, router_pb2
+
+        self.requests.append(request)
+        yield router_pb2.TokenChunk(token_ids=[10, 11], text="ab", prompt_token_ids=[1, 2, 3])
+        yield router_pb2.TokenChunk(token_ids=[12, 13], text="cd", finished=True, finish_reason="length",
+                                    spec=common_pb2.SpecStats(forwards=2, tokens=4, mean_accepted_len=2.0),
+                                    usage=router_pb2.Usage(prompt_tokens=3, completion_tokens=4))
+
+    def Generate(self, request, context):
+        raise NotImplementedError("the CLI streams")
+
+    def Info(self, request, context):
+        raise NotImplementedError("the CLI streams")
+
+
+@pytest.fixture
+def router():
+    """(servicer, address) of a scripted router on a free loopback port."""
+    from specserve.rpc.server import RpcServer
+    from specserve.v1 import router_pb2
+
+    servicer = TwoChunkRouter()
+    server = RpcServer([(servicer, router_pb2.DESCRIPTOR.services_by_name["Router"])], "127.0.0.1:0").start()
+    yield servicer, server.address
+    server.drain(0)
+
+
+def test_url_json_has_the_local_schema(router, capsys):
+    from specserve.cli import main
+    from specserve.engine.verify import SpecStats
+
+    assert main(["generate", "hi", "--url", router[1], "--spec", "ngram", "--max-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["text"], out["token_ids"], out["prompt_token_ids"]) == ("abcd", [10, 11, 12, 13], [1, 2, 3])
+    assert set(out["stats"]) == {"new_tokens", "seconds", "tokens_per_s", "prompt_tokens", "time_to_first_token_s",
+                                 "load_seconds", "dtype", "spec"}
+    assert set(out["stats"]["spec"]) == {"method", "draft_seconds", "forward_seconds", *SpecStats().as_dict()}
+    assert out["stats"]["spec"]["method"] == "ngram" and out["stats"]["new_tokens"] == 4
+
+
+@pytest.mark.parametrize("flags,speculation,drafter", [
+    ((), "SPEC_MODE_UNSPECIFIED", ""),  # the router's default
+    (("--spec", "off"), "SPEC_MODE_OFF", ""),
+    (("--spec", "rest"), "SPEC_MODE_LOSSLESS", "rest"),
+    (("--spec", "ngram", "--lossy", "--lossy-budget", "4"), "SPEC_MODE_LOSSY", "ngram"),
+])
+def test_url_passes_the_spec_choice(router, capsys, flags, speculation, drafter):
+    from specserve.cli import main
+    from specserve.v1 import common_pb2
+
+    assert main(["generate", "hi", "--url", router[1], "--temperature", "0.5", "--seed", "3", *flags]) == 0
+    [request] = router[0].requests
+    assert (common_pb2.SpecMode.Name(request.speculation), request.drafter) == (speculation, drafter)
+    assert request.prompt == "hi" and request.sampling.seed == 3 and request.sampling.temperature == 0.5
+    assert request.lossy.budget == (4.0 if "--lossy" in flags else 0.0)
+    streamed = capsys.readouterr()
+    assert streamed.out == "abcd\n" and "4 tokens in" in streamed.err and f"router={router[1]}" in streamed.err
+
+
+def test_url_refuses_engine_flags(router, tmp_path):
+    result = run_cli("generate", "hi", "--url", router[1], "--model", "x.gguf", cwd=tmp_path)
+    assert_one_line_error(result, "--model configure the local engine")
+    assert result.returncode == 2 and router[0].requests == []
+
+
+def test_url_unreachable_is_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once the probe closes
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    result = run_cli("generate", "hi", "--url", address, cwd=tmp_path)
+    assert_one_line_error(result, f"router at {address}: ")
+    assert result.returncode == 7  # UnavailableError
