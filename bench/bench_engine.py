@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specserve.bench.common import default_data_dir, log, machine_text, md_table, write_doc
+from specserve.bench.common import default_data_dir, log, machine_text, md_table, select_questions, write_doc
 from specserve.drafters.base import common_prefix_len
 from specserve.engine.config import CacheConfig, EngineConfig, SamplingParams
 from specserve.engine.llm_engine import LLMEngine, build_model, load_tokenizer
@@ -87,18 +87,6 @@ class Bench:
 
 
 Generate = Callable[[list[int]], list[int]]  # prompt ids -> exactly max_tokens greedy new token ids
-
-
-def select_questions(n: int) -> list[dict]:
-    """`n` Spec-Bench questions evenly spaced over the file sorted by (category, id), then interleaved
-    by category so that any leading slice (the throughput workload) mixes short and long prompts."""
-    with open(default_data_dir(os.environ) / "spec_bench" / "question.jsonl") as f:
-        questions = sorted((json.loads(line) for line in f), key=lambda q: (q["category"], q["question_id"]))
-    by_category: dict[str, list[dict]] = defaultdict(list)
-    for i in range(n):
-        q = questions[(2 * i + 1) * len(questions) // (2 * n)]
-        by_category[q["category"]].append(q)
-    return [q for round_ in itertools.zip_longest(*by_category.values()) for q in round_ if q is not None]
 
 
 def perplexity_text_ids(tokenizer: Tokenizer) -> list[int]:

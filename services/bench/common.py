@@ -10,10 +10,12 @@ from __future__ import annotations
 import gzip
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import os
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -109,6 +111,18 @@ def read_jsonl(path: Path) -> Iterator[dict]:
     with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
         for line in f:
             yield json.loads(line)
+
+
+def select_questions(n: int) -> list[dict]:
+    """`n` Spec-Bench questions evenly spaced over the file sorted by (category, id), then interleaved
+    by category so that any leading slice (the throughput workload) mixes short and long prompts."""
+    questions = sorted(read_jsonl(default_data_dir(os.environ) / SPEC_BENCH_FILE),
+                       key=lambda q: (q["category"], q["question_id"]))
+    by_category: dict[str, list[dict]] = defaultdict(list)
+    for i in range(n):
+        q = questions[(2 * i + 1) * len(questions) // (2 * n)]
+        by_category[q["category"]].append(q)
+    return [q for round_ in itertools.zip_longest(*by_category.values()) for q in round_ if q is not None]
 
 
 def chat_ids(tokenizer: Tokenizer, text: str) -> list[int]:
