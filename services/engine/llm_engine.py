@@ -22,11 +22,11 @@ from specserve.engine.loader import load_checkpoint
 from specserve.engine.model import LlamaModel
 from specserve.engine.model_runner import ModelRunner
 from specserve.engine.quant import apply_weight_dtype
-from specserve.engine.sampler import Sampler
+from specserve.engine.sampler import Sampler, request_generator
 from specserve.engine.scheduler import Scheduler
 from specserve.engine.smoothing import calibration_text
 from specserve.engine.step_outcome import step_tokens
-from specserve.engine.sequence import FinishReason, Sequence
+from specserve.engine.sequence import FinishReason, Sequence, check_prompt
 from specserve.engine.text_output import TextOutput, append_tokens
 from specserve.engine.tokenizer import Tokenizer
 from specserve.engine.verify import SpecStats
@@ -129,16 +129,9 @@ class LLMEngine:
         on_output: Callable[[RequestOutput], None] | None = None,
     ) -> int:
         """Queue a request; it joins the running batch at the next step. Returns its id."""
-        self._validate(prompt_token_ids)
+        check_prompt(prompt_token_ids, self.max_total_tokens, self.model_config.vocab_size)
         seq = Sequence(prompt_token_ids, params, self.max_total_tokens)
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator()
-            if params.seed is not None:
-                generator.manual_seed(params.seed)
-            else:
-                generator.seed()  # non-deterministic, and leaves the global RNG alone
-        request = _Request(seq, TextOutput(self.tokenizer, params.stop), generator, on_output)
+        request = _Request(seq, TextOutput(self.tokenizer, params.stop), request_generator(params), on_output)
         if self.config.spec.lossy is not None:
             request.lossy = self.config.spec.lossy
             request.lossy_budget_left = self.config.spec.lossy.budget
@@ -155,18 +148,6 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
-
-    def _validate(self, prompt_token_ids: list[int]) -> None:
-        if not prompt_token_ids:
-            raise InvalidRequestError("prompt is empty")
-        if len(prompt_token_ids) >= self.max_total_tokens:
-            raise InvalidRequestError(
-                f"prompt has {len(prompt_token_ids)} tokens; the context holds {self.max_total_tokens} "
-                "including at least one generated token"
-            )
-        vocab = self.model_config.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise InvalidRequestError(f"prompt token ids must lie in [0, {vocab})")
 
     # ---- the loop -------------------------------------------------------------------------------
 

@@ -111,6 +111,19 @@ def draw(
     return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
+def request_generator(params: SamplingParams) -> torch.Generator | None:
+    """A sampled request's own generator: seeded when it has a seed (reproducible output), else fresh
+    entropy (and the global RNG is left alone); None for greedy requests."""
+    if params.greedy:
+        return None
+    generator = torch.Generator()
+    if params.seed is not None:
+        generator.manual_seed(params.seed)
+    else:
+        generator.seed()
+    return generator
+
+
 class Sampler:
     """Greedy rows take the argmax (no generator needed); the others draw from `probs_from_logits`."""
 

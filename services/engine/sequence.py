@@ -10,6 +10,7 @@ import enum
 import itertools
 
 from specserve.engine.config import SamplingParams
+from specserve.errors import InvalidRequestError
 
 _seq_ids = itertools.count()
 
@@ -89,3 +90,17 @@ class Sequence:
             f"Sequence(id={self.seq_id}, status={self.status.value}, tokens={self.num_tokens}, "
             f"computed={self.num_computed_tokens}, blocks={self.block_table})"
         )
+
+
+def check_prompt(prompt_token_ids: list[int], max_total_tokens: int, vocab_size: int) -> None:
+    """Raise InvalidRequestError unless the prompt is non-empty, leaves room for one generated token in
+    `max_total_tokens`, and holds only ids in [0, vocab_size)."""
+    if not prompt_token_ids:
+        raise InvalidRequestError("prompt is empty")
+    if len(prompt_token_ids) >= max_total_tokens:
+        raise InvalidRequestError(
+            f"prompt has {len(prompt_token_ids)} tokens; the context holds {max_total_tokens} "
+            "including at least one generated token"
+        )
+    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
+        raise InvalidRequestError(f"prompt token ids must lie in [0, {vocab_size})")

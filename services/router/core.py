@@ -27,7 +27,7 @@ import torch
 from specserve.engine.acceptance import LossyConfig
 from specserve.engine.config import SamplingParams, SpecConfig
 from specserve.engine.draft_tree import DraftTree
-from specserve.engine.sequence import Sequence
+from specserve.engine.sequence import Sequence, check_prompt
 from specserve.engine.text_output import TextOutput, append_tokens
 from specserve.engine.tokenizer import Tokenizer
 from specserve.engine.verify import SpecStats
@@ -234,7 +234,7 @@ class Router:
                drafter: str = "", lossy: LossyConfig | None = None, timeout: float | None = None) -> RequestHandle:
         """Queue a request (it joins the batch at the next step). `mode`: off | lossless | lossy, "" = the
         router's default; `drafter`: a name in `self.drafters`, "" = the first; `timeout`: seconds."""
-        self._validate(prompt_token_ids)
+        check_prompt(prompt_token_ids, self.max_total_tokens, self.vocab_size)
         mode = mode or self.config.default_speculation
         if mode not in SPEC_MODES:
             raise InvalidRequestError(f"speculation must be one of {', '.join(SPEC_MODES)}, got {mode!r}")
@@ -267,16 +267,6 @@ class Router:
             if request is not None:
                 request.cancelled = True
                 self._cond.notify_all()
-
-    def _validate(self, prompt_token_ids: list[int]) -> None:
-        if not prompt_token_ids:
-            raise InvalidRequestError("prompt is empty")
-        if len(prompt_token_ids) >= self.max_total_tokens:
-            raise InvalidRequestError(
-                f"prompt has {len(prompt_token_ids)} tokens; the context holds {self.max_total_tokens} "
-                "including at least one generated token")
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
-            raise InvalidRequestError(f"prompt token ids must lie in [0, {self.vocab_size})")
 
     # ---- the loop --------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from specserve.engine.config import CacheConfig, SamplingParams
 from specserve.engine.draft_tree import DraftTree
 from specserve.engine.model import LlamaModel
 from specserve.engine.model_runner import ModelRunner
-from specserve.engine.sampler import Sampler
+from specserve.engine.sampler import Sampler, request_generator
 from specserve.engine.scheduler import ScheduledSeq
 from specserve.engine.sequence import Sequence
 from specserve.engine.step_outcome import step_tokens
@@ -155,19 +155,11 @@ class VerifierCore:
         if w.position == 0:
             if state is not None:  # the router restarted the sequence (for example after a preemption)
                 self._forget(w.seq_id)
-            params = w.params
-            assert params is not None
-            generator = None
-            if not params.greedy:
-                generator = torch.Generator()
-                if params.seed is not None:
-                    generator.manual_seed(params.seed)
-                else:
-                    generator.seed()
-            seq = Sequence(w.new_token_ids, params, self.max_total_tokens)
+            assert w.params is not None
+            seq = Sequence(w.new_token_ids, w.params, self.max_total_tokens)
             seq.seq_id = w.seq_id
             self.block_manager.allocate_cached_prefix(seq)
-            state = _SeqState(seq, generator, w.lossy, w.lossy.budget if w.lossy is not None else 0.0)
+            state = _SeqState(seq, request_generator(w.params), w.lossy, w.lossy.budget if w.lossy is not None else 0.0)
             self.seqs[w.seq_id] = state
             return state
         if state is None or state.seq.num_tokens != w.position:
