@@ -40,6 +40,7 @@ from specserve.errors import (
     UnavailableError,
 )
 from specserve.router.backends import Replica, rendezvous_order
+from specserve.router.budget import StepCost, acceptance_by_depth, draft_budgets
 from specserve.rpc import convert
 from specserve.v1 import common_pb2, drafter_pb2, verifier_pb2
 
@@ -53,11 +54,14 @@ class RouterConfig:
     max_num_seqs: int = 64  # requests decoding at once; the rest wait in the queue
     max_queue: int = 256  # waiting requests; beyond it submit raises OverloadedError
     max_num_batched_tokens: int = 512  # tokens of one step over all verifiers (decodes + drafts + chunks)
-    # The speculation budget adapts to load as in the engine (SpecConfig.budget_per_sequence): each
-    # speculating sequence drafts min(num_draft_tokens, max_draft_tokens_per_step // speculating), and
-    # at 0 the step calls no drafter at all.
-    num_draft_tokens: int = 8
-    max_draft_tokens_per_step: int = 64
+    # The speculation budget adapts to load. "cost" (router/budget.py): each step drafts only the nodes
+    # whose expected accepted tokens pay for the rows they add, by the measured cost of a verify row and
+    # each request's acceptance record. "static": the engine's rule (SpecConfig.budget_per_sequence),
+    # min(num_draft_tokens, max_draft_tokens_per_step // speculating). Either way at 0 the step calls
+    # no drafter at all.
+    speculation_budget: str = "cost"
+    num_draft_tokens: int = 8  # most nodes per request per step
+    max_draft_tokens_per_step: int = 64  # most nodes per step over all requests
     default_speculation: str = "lossless"  # for requests that leave it unspecified
     lossy: LossyConfig = LossyConfig()  # defaults of lossy requests
     max_prompt_chars: int = 1 << 20
@@ -69,6 +73,8 @@ class RouterConfig:
     affinity_slack: int = 4  # the preferred verifier may hold this many more sequences than the least loaded
 
     def __post_init__(self) -> None:
+        if self.speculation_budget not in ("cost", "static"):
+            raise InvalidRequestError(f"speculation_budget must be cost or static, got {self.speculation_budget!r}")
         if self.default_speculation not in SPEC_MODES:
             raise InvalidRequestError(f"default_speculation must be one of {', '.join(SPEC_MODES)}")
         if min(self.max_num_seqs, self.max_queue, self.max_num_batched_tokens) <= 0:
@@ -159,6 +165,8 @@ class Router:
         self.waiting: list[_Request] = []
         self.running: list[_Request] = []
         self.spec_stats = SpecStats()
+        self.drafter_stats = {name: SpecStats() for name in drafters}  # finished requests, by drafter
+        self.step_cost = StepCost()
         self._by_rid: dict[int, _Request] = {}
         self._cond = threading.Condition()
         self._stop = False
@@ -312,7 +320,7 @@ class Router:
         batches = self._plan(trees)
         if not batches:
             return False
-        calls = {key: self._call(replica.stub.Verify, verifier_pb2.VerifyRequest(
+        calls = {key: self._pool.submit(self._verify, replica, verifier_pb2.VerifyRequest(
                     items=[item for _, item in work],
                     return_hidden=any(self._needs_hidden(r) for r, _ in work)))
                  for key, (replica, work) in batches.items()}
@@ -330,6 +338,17 @@ class Router:
                 self._apply(request, item, result, trees.get(request.rid))
         return True
 
+    def _verify(self, replica: Replica, request: verifier_pb2.VerifyRequest) -> verifier_pb2.VerifyResponse:
+        """One Verify call; one without prefill chunks is timed into the step-cost model (rows: root and
+        tree nodes of every item). Prefill-heavy forwards are left out: their many rows sit in another
+        regime (compute-bound) than the decode steps whose drafts the model prices."""
+        start = time.perf_counter()
+        response = replica.stub.Verify(request, timeout=self.config.rpc_timeout_s)
+        if not any(item.new_token_ids or item.max_compute_tokens for item in request.items):
+            self.step_cost.observe(len(request.items), sum(1 + len(item.tree.tokens) for item in request.items),
+                                   time.perf_counter() - start)
+        return response
+
     def _call(self, method, request) -> futures.Future:
         return self._pool.submit(method, request, timeout=self.config.rpc_timeout_s)
 
@@ -340,28 +359,30 @@ class Router:
     # ---- drafting --------------------------------------------------------------------------------
 
     def _propose(self) -> dict[int, DraftTree]:
-        """Draft trees of the decoding, speculating requests; {} (no drafter call) when the budget is 0."""
+        """Draft trees of the decoding, speculating requests; {} (no drafter call) when every budget is 0."""
         speculating = [r for r in self.running if r.drafter is not None and r.decoding and r.verifier.healthy]
-        budget = self.spec.budget_per_sequence(len(speculating))
-        if budget == 0:
-            return {}
+        budgets = self._budgets(speculating)
         groups: dict[int, tuple[Replica, list[tuple[_Request, drafter_pb2.DraftItem]]]] = {}
         for request in speculating:
             seq = request.seq
-            room = min(budget, seq.max_total_tokens - seq.num_tokens, seq.params.max_tokens - len(seq.output_token_ids) - 1)
-            replica = self._drafter_for(request)
-            if room <= 0 or replica is None:
+            budget = budgets.get(request.rid, 0)
+            replica = self._drafter_for(request) if budget > 0 else None
+            if replica is None:
                 continue
             item = drafter_pb2.DraftItem(seq_id=request.rid, token_ids=seq.all_token_ids,
-                                         num_prompt_tokens=seq.num_prompt_tokens, budget=room)
+                                         num_prompt_tokens=seq.num_prompt_tokens, budget=budget)
             if replica.info.needs_hidden:
                 rows = sum(len(h) for h in request.hidden)
                 if rows != request.v_computed:  # the verifier keeps no hidden states: nothing to draft from
                     continue
                 item.hidden_states.CopyFrom(convert.tensor_to_proto(torch.cat(request.hidden)))
             groups.setdefault(id(replica), (replica, []))[1].append((request, item))
+        start = time.perf_counter()
         calls = {key: self._call(replica.stub.Propose, drafter_pb2.ProposeRequest(items=[i for _, i in work]))
                  for key, (replica, work) in groups.items()}
+        futures.wait(calls.values())
+        if calls:
+            self.step_cost.observe_draft(time.perf_counter() - start)
         trees: dict[int, DraftTree] = {}
         for key, (replica, work) in groups.items():
             try:
@@ -374,6 +395,25 @@ class Router:
                 if tree.tokens:
                     trees[request.rid] = convert.tree_from_proto(tree)
         return trees
+
+    def _budgets(self, speculating: list[_Request]) -> dict[int, int]:
+        """Nodes each speculating request may draft this step (RouterConfig.speculation_budget)."""
+        rooms = {}
+        for request in speculating:
+            seq = request.seq
+            rooms[request.rid] = min(self.config.num_draft_tokens, seq.max_total_tokens - seq.num_tokens,
+                                     seq.params.max_tokens - len(seq.output_token_ids) - 1)
+        if self.config.speculation_budget == "static":
+            budget = self.spec.budget_per_sequence(len(speculating))
+            return {rid: min(budget, room) for rid, room in rooms.items()}
+        # The step without drafts: every running request (decodes and prefill chunks alike) and its rows.
+        decoding = sum(r.decoding for r in self.running)
+        prefill = sum(r.seq.num_tokens - r.v_computed for r in self.running if not r.decoding)
+        rows = decoding + min(prefill, max(0, self.config.max_num_batched_tokens - decoding))
+        row_ratio, draft_ratio = self.step_cost.ratios(len(self.running), rows)
+        acceptance = {r.rid: acceptance_by_depth(r.stats, self.drafter_stats[r.drafter], max(0, rooms[r.rid]))
+                      for r in speculating}
+        return draft_budgets(acceptance, float(decoding), row_ratio, self.config.max_draft_tokens_per_step, draft_ratio)
 
     def _drafter_for(self, request: _Request) -> Replica | None:
         """Sticky: the replica that drafted last time, while it stays healthy."""
@@ -474,6 +514,8 @@ class Router:
             output.spec = request.stats
             output.seconds = time.perf_counter() - request.start
             self.spec_stats.add(request.stats)
+            if request.drafter is not None:
+                self.drafter_stats[request.drafter].add(request.stats)
             self._retire(request)
         request.out.put(output)
 

@@ -196,7 +196,8 @@ def test_at_high_load_the_step_calls_no_drafter(llama_model, tokenizer, prompts)
     counting = _CountingStub(DrafterServicer(drafter, fingerprint))
     core = VerifierCore(llama_model, CACHE)
     router = Router(tokenizer, [Replica("v", InProcessStub(VerifierServicer(core, fingerprint, "float32")))],
-                    {"ngram": [Replica("d", counting)]}, RouterConfig(max_draft_tokens_per_step=2))
+                    {"ngram": [Replica("d", counting)]},
+                    RouterConfig(max_draft_tokens_per_step=2, speculation_budget="static"))
     ids = [router.encode(p) for p in prompts[:3]]
     handles = [router.submit(i, SamplingParams(max_tokens=n, ignore_eos=True)) for i, n in zip(ids, (6, 30, 30))]
     steps_with_three = 0

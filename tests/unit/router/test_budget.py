@@ -1,0 +1,77 @@
+"""The cost-aware speculation budget (router/budget.py), pure logic: the cost fit, the acceptance
+estimate, and which nodes pay for themselves."""
+
+from __future__ import annotations
+
+import pytest
+
+from specserve.engine.verify import SpecStats
+from specserve.router.budget import MARGIN, PRIOR_COST_RATIO, StepCost, acceptance_by_depth, draft_budgets
+
+
+def test_step_cost_separates_sequences_from_rows() -> None:
+    cost = StepCost(refit_every=4)
+    assert cost.ratios(4, 4) == (PRIOR_COST_RATIO, 0.0)
+    for i in range(64):
+        seqs = 1 + i % 6
+        rows = seqs * (1 + (i * 7) % 9)  # trees of 0-8 nodes
+        cost.observe(seqs, rows, 0.030 + 0.004 * seqs + 0.001 * rows)
+    assert cost.coef == pytest.approx((0.030, 0.004, 0.001))
+    cost.observe_draft(0.005)
+    row_ratio, draft_ratio = cost.ratios(4, 4)
+    assert row_ratio == pytest.approx(0.001 / 0.050) and draft_ratio == pytest.approx(0.005 / 0.050)
+
+
+def test_step_cost_waits_until_sequences_and_rows_vary_apart() -> None:
+    cost = StepCost(refit_every=4)
+    for i in range(32):
+        n = 1 + i % 4
+        cost.observe(n, n, 0.03 + 0.01 * n)  # plain decoding only: rows == sequences
+    assert cost.coef is None and cost.ratios(2, 2) == (PRIOR_COST_RATIO, 0.0)
+
+
+def stats(accepted: list[int], reached: list[int]) -> SpecStats:
+    s = SpecStats()
+    s.accepted_by_depth, s.reached_by_depth = accepted, reached
+    return s
+
+
+def test_acceptance_shrinks_to_the_drafter_rate_and_never_rises_with_depth() -> None:
+    drafter = stats([80, 40, 10], [100, 100, 100])  # ~0.8, 0.4, 0.1
+    fresh = acceptance_by_depth(SpecStats(), drafter, 4)
+    assert fresh[:3] == pytest.approx([81 / 102, 41 / 102, 11 / 102])
+    assert fresh[3] == pytest.approx(11 / 102)  # no data at depth 4: 0.5 by Laplace, capped by depth 3
+    lucky = acceptance_by_depth(stats([20, 20, 20], [20, 20, 20]), drafter, 3)
+    assert lucky[2] > 0.8 > fresh[2]  # the request's own record outweighs the prior once it has some
+    assert all(a >= b for a, b in zip(lucky, lucky[1:]))
+
+
+def test_light_load_drafts_deep_and_heavy_load_drafts_nothing() -> None:
+    p = [0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02]
+    alone = draft_budgets({1: p}, base_tokens=1.0, row_ratio=0.05, max_nodes=64)
+    # After five nodes, 1 + 2.0 expected tokens; the sixth (p 0.1) would need
+    # p * (1 + 0.05 * 5) > MARGIN * 0.05 * 3.0, i.e. p > 0.15.
+    assert MARGIN == 1.25 and alone == {1: 5}
+    # 32 decoding sequences: a row costs 0.05 of a step that yields 32 tokens.
+    crowd = draft_budgets({rid: p for rid in range(32)}, base_tokens=32.0, row_ratio=0.05, max_nodes=64)
+    assert sum(crowd.values()) == 0  # 0.6 < MARGIN * 0.05 * 32: plain decoding pays more
+    mid = draft_budgets({rid: p for rid in range(4)}, base_tokens=4.0, row_ratio=0.05, max_nodes=64)
+    assert 0 < sum(mid.values()) < 4 * 5
+
+
+def test_better_requests_get_the_nodes_and_the_cap_holds() -> None:
+    good, poor = [0.9] * 8, [0.2] * 8
+    budgets = draft_budgets({1: good, 2: poor}, base_tokens=2.0, row_ratio=0.05, max_nodes=64)
+    assert budgets[1] == 8 and budgets[2] < 8
+    capped = draft_budgets({1: good, 2: good}, base_tokens=2.0, row_ratio=0.01, max_nodes=5)
+    assert sum(capped.values()) == 5
+    assert draft_budgets({1: []}, 1.0, 0.05, 64) == {1: 0}  # no room left in the request
+
+
+def test_a_draft_must_also_pay_for_its_drafting_round() -> None:
+    p = [0.3, 0.1]
+    free = draft_budgets({1: p, 2: p}, base_tokens=2.0, row_ratio=0.05, max_nodes=64)
+    assert sum(free.values()) == 2
+    # Drafting at 0.3 of a step: 2.6 tokens / (1 + 0.05 * 2 + 0.3) steps < 2 tokens per step without.
+    costly = draft_budgets({1: p, 2: p}, base_tokens=2.0, row_ratio=0.05, max_nodes=64, draft_ratio=0.3)
+    assert costly == {1: 0, 2: 0}
