@@ -61,7 +61,11 @@ class StepCost:
         if self.coef is None:
             return PRIOR_COST_RATIO, 0.0
         t0, t_seq, t_row = self.coef
-        time = max(t0 + t_seq * seqs + t_row * rows, t_row)
+        # A fit made at heavy load can extrapolate to a tiny or negative time for a small forward (and
+        # then no draft would ever pay, so no evidence would ever correct it): no forward is faster than
+        # the fastest one seen.
+        fastest = min(t for _, _, t in self.samples)
+        time = max(t0 + t_seq * seqs + t_row * rows, fastest)
         return min(max(t_row / time, 1e-3), 1.0), self.draft_seconds / time
 
     def _refit(self) -> None:
@@ -70,7 +74,7 @@ class StepCost:
         if np.linalg.matrix_rank(x) < 3:  # sequences and rows never varied apart: not identifiable
             return
         (t0, t_seq, t_row), *_ = np.linalg.lstsq(x, y, rcond=None)
-        if t_row > 0 and t0 + t_seq > 0:
+        if t_row > 0:  # ratios() bounds the predicted time from below
             self.coef = (float(t0), float(t_seq), float(t_row))
 
 

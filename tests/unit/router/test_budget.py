@@ -22,6 +22,19 @@ def test_step_cost_separates_sequences_from_rows() -> None:
     assert row_ratio == pytest.approx(0.001 / 0.050) and draft_ratio == pytest.approx(0.005 / 0.050)
 
 
+def test_a_fit_from_heavy_load_does_not_price_small_forwards_out() -> None:
+    """Forwards of 16-32 sequences only: the intercept extrapolates below zero at one sequence, which
+    would make a row cost a whole step. The fastest forward seen bounds the step's time instead."""
+    cost = StepCost(refit_every=4)
+    for i in range(64):
+        seqs = 16 + i % 17
+        rows = seqs + (i * 5) % 32
+        cost.observe(seqs, rows, -0.010 + 0.004 * seqs + 0.001 * rows)
+    assert cost.coef[0] < 0
+    row_ratio, _ = cost.ratios(1, 1)
+    assert row_ratio == pytest.approx(0.001 / min(t for _, _, t in cost.samples))
+
+
 def test_step_cost_waits_until_sequences_and_rows_vary_apart() -> None:
     cost = StepCost(refit_every=4)
     for i in range(32):
