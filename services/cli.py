@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 SERVE_COMMAND = [sys.executable, "-P", "-m", "specserve.cli", "serve"]
 # Router flags (their dests) that left at None take RouterConfig's defaults; `up` passes the set ones on.
 ROUTER_FLAGS = ("max_queue", "max_num_seqs", "max_batched_tokens", "max_prompt_chars", "num_draft_tokens",
-                "default_speculation")
+                "default_speculation", "speculation_budget")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -471,6 +471,9 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
                         "(default 8)")
     parser.add_argument("--default-speculation", choices=("off", "lossless", "lossy"),
                         help="speculation of requests that leave it unspecified (default lossless)")
+    parser.add_argument("--speculation-budget", choices=("cost", "static"),
+                        help="cost: draft only the tokens the measured verify cost and each request's acceptance "
+                        "say pay off (default); static: min(--num-draft-tokens, 64 / speculating requests)")
 
 
 # --- `specserve datastore build` (logic in specserve.drafters.datastore) ---

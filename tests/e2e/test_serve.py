@@ -26,7 +26,7 @@ def test_embedded_serves_plain_greedy(launch, model_path, short_prompts, greedy_
     import openai
 
     served = launch(["serve", "--embedded", "--spec", "ngram", "--num-blocks", "64", "--port", "0", "--http-port", "0",
-                     "--model", str(model_path)], last="router")
+                     "--speculation-budget", "static", "--model", str(model_path)], last="router")
     line = served.lines["router"]
     assert line.startswith("router grpc=127.0.0.1:") and " http=127.0.0.1:" in line and "drafters=ngram" in line
     prompts = short_prompts[:4]

@@ -32,9 +32,11 @@ JOIN_TIMEOUT_S = 240.0  # a request still running after this counts as hung
 
 @pytest.fixture(scope="module")
 def cluster(module_launch, model_path):
+    # A static draft budget, so the drafter pool takes part at any load: the default cost-aware budget may
+    # rightly decide that drafting does not pay at 16 concurrent streams.
     return module_launch(["up", "--verifiers", "2", "--drafters", "2", "--spec", "ngram", "--num-blocks",
                           str(NUM_BLOCKS), "--port", "0", "--max-prompt-chars", str(MAX_PROMPT_CHARS),
-                          "--model", str(model_path)], last="router")
+                          "--speculation-budget", "static", "--model", str(model_path)], last="router")
 
 
 def replicas(cluster, role: str) -> list[str]:

@@ -53,7 +53,9 @@ def wait_until(condition, timeout: float = 30.0) -> None:
 
 
 def test_concurrent_requests_of_every_mode_equal_the_engine(llama_model, tokenizer, engine, prompts) -> None:
-    router = embedded_router(llama_model, tokenizer, "float32", ["ngram", "early-exit"], CACHE).start()
+    # Static budget: every speculating request drafts, whatever the cost model would decide.
+    router = embedded_router(llama_model, tokenizer, "float32", ["ngram", "early-exit"], CACHE,
+                             RouterConfig(speculation_budget="static")).start()
     try:
         params = SamplingParams(max_tokens=32)
         ids = [router.encode(p) for p in prompts]
