@@ -19,6 +19,7 @@ from specserve.engine.draft_tree import DraftTree
 from specserve.engine.model_runner import ModelRunner
 from specserve.engine.sampler import Sampler
 from specserve.engine.scheduler import ScheduledSeq
+from specserve.engine.sequence import Sequence
 from specserve.engine.verify import accept, kv_moves
 
 
@@ -48,14 +49,14 @@ def step_tokens(
     sampler: Sampler,
 ) -> dict[int, StepTokens]:
     """New tokens of every sequence that produced some (by seq_id), advancing each one's computed tokens."""
-    plain: list[tuple[int, int]] = []  # (seq_id, its logits row)
+    plain: list[tuple[Sequence, int]] = []  # (sequence, its logits row)
     out: dict[int, StepTokens] = {}
     row = 0
     for s, tree in zip(scheduled, trees):
         seq = s.seq
         if tree is None:
             if s.samples:
-                plain.append((seq.seq_id, row))
+                plain.append((seq, row))
                 row += 1
             seq.num_computed_tokens += s.num_new_tokens
             continue
@@ -69,10 +70,8 @@ def step_tokens(
         accepted = [tree.tokens[i] for i in result.accepted_nodes]
         out[seq.seq_id] = StepTokens(accepted + [result.next_token], len(accepted), tree)
     if plain:
-        plain_states = [states[seq_id] for seq_id, _ in plain]
-        by_id = {s.seq.seq_id: s.seq.params for s in scheduled}
-        params = [by_id[seq_id] for seq_id, _ in plain]
-        tokens = sampler.sample(logits[[r for _, r in plain]], params, [st.generator for st in plain_states]).tolist()
-        for (seq_id, _), token in zip(plain, tokens):
-            out[seq_id] = StepTokens([token], 0, None)
+        tokens = sampler.sample(logits[[r for _, r in plain]], [seq.params for seq, _ in plain],
+                                [states[seq.seq_id].generator for seq, _ in plain]).tolist()
+        for (seq, _), token in zip(plain, tokens):
+            out[seq.seq_id] = StepTokens([token], 0, None)
     return out
