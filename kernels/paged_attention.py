@@ -12,9 +12,12 @@ last 1 token; sequence B has 3 tokens, block table [5], and queries all 3 (a pre
   Q=3: token_index [1, 2, 3], kv_index [[20, 21, 22]], mask None and is_causal (a fresh prefill).
 With contexts of different lengths in one group, an explicit boolean mask hides padding and the future.
 
-`paged_attention` is what the model calls: this torch reference, or, for metadata built with
+`paged_attention` is what the model calls: this torch reference; for metadata built with
 backend="triton", the tree-attention kernel of kernels/tree_attention.py over the same cache (CUDA;
-on CPU only under TRITON_INTERPRET=1, which the tests use).
+on CPU only under TRITON_INTERPRET=1, which the tests use); for backend="cpu", the C++ kernel of
+kernels/csrc/tree_attention_cpu.cpp for decode and draft-tree rows, which reads keys in place instead of
+gathering them, and this torch path (one SDPA per group) for longer prefill chunks, which are
+compute-bound and where SDPA's blocked kernel wins. "auto" is "cpu" where that kernel builds, else "torch".
 """
 
 from __future__ import annotations
@@ -50,7 +53,34 @@ class KernelArgs:
     block_size: int
 
 
-ATTENTION_BACKENDS = ("torch", "triton")
+@dataclass
+class CpuKernelArgs:
+    """The C++ CPU kernel's rows: whole sequences of the batch, named by where their rows start."""
+
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
+    prefix_lens: torch.Tensor  # [num_seqs] int32, tokens in the cache before this step's
+    row_starts: torch.Tensor  # [num_seqs] int32, each sequence's first row in the flat batch
+    query_lens: torch.Tensor  # [num_seqs] int32
+    tree_mask: torch.Tensor  # [num_tokens, max_query_len] bool, by flat-batch row; other sequences' rows unused
+    block_size: int
+
+
+ATTENTION_BACKENDS = ("torch", "triton", "cpu")
+# Chunks of at most this many new tokens (and every draft tree) go to the CPU kernel; longer prefill
+# chunks to SDPA. A kernel row costs O(context) dot products without matrix-multiply blocking.
+CPU_KERNEL_MAX_QUERY = 16
+
+
+def resolve_attention_backend(name: str, kv_dtype: torch.dtype = torch.float32) -> str:
+    """ "auto" -> "cpu" where the C++ kernel builds and loads (for a float32 cache), else "torch"; "cpu" is
+    checked to load; other names unchanged."""
+    from specserve.kernels import cpu_ops
+
+    if name == "auto":
+        return "cpu" if kv_dtype == torch.float32 and cpu_ops.load() else "torch"
+    if name == "cpu" and not cpu_ops.load():
+        raise RuntimeError("attention backend 'cpu' needs the C++ CPU kernel, which did not build here")
+    return name
 
 
 @dataclass
@@ -62,6 +92,7 @@ class AttentionMetadata:
     num_tokens: int
     batch_invariant: bool = False  # attend in float64 (see `_attend_group_float64`)
     kernel_args: KernelArgs | None = None  # set: the Triton kernel attends instead of the torch groups
+    cpu_args: CpuKernelArgs | None = None  # set: the C++ kernel attends these sequences, the groups the rest
 
 
 def build_attention_metadata(
@@ -80,11 +111,13 @@ def build_attention_metadata(
     rule among sequence i's new tokens: new query a sees new key b iff tree_masks[i][a][b]; every
     query still sees all of the sequence's earlier keys. A speculative verify step uses it for token
     trees (see engine/verify.py), whose nodes sit in the cache in node order, not in path order.
-    `batch_invariant` selects the float64 attention path (`_attend_group_float64`); backend "triton"
-    the kernel's flat layout instead of the torch groups.
+    Backend "triton": the kernel's flat layout instead of the torch groups; backend "cpu": the C++ kernel
+    for sequences with a tree or at most CPU_KERNEL_MAX_QUERY new tokens, the torch groups for the others.
+    `batch_invariant` sends every sequence to the C++ kernel (backend "cpu"), whose rows are invariant by
+    construction, or selects the float64 torch path (`_attend_group_float64`, backend "torch").
     """
     assert len(query_lens) == len(context_lens) == len(block_tables)
-    assert backend in ATTENTION_BACKENDS and not (batch_invariant and backend != "torch")
+    assert backend in ATTENTION_BACKENDS and not (batch_invariant and backend == "triton")
     tree_masks = tree_masks or [None] * len(query_lens)
     assert len(tree_masks) == len(query_lens)
     starts = [0]
@@ -99,9 +132,18 @@ def build_attention_metadata(
     if backend == "triton":
         args = _kernel_args(query_lens, context_lens, block_tables, block_size, tree_masks)
         return AttentionMetadata(slot_mapping=slot_mapping, groups=[], num_tokens=starts[-1], kernel_args=args)
+    cpu_args = None
+    grouped = range(len(query_lens))
+    if backend == "cpu":
+        # Batch-invariant: every row by the kernel, whose rows never depend on what else is in the step.
+        on_kernel = [batch_invariant or q <= CPU_KERNEL_MAX_QUERY or m is not None
+                     for q, m in zip(query_lens, tree_masks)]
+        if any(on_kernel):
+            cpu_args = _cpu_kernel_args(query_lens, context_lens, block_tables, block_size, tree_masks, starts, on_kernel)
+        grouped = [i for i, kernel in enumerate(on_kernel) if not kernel]
     by_query_len: dict[int, list[int]] = defaultdict(list)
-    for i, q in enumerate(query_lens):
-        by_query_len[q].append(i)
+    for i in grouped:
+        by_query_len[query_lens[i]].append(i)
     groups = [
         _group([starts[i] for i in bucket], [context_lens[i] for i in bucket],
                [block_tables[i] for i in bucket], q, block_size, [tree_masks[i] for i in bucket])
@@ -109,7 +151,7 @@ def build_attention_metadata(
         for bucket in _buckets_by_context(members, context_lens)
     ]
     return AttentionMetadata(slot_mapping=slot_mapping, groups=groups, num_tokens=starts[-1],
-                             batch_invariant=batch_invariant)
+                             batch_invariant=batch_invariant, cpu_args=cpu_args)
 
 
 # A bucket's padded keys (members x longest context) may exceed its real keys by at most this factor;
@@ -160,6 +202,37 @@ def _kernel_args(
     prefix_lens = torch.tensor([c - q for q, c in zip(query_lens, context_lens)], dtype=torch.int32)
     starts = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     return KernelArgs(tables, prefix_lens, starts, mask, block_size)
+
+
+def _cpu_kernel_args(
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    tree_masks: list[list[list[bool]] | None],
+    starts: list[int],
+    on_kernel: list[bool],
+) -> CpuKernelArgs:
+    members = [i for i, kernel in enumerate(on_kernel) if kernel]
+    max_blocks = max(len(block_tables[i]) for i in members)
+    tables = torch.zeros(len(members), max_blocks, dtype=torch.int32)
+    for row, i in enumerate(members):
+        tables[row, : len(block_tables[i])] = torch.tensor(block_tables[i], dtype=torch.int32)
+    max_query_len = max(query_lens[i] for i in members)
+    mask = torch.zeros(starts[-1], max_query_len, dtype=torch.bool)  # [num_tokens, max_query_len]
+    for i in members:
+        q = query_lens[i]
+        own = torch.ones(q, q, dtype=torch.bool).tril() if tree_masks[i] is None else torch.tensor(tree_masks[i])
+        mask[starts[i] : starts[i] + q, :q] = own
+    as_int32 = lambda values: torch.tensor(values, dtype=torch.int32)  # noqa: E731
+    return CpuKernelArgs(
+        block_tables=tables,
+        prefix_lens=as_int32([context_lens[i] - query_lens[i] for i in members]),
+        row_starts=as_int32([starts[i] for i in members]),
+        query_lens=as_int32([query_lens[i] for i in members]),
+        tree_mask=mask,
+        block_size=block_size,
+    )
 
 
 def slots_of(block_table: list[int], positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -219,8 +292,10 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """One layer's attention: the Triton kernel for metadata built with backend "triton", else the torch
-    reference."""
+    """One layer's attention: the Triton kernel for metadata built with backend "triton", the C++ kernel
+    and torch groups for backend "cpu", else the torch reference."""
+    if meta.cpu_args is not None:
+        return _paged_attention_cpu(q, k_cache, v_cache, meta, scale)
     args = meta.kernel_args
     if args is None:
         return paged_attention_ref(q, k_cache, v_cache, meta, scale)
@@ -228,6 +303,26 @@ def paged_attention(
 
     return tree_attention_triton(q, k_cache, v_cache, args.block_tables, args.prefix_lens, args.query_start_loc,
                                  args.tree_mask, scale, args.block_size)
+
+
+def _paged_attention_cpu(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """The C++ kernel writes its sequences' rows of `out`, the torch groups the others."""
+    args = meta.cpu_args
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    torch.ops.specserve_cpu.tree_attention(out, q, k_cache, v_cache, args.block_tables, args.prefix_lens,
+                                           args.row_starts, args.query_lens, args.tree_mask, args.block_size,
+                                           scale)
+    attend = _attend_group_float64 if meta.batch_invariant else _attend_group
+    for group in meta.groups:
+        out.index_copy_(0, group.token_index, attend(q[group.token_index], k_cache, v_cache, group, scale))
+    return out
 
 
 def paged_attention_ref(

@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help="GGUF file or Hugging Face safetensors directory (default: SmolLM2-135M)")
     gen.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32", help="weight precision")
     gen.add_argument("--batch-invariant", action="store_true",
-                     help="float64 attention: a token's logits never depend on the rest of the batch (slower)")
+                     help="attention rows that never depend on the rest of the batch (prefill attention is slower)")
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)

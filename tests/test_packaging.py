@@ -93,11 +93,13 @@ def test_wheel_holds_only_the_specserve_package(wheel: Path) -> None:
 
 
 def test_wheel_holds_every_source_module(wheel: Path) -> None:
-    """Catches a subpackage missing from pyproject's explicit `packages` list."""
+    """Catches a subpackage missing from pyproject's explicit `packages` list, or C++ kernel sources
+    missing from its package data (the installed package compiles them on first use)."""
     expected = {
         f"{package}/{path.relative_to(REPO_ROOT / folder).as_posix()}"
         for folder, package in PACKAGE_DIRS.items()
-        for path in (REPO_ROOT / folder).rglob("*.py")
+        for pattern in ("*.py", "*.cpp")
+        for path in (REPO_ROOT / folder).rglob(pattern)
         if "__pycache__" not in path.parts
     }
     with zipfile.ZipFile(wheel) as archive:

@@ -160,21 +160,26 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     spec: SpecConfig = SpecConfig()
-    # Attention in float64 so that a token's logits do not depend on the other rows of its forward (a
-    # verify step's drafts, other sequences, padding): greedy speculation then equals plain greedy
-    # decoding token for token at every dtype. Without it float32 differs only in near-ties, but int8
-    # and bfloat16 rounding can turn an attention difference in the last bit into another token.
-    # Attention then takes 1.5-7x as long, by shape (kernels/paged_attention.py, `_attend_group_float64`).
+    # Attention whose rows do not depend on the other rows of their forward (a verify step's drafts,
+    # other sequences, padding, prefill chunking): greedy speculation then equals plain greedy decoding
+    # token for token at every dtype. Without it float32 differs only in near-ties, but int8 and
+    # bfloat16 rounding can turn an attention difference in the last bit into another token. On the
+    # "cpu" backend every row, prefill chunks too, goes to the C++ kernel, invariant by construction
+    # (prefill attention costs more there than in SDPA); on "torch" attention runs in float64, 1.5-7x
+    # as long, by shape (kernels/paged_attention.py, `_attend_group_float64`).
     batch_invariant: bool = False
-    # "torch": the plain-torch paged attention (CPU serving). "triton": the tree-attention kernel of
+    # "auto": "cpu" where its C++ kernel builds, else "torch".
+    # "cpu": decode and draft-tree rows by the C++ kernel of kernels/csrc/, longer prefill chunks by SDPA.
+    # "torch": the plain-torch paged attention, the reference. "triton": the tree-attention kernel of
     # kernels/tree_attention.py, for a cache on a CUDA device; on CPU it runs only under
     # TRITON_INTERPRET=1 (tests). The engine itself keeps its cache on the CPU today.
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in WEIGHT_DTYPES:
             raise InvalidRequestError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.dtype!r}")
-        if self.attention_backend not in ("torch", "triton"):
-            raise InvalidRequestError(f"attention_backend must be torch or triton, got {self.attention_backend!r}")
-        if self.batch_invariant and self.attention_backend != "torch":
-            raise InvalidRequestError("batch_invariant attention exists only on the torch backend")
+        if self.attention_backend not in ("auto", "cpu", "torch", "triton"):
+            raise InvalidRequestError(
+                f"attention_backend must be auto, cpu, torch or triton, got {self.attention_backend!r}")
+        if self.batch_invariant and self.attention_backend == "triton":
+            raise InvalidRequestError("batch_invariant attention exists only on the cpu and torch backends")

@@ -17,7 +17,7 @@ from specserve.engine.draft_tree import DraftTree
 from specserve.engine.model import KVCache, LlamaModel
 from specserve.engine.scheduler import ScheduledSeq
 from specserve.engine.verify import verify_layout
-from specserve.kernels.paged_attention import build_attention_metadata, slots_of
+from specserve.kernels.paged_attention import build_attention_metadata, resolve_attention_backend, slots_of
 
 
 def allocate_kv_cache(model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype) -> KVCache:
@@ -39,13 +39,13 @@ class ModelRunner:
     def __init__(
         self, model: LlamaModel, cache_config: CacheConfig, kv_dtype: torch.dtype = torch.float32,
         batch_invariant: bool = False,
-        attention_backend: str = "torch",
+        attention_backend: str = "auto",
         keep_hidden: bool = False,
     ) -> None:
         self.model = model
         self.cache_config = cache_config
         self.batch_invariant = batch_invariant
-        self.attention_backend = attention_backend
+        self.attention_backend = resolve_attention_backend(attention_backend, kv_dtype)
         self.kv_cache = allocate_kv_cache(model.config, cache_config, kv_dtype)
         num_slots = cache_config.num_blocks * cache_config.block_size
         # [num_slots, hidden] float32, only for drafters that read the target's hidden states.

@@ -30,6 +30,7 @@ from torch import nn
 
 from specserve.engine.model import LlamaModel
 from specserve.engine.smoothing import DEFAULT_ALPHA, collect_input_absmax, smooth_
+from specserve.kernels import cpu_ops
 from specserve.errors import InvalidRequestError
 
 _INT8_MAX = 127
@@ -135,10 +136,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] float32 -> [..., out] float32
         rows = x.reshape(-1, self.in_features)  # [M, in]
-        # Per-row scale; `tiny` keeps an all-zero row at 0 instead of 0/0.
-        row_scale = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True)  # [M, 1]
-        row_scale = row_scale.clamp_min(torch.finfo(torch.float32).tiny) / _INT8_MAX
-        rows_int = rows.div(row_scale).round_()  # [M, in] float32, integers in [-127, 127]
+        if cpu_ops.applies(rows):  # the same values in one fused C++ call (kernels/csrc/rowwise_cpu.cpp)
+            rows_int, row_scale = torch.ops.specserve_cpu.quantize_rows(rows.contiguous())
+        else:
+            rows_int, row_scale = quantize_rows_ref(rows)
         # uint8 = rows_int + 128 exactly; the row scale is applied after, and the bias after that.
         out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             rows_int, 1.0, 128, self.packed_weight
@@ -147,6 +148,14 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             out = out.add_(self.bias)
         return out.view(*x.shape[:-1], self.out_features)
+
+
+def quantize_rows_ref(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 quantization of `rows` `# [M, in]`: the integers `# [M, in]` (as float32, in
+    [-127, 127]) and the scales `# [M, 1]`, absmax / 127; `tiny` keeps an all-zero row at 0, not 0/0."""
+    row_scale = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True)  # [M, 1]
+    row_scale = row_scale.clamp_min(torch.finfo(torch.float32).tiny) / _INT8_MAX
+    return rows.div(row_scale).round_(), row_scale
 
 
 def apply_weight_dtype(

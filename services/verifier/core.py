@@ -72,7 +72,7 @@ class VerifierCore:
     """Thread-safe: one step at a time (several routers may call)."""
 
     def __init__(self, model: LlamaModel, cache: CacheConfig, keep_hidden: bool = False,
-                 batch_invariant: bool = False, attention_backend: str = "torch") -> None:
+                 batch_invariant: bool = False, attention_backend: str = "auto") -> None:
         self.model = model
         self.cache = cache
         self.block_manager = BlockManager(cache.num_blocks, cache.block_size)

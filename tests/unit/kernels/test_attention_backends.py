@@ -1,7 +1,7 @@
-"""The model and the engine give the same results with the torch attention and with the Triton tree-attention
-kernel (backend "triton"; run here by the Triton interpreter on CPU, see tests/conftest.py), on a tiny
-random Llama: a ragged step mixing a fresh prefill, a token tree and a decode, and whole speculative
-generations."""
+"""The model and the engine give the same results with the torch attention, with the Triton tree-attention
+kernel (backend "triton"; run here by the Triton interpreter on CPU, see tests/conftest.py) and with the
+C++ CPU kernel (backend "cpu"), on a tiny random Llama: a ragged step mixing a fresh prefill, a token tree
+and a decode, and whole speculative generations."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from specserve.engine.model import LlamaModel
 from specserve.engine.model_runner import allocate_kv_cache
 from specserve.engine.verify import verify_layout
 from specserve.errors import InvalidRequestError
+from specserve.kernels import cpu_ops
 from specserve.kernels.paged_attention import build_attention_metadata
 
 BLOCK_SIZE = 4
@@ -50,12 +51,13 @@ def test_a_mixed_step_is_the_same_on_both_backends():
     query_lens, context_lens = [13, 5, 1], [13, 14, 22]
     tree_masks = [None, layout.tree_mask, None]
     logits = {}
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton", "cpu"):
         step_kv = [(k.clone(), v.clone()) for k, v in kv]
         meta = build_attention_metadata(query_lens, context_lens, [tables[0], tables[1], tables[2]], BLOCK_SIZE,
                                         tree_masks, backend=backend)
         logits[backend], _ = model(input_ids, positions, step_kv, meta, torch.arange(19))
     assert (logits["torch"] - logits["triton"]).abs().max() < 1e-4
+    assert (logits["torch"] - logits["cpu"]).abs().max() < 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +92,22 @@ def generate(model, tokenizer, backend: str, spec: SpecConfig, prompts: list[lis
     return [c.token_ids for c in completions], engine
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("speculate", [False, True])
-def test_engine_generates_the_same_on_both_backends(tiny_engine_model, tokenizer, speculate):
+def test_engine_generates_the_same_on_both_backends(tiny_engine_model, tokenizer, speculate, backend):
+    if backend == "cpu" and not cpu_ops.load():
+        pytest.skip("the C++ CPU kernel did not build here (no compiler)")
     prompts = [[10, 11, 12, 13, 10, 11, 12, 13, 10, 11], [500, 600, 700], list(range(300, 337))]
     spec = SpecConfig(method="ngram") if speculate else SpecConfig()  # the drafter is then ForkDrafter
     want, _ = generate(tiny_engine_model, tokenizer, "torch", spec, prompts)
-    got, engine = generate(tiny_engine_model, tokenizer, "triton", spec, prompts)
+    got, engine = generate(tiny_engine_model, tokenizer, backend, spec, prompts)
     assert got == want
     if speculate:
         assert engine.spec_stats.verify_steps > 0  # trees really went through the kernel
 
 
 def test_batch_invariance_is_a_torch_backend_option():
-    with pytest.raises(InvalidRequestError, match="only on the torch backend"):
+    with pytest.raises(InvalidRequestError, match="only on the cpu and torch backends"):
         EngineConfig(model_path="unused", attention_backend="triton", batch_invariant=True)
     with pytest.raises(InvalidRequestError, match="torch or triton"):
         EngineConfig(model_path="unused", attention_backend="flash")

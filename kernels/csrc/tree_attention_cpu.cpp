@@ -1,0 +1,267 @@
+// Paged tree attention for short query chunks on the CPU: decode rows, draft-tree verify rows.
+//
+// Same contract as tree_attention_ref (kernels/tree_attention.py), for a subset of the batch's sequences:
+// query row r of sequence s attends the s's committed prefix, positions [0, prefix_len), and those of
+// its new tokens j (at position prefix_len + j) whose tree-mask bit tree_mask[r][j] is set. Keys are
+// read where they lie in the paged cache, through the block table: nothing is gathered or copied.
+//
+// Work item = (sequence, KV head): the item scores all the sequence's query rows and the query heads that
+// share that KV head in one pass over its keys, so each prefix K/V row is read once per item (GQA, and a
+// verify step's tree rows share their prefix). Scores go to a per-thread buffer, compacted per row to the
+// keys it sees; the softmax is two-pass (max, then exp) and the output is the exp-weighted sum of V over
+// the sum of the weights.
+//
+// Every row is computed alone, in a fixed order of keys (position order, which is path order for a
+// tree: a node's ancestors come before it), with fixed-width partial sums: a row's output does not
+// depend on the other rows of the call or on the thread count. A verify row therefore equals the
+// decode row of the same token bit for bit, given the same K/V.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// 16 float32 lanes: one AVX-512 register, two AVX2 ones; GCC lowers the type to what the CPU has.
+typedef float Lanes __attribute__((vector_size(64)));
+typedef float Half __attribute__((vector_size(32)));
+typedef float Quarter __attribute__((vector_size(16)));
+constexpr int kLanes = 16;
+
+inline Lanes load_lanes(const float* x) {
+  Lanes v;
+  std::memcpy(&v, x, sizeof v);
+  return v;
+}
+
+inline void store_lanes(float* x, Lanes v) { std::memcpy(x, &v, sizeof v); }
+
+// Sum of the lanes in a fixed pairwise tree (halving shuffles, not a serial chain).
+inline float reduce_lanes(Lanes v) {
+  const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+// exp(x) for x <= 0 (scores minus their max): range reduction x = n ln2 + r, |r| <= ln2 / 2, and a
+// degree-6 polynomial for exp(r); relative error ~2 ulp. Branch-free, so its loop vectorizes.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // below this exp(x) underflows float32's normal range; the weight is ~0
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split into exact high and low parts
+  float p = 1.98756912e-4f;
+  p = p * r + 1.39819994e-3f;
+  p = p * r + 8.33345205e-3f;
+  p = p * r + 4.16657962e-2f;
+  p = p * r + 1.66666657e-1f;
+  p = p * r + 5.0e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += static_cast<int32_t>(n) << 23;  // times 2^n
+  float result;
+  std::memcpy(&result, &bits, sizeof result);
+  return result;
+}
+
+// Sum of x[0..n): lane l adds elements l, l + 16, ...; the order depends on n only.
+inline float sum(const float* x, int64_t n) {
+  Lanes acc = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc += load_lanes(x + i);
+  float tail[kLanes] = {};
+  std::memcpy(tail, x + i, sizeof(float) * (n - i));
+  return reduce_lanes(acc + load_lanes(tail));
+}
+
+// Dot product of two head_dim vectors; kD is head_dim when known at compile time (a multiple of 16),
+// else 0 and `n` says it.
+template <int kD>
+inline float dot(const float* a, const float* b, int64_t n) {
+  if constexpr (kD > 0) {
+    Lanes acc = {};
+    for (int d = 0; d < kD; d += kLanes) acc += load_lanes(a + d) * load_lanes(b + d);
+    return reduce_lanes(acc);
+  } else {
+    float acc[kLanes] = {};
+    for (int64_t d = 0; d < n; ++d) acc[d % kLanes] += a[d] * b[d];
+    return reduce_lanes(load_lanes(acc));
+  }
+}
+
+// out += w * v over a head_dim vector; with kD known the accumulator lives in registers.
+template <int kD>
+struct Accumulator {
+  Lanes lanes[kD / kLanes] = {};
+  explicit Accumulator(int64_t) {}
+  void add(float w, const float* v) {
+    for (int c = 0; c < kD / kLanes; ++c) lanes[c] += w * load_lanes(v + c * kLanes);
+  }
+  void store(float* out, float scale) const {
+    for (int c = 0; c < kD / kLanes; ++c) store_lanes(out + c * kLanes, lanes[c] * scale);
+  }
+};
+
+template <>
+struct Accumulator<0> {
+  std::vector<float> values;
+  explicit Accumulator(int64_t n) : values(n, 0.0f) {}
+  void add(float w, const float* v) {
+    for (size_t d = 0; d < values.size(); ++d) values[d] += w * v[d];
+  }
+  void store(float* out, float scale) const {
+    for (size_t d = 0; d < values.size(); ++d) out[d] = values[d] * scale;
+  }
+};
+
+struct Problem {
+  const float* q;       // [num_tokens, num_heads, head_dim]
+  const float* k;       // [num_slots, num_kv_heads, head_dim]
+  const float* v;
+  float* out;
+  const int32_t* tables;  // [num_seqs, max_blocks]
+  const int32_t* prefixes;
+  const int32_t* starts;
+  const int32_t* lens;
+  const bool* mask;     // [num_tokens, mask_stride]
+  int64_t num_heads, num_kv_heads, per_kv, head_dim, max_blocks, mask_stride, block_size;
+  float scale;
+};
+
+// One work item: every query row of sequence s, for the query heads that share KV head kv_head.
+// `scores` is the calling thread's scratch buffer.
+template <int kD>
+void attend(const Problem& p, int64_t s, int64_t kv_head, std::vector<float>& scores, std::vector<int64_t>& seen) {
+  const int64_t prefix = p.prefixes[s], rows = p.lens[s], first_row = p.starts[s], width = prefix + rows;
+  const int64_t per_kv = p.per_kv, head_dim = p.head_dim, block_size = p.block_size;
+  if (rows == 0) return;
+  const int32_t* table = p.tables + s * p.max_blocks;
+  auto slot_of = [&](int64_t pos) { return int64_t(table[pos / block_size]) * block_size + pos % block_size; };
+  auto k_row = [&](int64_t slot) { return p.k + (slot * p.num_kv_heads + kv_head) * head_dim; };
+  auto v_row = [&](int64_t slot) { return p.v + (slot * p.num_kv_heads + kv_head) * head_dim; };
+  auto q_vec = [&](int64_t r, int64_t h) { return p.q + ((first_row + r) * p.num_heads + kv_head * per_kv + h) * head_dim; };
+  auto visible = [&](int64_t r, int64_t j) { return p.mask[(first_row + r) * p.mask_stride + j]; };
+  // fn(i, slot) for each prefix position i, block by block (no division per key).
+  auto for_prefix = [&](auto&& fn) {
+    for (int64_t start = 0; start < prefix; start += block_size) {
+      const int64_t base = int64_t(table[start / block_size]) * block_size;
+      const int64_t count = std::min(block_size, prefix - start);
+      for (int64_t o = 0; o < count; ++o) fn(start + o, base + o);
+    }
+  };
+  scores.resize(rows * per_kv * width);  // [rows * per_kv, width]: each row's visible keys, compacted
+  seen.assign(rows, prefix);
+
+  // Scores: each prefix key is read once for all rows; then each row's visible new tokens.
+  for_prefix([&](int64_t i, int64_t slot) {
+    const float* k = k_row(slot);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t h = 0; h < per_kv; ++h) scores[(r * per_kv + h) * width + i] = dot<kD>(q_vec(r, h), k, head_dim) * p.scale;
+    }
+  });
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < rows; ++j) {
+      if (!visible(r, j)) continue;
+      const float* k = k_row(slot_of(prefix + j));
+      for (int64_t h = 0; h < per_kv; ++h) scores[(r * per_kv + h) * width + seen[r]] = dot<kD>(q_vec(r, h), k, head_dim) * p.scale;
+      ++seen[r];
+    }
+  }
+  // Softmax weights, unnormalised, then the weighted sum of V over the row's keys in the same order.
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t h = 0; h < per_kv; ++h) {
+      float* w = scores.data() + (r * per_kv + h) * width;
+      const int64_t n = seen[r];
+      const float top = *std::max_element(w, w + n);
+      for (int64_t i = 0; i < n; ++i) w[i] = exp_nonpositive(w[i] - top);
+      Accumulator<kD> acc(head_dim);
+      for_prefix([&](int64_t i, int64_t slot) { acc.add(w[i], v_row(slot)); });
+      int64_t index = prefix;
+      for (int64_t j = 0; j < rows; ++j) {
+        if (visible(r, j)) acc.add(w[index++], v_row(slot_of(prefix + j)));
+      }
+      acc.store(p.out + ((first_row + r) * p.num_heads + kv_head * per_kv + h) * head_dim, 1.0f / sum(w, n));
+    }
+  }
+}
+
+void tree_attention_cpu(
+    at::Tensor out,              // [num_tokens, num_heads, head_dim] float32, rows of these sequences written
+    const at::Tensor& q,         // [num_tokens, num_heads, head_dim] float32
+    const at::Tensor& k_cache,   // [num_slots, num_kv_heads, head_dim] float32
+    const at::Tensor& v_cache,   // [num_slots, num_kv_heads, head_dim] float32
+    const at::Tensor& block_tables,  // [num_seqs, max_blocks] int32
+    const at::Tensor& prefix_lens,   // [num_seqs] int32
+    const at::Tensor& row_starts,    // [num_seqs] int32, first row of each sequence in q
+    const at::Tensor& query_lens,    // [num_seqs] int32
+    const at::Tensor& tree_mask,     // [num_tokens, max_query_len] bool, indexed by q's row
+    int64_t block_size, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
+                  v_cache.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "tree_attention_cpu: float32 q, out and cache");
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes() && k_cache.dim() == 3, "tree_attention_cpu: q, out, cache shapes");
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "tree_attention_cpu: contiguous q, out and cache");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && prefix_lens.scalar_type() == at::kInt &&
+                  row_starts.scalar_type() == at::kInt && query_lens.scalar_type() == at::kInt,
+              "tree_attention_cpu: int32 index tensors");
+  TORCH_CHECK(block_tables.is_contiguous() && prefix_lens.is_contiguous() && row_starts.is_contiguous() &&
+                  query_lens.is_contiguous() && tree_mask.is_contiguous() && tree_mask.scalar_type() == at::kBool,
+              "tree_attention_cpu: contiguous index tensors and a bool tree mask");
+  const int64_t num_heads = q.size(1), head_dim = q.size(2), num_kv_heads = k_cache.size(1);
+  TORCH_CHECK(num_heads % num_kv_heads == 0 && k_cache.size(2) == head_dim && v_cache.sizes() == k_cache.sizes(),
+              "tree_attention_cpu: cache shape does not fit q");
+  const int64_t num_seqs = prefix_lens.size(0), num_slots = k_cache.size(0);
+  TORCH_CHECK(row_starts.size(0) == num_seqs && query_lens.size(0) == num_seqs && block_tables.size(0) == num_seqs &&
+                  tree_mask.size(0) == q.size(0), "tree_attention_cpu: per-sequence tensors disagree");
+  Problem p{q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>(),
+            block_tables.data_ptr<int32_t>(), prefix_lens.data_ptr<int32_t>(), row_starts.data_ptr<int32_t>(),
+            query_lens.data_ptr<int32_t>(), tree_mask.data_ptr<bool>(),
+            num_heads, num_kv_heads, num_heads / num_kv_heads, head_dim, block_tables.size(1), tree_mask.size(1),
+            block_size, static_cast<float>(scale)};
+  // Checked here, before any thread starts: a bad index would read outside the cache.
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t prefix = p.prefixes[s], rows = p.lens[s], start = p.starts[s];
+    TORCH_CHECK(prefix >= 0 && rows >= 0 && rows <= p.mask_stride, "tree_attention_cpu: bad lengths");
+    const int64_t blocks = (prefix + rows + block_size - 1) / block_size;
+    TORCH_CHECK(blocks <= p.max_blocks, "tree_attention_cpu: context longer than its block table");
+    TORCH_CHECK(start >= 0 && start + rows <= q.size(0), "tree_attention_cpu: rows outside q");
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t block = p.tables[s * p.max_blocks + b];
+      TORCH_CHECK(block >= 0 && (block + 1) * block_size <= num_slots, "tree_attention_cpu: block out of range");
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      TORCH_CHECK(p.mask[(start + r) * p.mask_stride + r], "tree_attention_cpu: a query row must see its own token");
+    }
+  }
+  // Work item = (sequence, KV head), in that order.
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<int64_t> seen;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / num_kv_heads, kv_head = item % num_kv_heads;
+      switch (head_dim) {
+        case 64: attend<64>(p, s, kv_head, scores, seen); break;
+        case 128: attend<128>(p, s, kv_head, scores, seen); break;
+        default: attend<0>(p, s, kv_head, scores, seen);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(specserve_cpu, m) {
+  m.def("tree_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor prefix_lens, Tensor row_starts, Tensor query_lens, Tensor tree_mask, int block_size, "
+        "float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(specserve_cpu, CPU, m) { m.impl("tree_attention", &tree_attention_cpu); }

@@ -1,0 +1,227 @@
+"""The C++ CPU tree-attention kernel (kernels/csrc/tree_attention_cpu.cpp) against the plain-torch
+reference `tree_attention_ref`, its batch invariance, its input checks, and the "cpu" backend's split
+of a step between the kernel and SDPA groups.
+
+Cache slots that hold no token of a sequence are NaN, so a key read from outside a row's context shows
+up as a NaN in the output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from specserve.kernels import cpu_ops
+from specserve.kernels.paged_attention import (
+    CPU_KERNEL_MAX_QUERY,
+    build_attention_metadata,
+    paged_attention,
+    paged_attention_ref,
+    resolve_attention_backend,
+)
+from specserve.kernels.tree_attention import tree_attention_ref
+
+pytestmark = pytest.mark.skipif(not cpu_ops.load(), reason="the C++ CPU kernel did not build here (no compiler)")
+
+
+def ancestor_mask(parents: list[int]) -> torch.Tensor:  # [n, n] bool, node i sees itself and its ancestors
+    mask = torch.eye(len(parents), dtype=torch.bool)
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            mask[i] |= mask[parent]
+    return mask
+
+
+def chain(n: int) -> list[int]:
+    return [-1] + list(range(n - 1))
+
+
+def random_tree(n: int, gen: torch.Generator) -> list[int]:
+    return [-1] + [int(torch.randint(0, i, (), generator=gen)) for i in range(1, n)]
+
+
+class Case:
+    """Sequences (prefix_len, parents of the new tokens) laid out in a NaN-filled paged cache."""
+
+    def __init__(self, seqs: list[tuple[int, list[int]]], num_heads: int, num_kv_heads: int, head_dim: int,
+                 block_size: int, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.block_size = block_size
+        query_lens = [len(parents) for _, parents in seqs]
+        context_lens = [prefix + q for (prefix, _), q in zip(seqs, query_lens)]
+        blocks_needed = [-(-ctx // block_size) for ctx in context_lens]
+        num_blocks = sum(blocks_needed) + 3
+        order = torch.randperm(num_blocks, generator=gen).tolist()  # blocks scattered, out of order
+        self.tables, used = [], 0
+        for n in blocks_needed:
+            self.tables.append(order[used : used + n])
+            used += n
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = torch.full(shape, float("nan"))
+        self.v = torch.full(shape, float("nan"))
+        for table, ctx in zip(self.tables, context_lens):
+            for pos in range(ctx):
+                slot = table[pos // block_size] * block_size + pos % block_size
+                self.k[slot] = torch.randn(num_kv_heads, head_dim, generator=gen)
+                self.v[slot] = torch.randn(num_kv_heads, head_dim, generator=gen)
+        self.q = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen)
+        self.prefix_lens = [prefix for prefix, _ in seqs]
+        self.query_lens = query_lens
+        self.masks = [ancestor_mask(parents) for _, parents in seqs]
+        self.scale = head_dim**-0.5
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        starts = [0]
+        for q in self.query_lens:
+            starts.append(starts[-1] + q)
+        max_blocks = max(len(t) for t in self.tables)
+        tables = torch.zeros(len(self.tables), max_blocks, dtype=torch.int32)
+        for i, t in enumerate(self.tables):
+            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        mask = torch.zeros(starts[-1], max(self.query_lens), dtype=torch.bool)
+        for start, m in zip(starts, self.masks):
+            mask[start : start + m.shape[0], : m.shape[0]] = m
+        return dict(block_tables=tables, prefix_lens=torch.tensor(self.prefix_lens, dtype=torch.int32),
+                    query_start_loc=torch.tensor(starts, dtype=torch.int32), tree_mask=mask)
+
+    def reference(self) -> torch.Tensor:
+        t = self.tensors()
+        return tree_attention_ref(self.q, self.k, self.v, t["block_tables"], t["prefix_lens"], t["query_start_loc"],
+                                  t["tree_mask"], self.scale, self.block_size)
+
+    def kernel(self, seqs: list[int] | None = None) -> torch.Tensor:
+        """The kernel over sequences `seqs` (default all); rows of other sequences stay NaN."""
+        t = self.tensors()
+        seqs = list(range(len(self.tables))) if seqs is None else seqs
+        index = torch.tensor(seqs)
+        out = torch.full_like(self.q, float("nan"))
+        torch.ops.specserve_cpu.tree_attention(
+            out, self.q, self.k, self.v, t["block_tables"][index].contiguous(), t["prefix_lens"][index].contiguous(),
+            t["query_start_loc"][:-1][index].contiguous(), torch.tensor(self.query_lens, dtype=torch.int32)[index],
+            t["tree_mask"], self.block_size, self.scale)
+        return out
+
+
+@pytest.mark.parametrize("head_dim", [64, 16, 24])  # 64: the compiled-for head size; 16, 24: the generic path
+@pytest.mark.parametrize("heads", [(9, 3), (4, 4)])
+@pytest.mark.parametrize("block_size", [16, 4])
+def test_kernel_matches_the_reference(head_dim, heads, block_size):
+    gen = torch.Generator().manual_seed(head_dim + block_size)
+    seqs = [
+        (37, [-1]),  # a decode
+        (0, chain(1)),  # the first token of a sequence
+        (130, random_tree(12, gen)),  # a draft tree crossing block boundaries
+        (5, chain(16)),  # a prefill chunk, causal
+        (64, [-1, 0, 0, 0, 1, 4]),  # a wide tree whose prefix fills whole blocks
+        (200, [-1]),
+    ]
+    case = Case(seqs, *heads, head_dim=head_dim, block_size=block_size)
+    got, want = case.kernel(), case.reference()
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_kernel_writes_only_its_sequences_rows():
+    case = Case([(10, [-1]), (20, chain(3)), (30, [-1])], 6, 2, head_dim=64, block_size=16)
+    got, want = case.kernel(seqs=[0, 2]), case.reference()
+    torch.testing.assert_close(got[[0, 4]], want[[0, 4]], atol=2e-6, rtol=1e-5)
+    assert got[1:4].isnan().all()  # sequence 1's rows were not the kernel's to write
+
+
+def test_a_row_does_not_depend_on_the_rest_of_the_batch():
+    """Bitwise: a tree row of a verify step (beside other sequences) equals the decode of that token
+    alone, with only its path in the cache, at any thread count."""
+    parents = [-1, 0, 0, 1, 3]  # node 4's path: 0, 1, 3, 4 (not its cousin 2)
+    tree = Case([(50, parents), (300, [-1]), (7, chain(4))], 9, 3, head_dim=64, block_size=16, seed=5)
+    got_tree = tree.kernel()
+    alone = Case([(53, [-1])], 9, 3, head_dim=64, block_size=16, seed=6)
+    alone.tables = [tree.tables[0][:4]]  # the same prefix blocks; the path is written after the prefix
+    alone.k, alone.v, alone.q = tree.k.clone(), tree.v.clone(), tree.q[4:5].clone()
+    for depth, node in enumerate([0, 1, 3, 4]):
+        table = tree.tables[0]
+        src = table[(50 + node) // 16] * 16 + (50 + node) % 16
+        dst = table[(50 + depth) // 16] * 16 + (50 + depth) % 16
+        alone.k[dst], alone.v[dst] = tree.k[src], tree.v[src]
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.equal(alone.kernel()[0], got_tree[4])
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_bad_metadata_is_an_error_not_a_crash():
+    case = Case([(20, [-1])], 4, 2, head_dim=16, block_size=4)
+    t = case.tensors()
+    out = torch.empty_like(case.q)
+    args = dict(prefix_lens=t["prefix_lens"], row_starts=t["query_start_loc"][:-1].contiguous(),
+                query_lens=torch.tensor([1], dtype=torch.int32), tree_mask=t["tree_mask"])
+    bad_table = t["block_tables"].clone()
+    bad_table[0, 2] = 10_000  # a block past the cache
+    with pytest.raises(RuntimeError, match="block out of range"):
+        torch.ops.specserve_cpu.tree_attention(out, case.q, case.k, case.v, bad_table, *args.values(), 4, 0.25)
+    with pytest.raises(RuntimeError, match="longer than its block table"):
+        torch.ops.specserve_cpu.tree_attention(out, case.q, case.k, case.v, t["block_tables"][:, :2].contiguous(),
+                                               *args.values(), 4, 0.25)
+    with pytest.raises(RuntimeError, match="must see its own token"):
+        torch.ops.specserve_cpu.tree_attention(out, case.q, case.k, case.v, t["block_tables"], args["prefix_lens"],
+                                               args["row_starts"], args["query_lens"], ~t["tree_mask"], 4, 0.25)
+
+
+def test_the_cpu_backend_splits_a_step_between_kernel_and_sdpa():
+    """A long prefill chunk goes to SDPA, decodes, trees and short chunks to the kernel; the combined
+    output equals the torch backend's."""
+    long_chunk = CPU_KERNEL_MAX_QUERY + 9
+    seqs = [(0, chain(long_chunk)), (40, [-1, 0, 0, 1]), (17, [-1]), (3, chain(5))]
+    case = Case(seqs, 9, 3, head_dim=64, block_size=16)
+    query_lens = case.query_lens
+    context_lens = [p + q for p, q in zip(case.prefix_lens, query_lens)]
+    tree_masks = [None, case.masks[1].tolist(), None, None]
+    metas = {backend: build_attention_metadata(query_lens, context_lens, case.tables, 16, tree_masks, backend=backend)
+             for backend in ("torch", "cpu")}
+    cpu = metas["cpu"]
+    assert cpu.cpu_args is not None and cpu.cpu_args.row_starts.tolist() == [long_chunk, long_chunk + 4,
+                                                                               long_chunk + 5]
+    assert [g.token_index.numel() for g in cpu.groups] == [long_chunk]
+    got = paged_attention(case.q, case.k, case.v, cpu, case.scale)
+    want = paged_attention_ref(case.q, case.k, case.v, metas["torch"], case.scale)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_auto_backend_falls_back_to_torch_without_the_kernel(tmp_path):
+    """A failed build (here: a compiler that always fails) warns once and leaves attention on torch."""
+    script = (
+        "import warnings\n"
+        "from specserve.kernels.paged_attention import resolve_attention_backend\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    print(resolve_attention_backend('auto'), len([w for w in caught if 'plain torch' in str(w.message)]))\n"
+    )
+    env = {**os.environ, "SPECSERVE_HOME": str(tmp_path), "CXX": "false"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["torch", "1"]
+    env = {**os.environ, "SPECSERVE_CPU_KERNELS": "0"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["torch", "0"]
+
+
+def test_auto_backend_picks_the_kernel_for_a_float32_cache():
+    assert resolve_attention_backend("auto") == "cpu"
+    assert resolve_attention_backend("auto", kv_dtype=torch.bfloat16) == "torch"
+    assert resolve_attention_backend("torch") == "torch"
+
+
+def test_batch_invariant_steps_send_every_row_to_the_kernel():
+    seqs = [(0, chain(CPU_KERNEL_MAX_QUERY + 9)), (17, [-1])]
+    case = Case(seqs, 9, 3, head_dim=64, block_size=16)
+    context_lens = [p + q for p, q in zip(case.prefix_lens, case.query_lens)]
+    meta = build_attention_metadata(case.query_lens, context_lens, case.tables, 16, backend="cpu",
+                                    batch_invariant=True)
+    assert meta.groups == [] and meta.cpu_args.query_lens.tolist() == case.query_lens
+    torch.testing.assert_close(paged_attention(case.q, case.k, case.v, meta, case.scale), case.reference(),
+                               atol=2e-6, rtol=1e-5)
