@@ -35,7 +35,7 @@ from specserve.engine.model import Attention, LlamaModel
 from specserve.engine.model_runner import allocate_kv_cache
 from specserve.engine.quant import BF16Linear, Int8Linear, PackedLinear
 from specserve.engine.tokenizer import Tokenizer
-from specserve.kernels.paged_attention import build_attention_metadata
+from specserve.kernels.paged_attention import build_attention_metadata, resolve_attention_backend
 from specserve.model_fetch import ensure_default_model, specserve_home
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -343,7 +343,8 @@ def doc_section(bench: Bench, load_average: float, tables: str) -> str:
 - Model: SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32 at load. specserve runs it with
   float32, bfloat16 (bf16 weights, fp32 activations) or int8 weights (W8A8: per-channel int8 weights,
   per-token int8 activations); transformers loads the same GGUF in float32; llama.cpp, when installed,
-  runs the Q4_1 file as it is.
+  runs the Q4_1 file as it is. specserve's attention backend: {resolve_attention_backend("auto")} (the default
+  "auto"; "cpu" is the C++ kernel of kernels/csrc/ for decode rows, SDPA for prefill chunks over 16 tokens).
 - Prompts: {len(prompts)} Spec-Bench first-turn questions, evenly spaced over the file sorted by (category,
   id); specserve's tokenizer applies the chat template and every system gets the same token ids.
   Question ids: {ids}.
@@ -358,7 +359,7 @@ def doc_section(bench: Bench, load_average: float, tables: str) -> str:
   question/answer text, scored in independent {PPL_CHUNK}-token chunks.
 - Step profile: prompt {prompts[0].question_id}, {PROFILE_WARMUP_STEPS} warm-up decode steps, then the mean of
   {PROFILE_STEPS}; times from forward hooks. Linear: every projection and the LM head (int8: with the
-  activation quantization); attention: RoPE, KV write, gather and SDPA; other: norms, SiLU, embedding,
+  activation quantization); attention: RoPE, KV write and the attention kernel; other: norms, SiLU, embedding,
   residual adds; bookkeeping: `step()` minus the forward (schedule, tensors, attention metadata,
   sampling, detokenization).
 

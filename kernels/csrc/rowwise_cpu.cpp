@@ -1,5 +1,5 @@
-// Row-wise ops of a decode step fused into one call each: RMSNorm, and the per-row int8 quantization of
-// a linear's input (engine/quant.py, Int8Linear). At batch 1 these are a few hundred elements per row,
+// Row-wise ops of a decode step fused into one call each: RMSNorm, the per-row int8 quantization of
+// a linear's input (engine/quant.py, Int8Linear), and RoPE with the KV-cache write (engine/model.py). At batch 1 these are a few hundred elements per row,
 // so torch's chain of ops (pow, mean, add, rsqrt, mul, mul; amax, clamp, div, div, round) costs far more
 // in per-op dispatch than in arithmetic. Each row is computed alone, in a fixed order: batch-invariant.
 // References: F.rms_norm and Int8Linear.quantize_rows_ref (tests/unit/kernels/test_rowwise_cpu.py).
@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -76,14 +77,67 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   return {q, scales};
 }
 
+// The attention prologue of one layer: RoPE on the Q and K heads of the fused QKV projection's output
+// (channel pairs adjacent, engine/model.py), K and V written to their cache slots, Q returned
+// `[num_tokens, num_heads, head_dim]`. Replaces ~12 small torch ops (slices, complex views, the
+// rotation, two index_copy_, a contiguous copy). A pair (x, y) rotated by (c, s) is (xc - ys, xs + yc),
+// the complex product the torch path computes.
+at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& rotations, at::Tensor k_cache, at::Tensor v_cache,
+                         const at::Tensor& slot_mapping, int64_t num_heads, int64_t num_kv_heads) {
+  check_rows(qkv, "rope_write_kv");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
+              "rope_write_kv: contiguous float32 caches of one shape");
+  const int64_t head_dim = k_cache.size(2), tokens = qkv.size(0), num_slots = k_cache.size(0);
+  TORCH_CHECK(k_cache.size(1) == num_kv_heads && head_dim % 2 == 0 &&
+                  qkv.numel() == tokens * (num_heads + 2 * num_kv_heads) * head_dim,
+              "rope_write_kv: qkv does not fit the heads");
+  TORCH_CHECK(rotations.scalar_type() == at::kFloat && rotations.is_contiguous() &&
+                  rotations.numel() == tokens * head_dim, "rope_write_kv: float32 (cos, sin) pairs per token");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() && slot_mapping.numel() == tokens,
+              "rope_write_kv: one int64 slot per token");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, "rope_write_kv: slot out of range");
+  }
+  at::Tensor q = at::empty({tokens, num_heads, head_dim}, qkv.options());
+  const float* in = qkv.data_ptr<float>();
+  const float* rot = rotations.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  float* kp = k_cache.data_ptr<float>();
+  float* vp = v_cache.data_ptr<float>();
+  const int64_t width = (num_heads + 2 * num_kv_heads) * head_dim, kv_width = num_kv_heads * head_dim;
+  at::parallel_for(0, tokens, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* row = in + t * width;
+      const float* cs = rot + t * head_dim;  // [head_dim / 2, 2]
+      auto rotate = [&](const float* x, float* out) {
+        for (int64_t i = 0; i < head_dim / 2; ++i) {
+          const float a = x[2 * i], b = x[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
+          out[2 * i] = a * c - b * s;
+          out[2 * i + 1] = a * s + b * c;
+        }
+      };
+      for (int64_t h = 0; h < num_heads; ++h) rotate(row + h * head_dim, qp + (t * num_heads + h) * head_dim);
+      float* k_slot = kp + slots[t] * kv_width;
+      for (int64_t h = 0; h < num_kv_heads; ++h) rotate(row + (num_heads + h) * head_dim, k_slot + h * head_dim);
+      std::memcpy(vp + slots[t] * kv_width, row + (num_heads + num_kv_heads) * head_dim, sizeof(float) * kv_width);
+    }
+  });
+  return q;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(specserve_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
+  m.def("rope_write_kv(Tensor qkv, Tensor rotations, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
+        "int num_heads, int num_kv_heads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(specserve_cpu, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("quantize_rows", &quantize_rows);
+  m.impl("rope_write_kv", &rope_write_kv);
 }

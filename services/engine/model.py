@@ -106,12 +106,17 @@ class Attention(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, hidden]
-        qkv = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)  # [num_tokens, H + 2 Hkv, D]
-        # Q and K heads are adjacent, so one rotation covers both.
-        qk = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], rope)
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        v = qkv[:, self.num_heads + self.num_kv_heads :]
-        write_kv(*kv_cache, k, v, meta.slot_mapping)
+        qkv = self.qkv_proj(x)  # [num_tokens, (H + 2 Hkv) * D]
+        if cpu_ops.applies(qkv) and kv_cache[0].dtype == torch.float32:  # one fused C++ call for the lines below
+            q = torch.ops.specserve_cpu.rope_write_kv(qkv.contiguous(), torch.view_as_real(rope), *kv_cache, meta.slot_mapping,
+                                                      self.num_heads, self.num_kv_heads)
+        else:
+            qkv = qkv.view(x.shape[0], -1, self.head_dim)  # [num_tokens, H + 2 Hkv, D]
+            # Q and K heads are adjacent, so one rotation covers both.
+            qk = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], rope)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+            v = qkv[:, self.num_heads + self.num_kv_heads :]
+            write_kv(*kv_cache, k, v, meta.slot_mapping)
         out = paged_attention(q, *kv_cache, meta, self.scale)  # [num_tokens, H, D]
         return self.o_proj(out.reshape(x.shape[0], -1))
 

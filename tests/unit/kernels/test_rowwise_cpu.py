@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specserve.engine.model import RMSNorm
+from specserve.engine.config import ModelConfig
+from specserve.engine.model import RMSNorm, Rotary, apply_rope
 from specserve.engine.quant import quantize_rows_ref
 from specserve.kernels import cpu_ops
+from specserve.kernels.paged_attention import write_kv
 
 pytestmark = pytest.mark.skipif(not cpu_ops.load(), reason="the C++ CPU kernels did not build here (no compiler)")
 
@@ -65,3 +67,34 @@ def test_the_model_norm_uses_the_fused_op_only_without_gradients():
         assert torch.equal(norm(y), torch.ops.specserve_cpu.rms_norm(y, norm.weight, 1e-5))
     assert not cpu_ops.applies(x, norm.weight)
     assert not cpu_ops.applies(torch.randn(3, 16, dtype=torch.float64))
+
+
+def test_rope_write_kv_matches_the_torch_path():
+    heads, kv_heads, head_dim, tokens, slots = 9, 3, 64, 5, 40
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    positions = torch.tensor([0, 7, 8, 300, 2047])
+    config = ModelConfig(vocab_size=8, hidden_size=heads * head_dim, intermediate_size=8, num_layers=1,
+                         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, max_position_embeddings=2048)
+    rope = Rotary(config).tables(positions)
+    slot_mapping = torch.tensor([3, 17, 18, 0, 39])
+    caches = {name: (torch.zeros(slots, kv_heads, head_dim), torch.zeros(slots, kv_heads, head_dim))
+              for name in ("fused", "torch")}
+    got_q = torch.ops.specserve_cpu.rope_write_kv(qkv, torch.view_as_real(rope), *caches["fused"], slot_mapping,
+                                                  heads, kv_heads)
+    split = qkv.view(tokens, -1, head_dim)
+    qk = apply_rope(split[:, : heads + kv_heads], rope)
+    write_kv(*caches["torch"], qk[:, heads:], split[:, heads + kv_heads :], slot_mapping)
+    torch.testing.assert_close(got_q, qk[:, :heads], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(caches["fused"][0], caches["torch"][0], atol=1e-6, rtol=1e-6)
+    assert torch.equal(caches["fused"][1], caches["torch"][1])  # V is copied, not computed
+    untouched = torch.ones(slots, dtype=torch.bool)
+    untouched[slot_mapping] = False
+    assert (caches["fused"][0][untouched] == 0).all()
+
+
+def test_rope_write_kv_refuses_a_slot_outside_the_cache():
+    qkv, rope = torch.randn(1, 5 * 8), torch.view_as_real(torch.ones(1, 1, 4, dtype=torch.complex64))
+    k, v = torch.zeros(4, 1, 8), torch.zeros(4, 1, 8)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        torch.ops.specserve_cpu.rope_write_kv(qkv, rope, k, v, torch.tensor([4]), 3, 1)
