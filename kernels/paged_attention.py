@@ -188,20 +188,28 @@ def _kernel_args(
 ) -> KernelArgs:
     """The kernel's layout: one row per sequence of the block table, and each new token's row of its tree
     mask (causal among the new tokens when the sequence has no tree)."""
-    max_blocks = max(len(table) for table in block_tables)
-    tables = torch.zeros(len(block_tables), max_blocks, dtype=torch.int32)
-    for i, table in enumerate(block_tables):
-        tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
-    max_query_len = max(query_lens)
-    mask = torch.zeros(sum(query_lens), max_query_len, dtype=torch.bool)  # [num_tokens, max_query_len]
+    tables = _int32_tables(block_tables)
+    mask = torch.zeros(sum(query_lens), max(query_lens), dtype=torch.bool)  # [num_tokens, max_query_len]
     row = 0
     for q, tree_mask in zip(query_lens, tree_masks):
-        own = torch.ones(q, q, dtype=torch.bool).tril() if tree_mask is None else torch.tensor(tree_mask)
-        mask[row : row + q, :q] = own
+        mask[row : row + q, :q] = _new_token_mask(q, tree_mask)
         row += q
     prefix_lens = torch.tensor([c - q for q, c in zip(query_lens, context_lens)], dtype=torch.int32)
     starts = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     return KernelArgs(tables, prefix_lens, starts, mask, block_size)
+
+
+def _int32_tables(block_tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one `# [num_seqs, max_blocks]` int32 tensor, padded with 0."""
+    tables = torch.zeros(len(block_tables), max(len(t) for t in block_tables), dtype=torch.int32)
+    for i, table in enumerate(block_tables):
+        tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    return tables
+
+
+def _new_token_mask(query_len: int, tree_mask: list[list[bool]] | None) -> torch.Tensor:
+    """Which new tokens each new token sees `# [query_len, query_len]`: its tree mask, else causal."""
+    return torch.ones(query_len, query_len, dtype=torch.bool).tril() if tree_mask is None else torch.tensor(tree_mask)
 
 
 def _cpu_kernel_args(
@@ -214,16 +222,11 @@ def _cpu_kernel_args(
     on_kernel: list[bool],
 ) -> CpuKernelArgs:
     members = [i for i, kernel in enumerate(on_kernel) if kernel]
-    max_blocks = max(len(block_tables[i]) for i in members)
-    tables = torch.zeros(len(members), max_blocks, dtype=torch.int32)
-    for row, i in enumerate(members):
-        tables[row, : len(block_tables[i])] = torch.tensor(block_tables[i], dtype=torch.int32)
+    tables = _int32_tables([block_tables[i] for i in members])
     max_query_len = max(query_lens[i] for i in members)
     mask = torch.zeros(starts[-1], max_query_len, dtype=torch.bool)  # [num_tokens, max_query_len]
     for i in members:
-        q = query_lens[i]
-        own = torch.ones(q, q, dtype=torch.bool).tril() if tree_masks[i] is None else torch.tensor(tree_masks[i])
-        mask[starts[i] : starts[i] + q, :q] = own
+        mask[starts[i] : starts[i] + query_lens[i], : query_lens[i]] = _new_token_mask(query_lens[i], tree_masks[i])
     as_int32 = lambda values: torch.tensor(values, dtype=torch.int32)  # noqa: E731
     return CpuKernelArgs(
         block_tables=tables,

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from specserve.engine.draft_tree import DraftTree
 from specserve.kernels import cpu_ops
 from specserve.kernels.paged_attention import (
     CPU_KERNEL_MAX_QUERY,
@@ -29,11 +30,7 @@ pytestmark = pytest.mark.skipif(not cpu_ops.load(), reason="the C++ CPU kernel d
 
 
 def ancestor_mask(parents: list[int]) -> torch.Tensor:  # [n, n] bool, node i sees itself and its ancestors
-    mask = torch.eye(len(parents), dtype=torch.bool)
-    for i, parent in enumerate(parents):
-        if parent >= 0:
-            mask[i] |= mask[parent]
-    return mask
+    return torch.tensor(DraftTree(list(range(len(parents))), parents, [1.0] * len(parents)).ancestor_mask())
 
 
 def chain(n: int) -> list[int]:
