@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from specserve.kernels import cpu_ops
+
 
 @dataclass
 class AttentionGroup:
@@ -74,8 +76,6 @@ CPU_KERNEL_MAX_QUERY = 16
 def resolve_attention_backend(name: str, kv_dtype: torch.dtype = torch.float32) -> str:
     """ "auto" -> "cpu" where the C++ kernel builds and loads (for a float32 cache), else "torch"; "cpu" is
     checked to load; other names unchanged."""
-    from specserve.kernels import cpu_ops
-
     if name == "auto":
         return "cpu" if kv_dtype == torch.float32 and cpu_ops.load() else "torch"
     if name == "cpu" and not cpu_ops.load():
