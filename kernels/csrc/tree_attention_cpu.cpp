@@ -5,11 +5,12 @@
 // its new tokens j (at position prefix_len + j) whose tree-mask bit tree_mask[r][j] is set. Keys are
 // read where they lie in the paged cache, through the block table: nothing is gathered or copied.
 //
-// Work item = (sequence, KV head): the item scores all the sequence's query rows and the query heads that
-// share that KV head in one pass over its keys, so each prefix K/V row is read once per item (GQA, and a
-// verify step's tree rows share their prefix). Scores go to a per-thread buffer, compacted per row to the
-// keys it sees; the softmax is two-pass (max, then exp) and the output is the exp-weighted sum of V over
-// the sum of the weights.
+// Work item = (sequence, KV head, part): the item scores its share of the sequence's (query row, query
+// head) pairs for the query heads that share that KV head, in one pass over the keys, so each prefix K/V
+// row is read once per item (GQA, and a verify step's tree rows share their prefix). Prefix keys are
+// scored 8 at a time with one shuffle reduction for the 8. Scores go to a per-thread buffer, compacted
+// per row to the keys it sees; the softmax is two-pass (max, then exp) and the output is the
+// exp-weighted sum of V over the sum of the weights.
 //
 // Every row is computed alone, in a fixed order of keys (position order, which is path order for a
 // tree: a node's ancestors come before it), with fixed-width partial sums: a row's output does not
@@ -135,18 +136,56 @@ struct Problem {
   float scale;
 };
 
-// One work item: every query row of sequence s, for the query heads that share KV head kv_head.
-// `scores` is the calling thread's scratch buffer.
+// Scores of 8 keys at once, each bit for bit `dot<kD>` of that key: the same per-lane products, summed
+// in the same order, then reduced with exactly reduce_lanes' pairs (its halves, then quarters, then
+// (q0 + q2) + (q1 + q3)), but by shuffles across the 8 keys instead of one key at a time.
+constexpr int kTile = 8;
+
+inline void reduce_lanes_8(const Lanes (&acc)[kTile], float* out) {
+  Half h[kTile];
+  for (int t = 0; t < kTile; ++t) {
+    h[t] = __builtin_shufflevector(acc[t], acc[t], 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(acc[t], acc[t], 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+  Half q[kTile / 2];  // q[t / 2] = [quarters of key t, quarters of key t + 1]
+  for (int t = 0; t < kTile; t += 2) {
+    q[t / 2] = __builtin_shufflevector(h[t], h[t + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+               __builtin_shufflevector(h[t], h[t + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+  // s[i] = [key 4i: q0+q2, q1+q3, key 4i+2: .., .., key 4i+1: .., .., key 4i+3: .., ..]
+  Half s[2];
+  for (int i = 0; i < 2; ++i) {
+    s[i] = __builtin_shufflevector(q[2 * i], q[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(q[2 * i], q[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  // keys in the order 0, 2, 1, 3, 4, 6, 5, 7
+  const Half r = __builtin_shufflevector(s[0], s[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+                 __builtin_shufflevector(s[0], s[1], 1, 3, 5, 7, 9, 11, 13, 15);
+  const Half ordered = __builtin_shufflevector(r, r, 0, 2, 1, 3, 4, 6, 5, 7);
+  std::memcpy(out, &ordered, sizeof ordered);
+}
+
+// One work item: the units [unit_begin, unit_end) of sequence s and KV head kv_head, unit u being query
+// row u / per_kv and query head u % per_kv of those sharing the KV head. An item scores its units in
+// one pass over the keys, so each prefix K row is read once per item (GQA, and a verify step's tree rows
+// share their prefix). How units are split into items never changes a unit's result.
 template <int kD>
-void attend(const Problem& p, int64_t s, int64_t kv_head, std::vector<float>& scores, std::vector<int64_t>& seen) {
+void attend(const Problem& p, int64_t s, int64_t kv_head, int64_t unit_begin, int64_t unit_end,
+            std::vector<float>& scores, std::vector<int64_t>& seen) {
   const int64_t prefix = p.prefixes[s], rows = p.lens[s], first_row = p.starts[s], width = prefix + rows;
   const int64_t per_kv = p.per_kv, head_dim = p.head_dim, block_size = p.block_size;
-  if (rows == 0) return;
+  const int64_t units = unit_end - unit_begin;
+  if (units <= 0) return;
   const int32_t* table = p.tables + s * p.max_blocks;
+  const int64_t slot_stride = p.num_kv_heads * head_dim;  // floats between the K rows of adjacent slots
   auto slot_of = [&](int64_t pos) { return int64_t(table[pos / block_size]) * block_size + pos % block_size; };
   auto k_row = [&](int64_t slot) { return p.k + (slot * p.num_kv_heads + kv_head) * head_dim; };
   auto v_row = [&](int64_t slot) { return p.v + (slot * p.num_kv_heads + kv_head) * head_dim; };
-  auto q_vec = [&](int64_t r, int64_t h) { return p.q + ((first_row + r) * p.num_heads + kv_head * per_kv + h) * head_dim; };
+  auto row_of = [&](int64_t u) { return (unit_begin + u) / per_kv; };
+  auto q_vec = [&](int64_t u) {
+    const int64_t unit = unit_begin + u;
+    return p.q + ((first_row + unit / per_kv) * p.num_heads + kv_head * per_kv + unit % per_kv) * head_dim;
+  };
   auto visible = [&](int64_t r, int64_t j) { return p.mask[(first_row + r) * p.mask_stride + j]; };
   // fn(i, slot) for each prefix position i, block by block (no division per key).
   auto for_prefix = [&](auto&& fn) {
@@ -156,39 +195,59 @@ void attend(const Problem& p, int64_t s, int64_t kv_head, std::vector<float>& sc
       for (int64_t o = 0; o < count; ++o) fn(start + o, base + o);
     }
   };
-  scores.resize(rows * per_kv * width);  // [rows * per_kv, width]: each row's visible keys, compacted
-  seen.assign(rows, prefix);
+  scores.resize(units * width);  // [units, width]: each unit's visible keys, compacted
+  seen.assign(units, prefix);
 
-  // Scores: each prefix key is read once for all rows; then each row's visible new tokens.
-  for_prefix([&](int64_t i, int64_t slot) {
-    const float* k = k_row(slot);
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t h = 0; h < per_kv; ++h) scores[(r * per_kv + h) * width + i] = dot<kD>(q_vec(r, h), k, head_dim) * p.scale;
+  // Scores: each prefix key is read once for all units, in tiles of kTile slots that lie together in a
+  // block; then each unit's visible new tokens.
+  for (int64_t start = 0; start < prefix; start += block_size) {
+    const int64_t base = int64_t(table[start / block_size]) * block_size;
+    const int64_t count = std::min(block_size, prefix - start);
+    int64_t o = 0;
+    if constexpr (kD > 0) {
+      for (; o + kTile <= count; o += kTile) {
+        const float* k0 = k_row(base + o);
+        for (int64_t u = 0; u < units; ++u) {
+          const float* qv = q_vec(u);
+          Lanes qc[kD / kLanes];
+          for (int c = 0; c < kD / kLanes; ++c) qc[c] = load_lanes(qv + c * kLanes);
+          Lanes acc[kTile] = {};
+          for (int c = 0; c < kD / kLanes; ++c) {
+            for (int t = 0; t < kTile; ++t) acc[t] += qc[c] * load_lanes(k0 + t * slot_stride + c * kLanes);
+          }
+          float dots[kTile];
+          reduce_lanes_8(acc, dots);
+          float* row_scores = scores.data() + u * width + start + o;
+          for (int t = 0; t < kTile; ++t) row_scores[t] = dots[t] * p.scale;
+        }
+      }
     }
-  });
-  for (int64_t r = 0; r < rows; ++r) {
+    for (; o < count; ++o) {
+      const float* k = k_row(base + o);
+      for (int64_t u = 0; u < units; ++u) scores[u * width + start + o] = dot<kD>(q_vec(u), k, head_dim) * p.scale;
+    }
+  }
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t r = row_of(u);
     for (int64_t j = 0; j < rows; ++j) {
       if (!visible(r, j)) continue;
-      const float* k = k_row(slot_of(prefix + j));
-      for (int64_t h = 0; h < per_kv; ++h) scores[(r * per_kv + h) * width + seen[r]] = dot<kD>(q_vec(r, h), k, head_dim) * p.scale;
-      ++seen[r];
+      scores[u * width + seen[u]++] = dot<kD>(q_vec(u), k_row(slot_of(prefix + j)), head_dim) * p.scale;
     }
   }
   // Softmax weights, unnormalised, then the weighted sum of V over the row's keys in the same order.
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t h = 0; h < per_kv; ++h) {
-      float* w = scores.data() + (r * per_kv + h) * width;
-      const int64_t n = seen[r];
-      const float top = *std::max_element(w, w + n);
-      for (int64_t i = 0; i < n; ++i) w[i] = exp_nonpositive(w[i] - top);
-      Accumulator<kD> acc(head_dim);
-      for_prefix([&](int64_t i, int64_t slot) { acc.add(w[i], v_row(slot)); });
-      int64_t index = prefix;
-      for (int64_t j = 0; j < rows; ++j) {
-        if (visible(r, j)) acc.add(w[index++], v_row(slot_of(prefix + j)));
-      }
-      acc.store(p.out + ((first_row + r) * p.num_heads + kv_head * per_kv + h) * head_dim, 1.0f / sum(w, n));
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t r = row_of(u), unit = unit_begin + u;
+    float* w = scores.data() + u * width;
+    const int64_t n = seen[u];
+    const float top = *std::max_element(w, w + n);
+    for (int64_t i = 0; i < n; ++i) w[i] = exp_nonpositive(w[i] - top);
+    Accumulator<kD> acc(head_dim);
+    for_prefix([&](int64_t i, int64_t slot) { acc.add(w[i], v_row(slot)); });
+    int64_t index = prefix;
+    for (int64_t j = 0; j < rows; ++j) {
+      if (visible(r, j)) acc.add(w[index++], v_row(slot_of(prefix + j)));
     }
+    acc.store(p.out + ((first_row + r) * p.num_heads + kv_head * per_kv + unit % per_kv) * head_dim, 1.0f / sum(w, n));
   }
 }
 
@@ -241,16 +300,23 @@ void tree_attention_cpu(
       TORCH_CHECK(p.mask[(start + r) * p.mask_stride + r], "tree_attention_cpu: a query row must see its own token");
     }
   }
-  // Work item = (sequence, KV head), in that order.
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // Work item = (sequence, KV head, part): a sequence's units for one KV head are split into `parts`
+  // near-equal runs when there are too few (sequence, KV head) pairs to keep every thread busy (batch 1:
+  // 3 KV heads on 2 threads would leave one idle half the time).
+  const int64_t pairs = num_seqs * num_kv_heads;
+  const int64_t parts = std::max<int64_t>(1, (2 * at::get_num_threads() + pairs - 1) / pairs);
+  at::parallel_for(0, pairs * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<int64_t> seen;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t s = item / num_kv_heads, kv_head = item % num_kv_heads;
+      const int64_t pair = item / parts, part = item % parts;
+      const int64_t s = pair / num_kv_heads, kv_head = pair % num_kv_heads;
+      const int64_t units = int64_t(p.lens[s]) * p.per_kv;
+      const int64_t unit_begin = units * part / parts, unit_end = units * (part + 1) / parts;
       switch (head_dim) {
-        case 64: attend<64>(p, s, kv_head, scores, seen); break;
-        case 128: attend<128>(p, s, kv_head, scores, seen); break;
-        default: attend<0>(p, s, kv_head, scores, seen);
+        case 64: attend<64>(p, s, kv_head, unit_begin, unit_end, scores, seen); break;
+        case 128: attend<128>(p, s, kv_head, unit_begin, unit_end, scores, seen); break;
+        default: attend<0>(p, s, kv_head, unit_begin, unit_end, scores, seen);
       }
     }
   });

@@ -129,25 +129,34 @@ def test_kernel_writes_only_its_sequences_rows():
     assert got[1:4].isnan().all()  # sequence 1's rows were not the kernel's to write
 
 
-def test_a_row_does_not_depend_on_the_rest_of_the_batch():
+@pytest.mark.parametrize("prefix, parents, node", [
+    (50, [-1, 0, 0, 1, 3], 4),  # node 4's path: 0, 1, 3, 4 (not its cousin 2); alone, a partial block
+    # a chain of 9 from position 48: alone, its first 8 tokens are a whole 8-key tile of prefix keys
+    # (scored 8 at a time with one shuffle reduction) where the verify row scored them one by one
+    (48, [-1, 0, 1, 2, 3, 4, 5, 6, 7], 8),
+])
+def test_a_row_does_not_depend_on_the_rest_of_the_batch(prefix, parents, node):
     """Bitwise: a tree row of a verify step (beside other sequences) equals the decode of that token
     alone, with only its path in the cache, at any thread count."""
-    parents = [-1, 0, 0, 1, 3]  # node 4's path: 0, 1, 3, 4 (not its cousin 2)
-    tree = Case([(50, parents), (300, [-1]), (7, chain(4))], 9, 3, head_dim=64, block_size=16, seed=5)
+    path = [node]
+    while parents[path[-1]] >= 0:
+        path.append(parents[path[-1]])
+    path.reverse()
+    tree = Case([(prefix, parents), (300, [-1]), (7, chain(4))], 9, 3, head_dim=64, block_size=16, seed=5)
     got_tree = tree.kernel()
-    alone = Case([(53, [-1])], 9, 3, head_dim=64, block_size=16, seed=6)
-    alone.tables = [tree.tables[0][:4]]  # the same prefix blocks; the path is written after the prefix
-    alone.k, alone.v, alone.q = tree.k.clone(), tree.v.clone(), tree.q[4:5].clone()
-    for depth, node in enumerate([0, 1, 3, 4]):
-        table = tree.tables[0]
-        src = table[(50 + node) // 16] * 16 + (50 + node) % 16
-        dst = table[(50 + depth) // 16] * 16 + (50 + depth) % 16
+    alone = Case([(prefix + len(path) - 1, [-1])], 9, 3, head_dim=64, block_size=16, seed=6)
+    alone.tables = [tree.tables[0][: (prefix + len(path) + 15) // 16]]  # the same blocks; the path follows the prefix
+    alone.k, alone.v, alone.q = tree.k.clone(), tree.v.clone(), tree.q[node : node + 1].clone()
+    table = tree.tables[0]
+    for depth, step in enumerate(path):
+        src = table[(prefix + step) // 16] * 16 + (prefix + step) % 16
+        dst = table[(prefix + depth) // 16] * 16 + (prefix + depth) % 16
         alone.k[dst], alone.v[dst] = tree.k[src], tree.v[src]
     previous = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            assert torch.equal(alone.kernel()[0], got_tree[4])
+            assert torch.equal(alone.kernel()[0], got_tree[node])
     finally:
         torch.set_num_threads(previous)
 
