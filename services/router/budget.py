@@ -71,9 +71,14 @@ class StepCost:
     def _refit(self) -> None:
         x = np.array([[1.0, s, r] for s, r, _ in self.samples])
         y = np.array([t for _, _, t in self.samples])
-        if np.linalg.matrix_rank(x) < 3:  # sequences and rows never varied apart: not identifiable
+        if np.linalg.matrix_rank(x) == 3:
+            (t0, t_seq, t_row), *_ = np.linalg.lstsq(x, y, rcond=None)
+        elif len(set(x[:, 1])) == 1 and len(set(x[:, 2])) > 1:
+            # One batch size throughout (batch 1 most often): t_seq * sequences is part of t0.
+            (t0, t_row), *_ = np.linalg.lstsq(x[:, [0, 2]], y, rcond=None)
+            t_seq = 0.0
+        else:  # sequences and rows never varied apart: not identifiable
             return
-        (t0, t_seq, t_row), *_ = np.linalg.lstsq(x, y, rcond=None)
         if t_row > 0:  # ratios() bounds the predicted time from below
             self.coef = (float(t0), float(t_seq), float(t_row))
 

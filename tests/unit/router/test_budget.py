@@ -43,6 +43,17 @@ def test_step_cost_waits_until_sequences_and_rows_vary_apart() -> None:
     assert cost.coef is None and cost.ratios(2, 2) == (PRIOR_COST_RATIO, 0.0)
 
 
+def test_one_batch_size_still_prices_a_row() -> None:
+    """Batch 1 all along: sequences never vary, so t_seq folds into t0 and the rows alone are fitted."""
+    cost = StepCost(refit_every=4)
+    for i in range(32):
+        rows = 1 + (i * 5) % 9  # a decode, or a verify of 1-8 drafted tokens
+        cost.observe(1, rows, 0.028 + 0.0005 * rows)
+    t0, t_seq, t_row = cost.coef
+    assert t_seq == 0.0 and t0 == pytest.approx(0.028) and t_row == pytest.approx(0.0005)
+    assert cost.ratios(1, 1)[0] == pytest.approx(0.0005 / 0.0285)
+
+
 def stats(accepted: list[int], reached: list[int]) -> SpecStats:
     s = SpecStats()
     s.accepted_by_depth, s.reached_by_depth = accepted, reached
