@@ -37,12 +37,19 @@ class EagleDraftConfig:
     top_k: int = 8  # children drafted per expanded node (and depth-1 candidates from the root)
     beam: int = 4  # nodes expanded per depth: the newest depth's best path scores
     max_depth: int = 6  # deepest node drafted (max_depth - 1 tree forwards per call at most)
+    # Weights of the head's linears and draft LM head while drafting. A draft forward reads ~36 MB of
+    # float32 weights for a few rows, so it is memory-bound: bfloat16 cut drafting time ~30% (8 Spec-Bench
+    # prompts, budget 5: 2.0 -> 1.4 s of 14 s) at the same tau (1.65 / 1.64). Drafts are only proposals
+    # the target verifies, so this never changes the output; "float32" gives the head's exact q.
+    dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         if min(self.top_k, self.beam, self.max_depth) < 1:
             raise InvalidRequestError(
                 f"eagle top_k, beam and max_depth must be >= 1, got {self.top_k}, {self.beam}, {self.max_depth}"
             )
+        if self.dtype not in ("float32", "bfloat16"):
+            raise InvalidRequestError(f"eagle dtype must be float32 or bfloat16, got {self.dtype!r}")
 
 
 @dataclass
@@ -115,9 +122,9 @@ class EagleDrafter:
         # PackedLinear (oneDNN's blocked layout) is about twice as fast as nn.Linear at the few rows a
         # draft forward has, and pads them to a batch-invariant size; the swap is in place, on `head`.
         # The draft LM head (a buffer of the target's rows, kept out of the checkpoint) is packed too:
-        # 8192 x 576 float32, it was ~70% of a call as a plain matmul.
-        self.head = apply_weight_dtype(head.eval(), "float32")
-        self.draft_lm_head = PackedLinear(head.lm_head_rows, None, torch.float32)
+        # 8192 x 576, it was ~70% of a call as a plain float32 matmul.
+        self.head = apply_weight_dtype(head.eval(), config.dtype)
+        self.draft_lm_head = PackedLinear(head.lm_head_rows, None, getattr(torch, config.dtype))
         self.config = config
         self.contexts: dict[int, _Context] = {}
 

@@ -37,7 +37,8 @@ def tiny_head() -> EagleHead:
 
 
 def make_drafter(**config) -> EagleDrafter:
-    return EagleDrafter(tiny_head(), EagleDraftConfig(**config))
+    """float32 unless told: the exact q that the reference forwards compute (the default drafts in bfloat16)."""
+    return EagleDrafter(tiny_head(), EagleDraftConfig(**{"dtype": "float32", **config}))
 
 
 def propose(drafter: EagleDrafter, token_ids: list[int], hidden: torch.Tensor, budget: int, seq_id: int = 0) -> DraftTree:
@@ -72,9 +73,23 @@ def reference_distribution(head: EagleHead, token_ids: list[int], hidden: torch.
     return dict(zip(head.token_map.tolist(), probs.tolist()))
 
 
-def test_config_rejects_zero_sizes():
+def test_config_rejects_zero_sizes_and_unknown_dtypes():
     with pytest.raises(InvalidRequestError):
         EagleDraftConfig(beam=0)
+    with pytest.raises(InvalidRequestError, match="dtype"):
+        EagleDraftConfig(dtype="int8")
+
+
+def test_bfloat16_drafting_stays_close_to_float32():
+    """The default drafts with bfloat16 weights: the same budget, nearly the same q of each drafted
+    token (bfloat16 keeps ~3 significant digits of each weight)."""
+    exact, fast = make_drafter(), make_drafter(dtype="bfloat16")
+    assert fast.draft_lm_head.dtype == torch.bfloat16
+    want = propose(exact, HISTORY[:30], HIDDEN[:29], budget=8)
+    got = propose(fast, HISTORY[:30], HIDDEN[:29], budget=8)
+    assert got.num_nodes == 8 and got.tokens[0] == want.tokens[0]
+    assert got.draft_probs[0] == pytest.approx(want.draft_probs[0], rel=0.05)
+    assert got.draft_probs != want.draft_probs  # it did draft in bfloat16
 
 
 @pytest.mark.parametrize("budget", [1, 3, 16])
@@ -111,7 +126,8 @@ def reference_tree(head: EagleHead, token_ids: list[int], hidden: torch.Tensor, 
 # drafter that skips expansions too eagerly goes wrong).
 @pytest.mark.parametrize("num_tokens", [13, 23, 30])
 @pytest.mark.parametrize("budget", [1, 3, 8, 16])
-@pytest.mark.parametrize("config", [EagleDraftConfig(), EagleDraftConfig(top_k=3, beam=2, max_depth=4)])
+@pytest.mark.parametrize("config", [EagleDraftConfig(dtype="float32"),
+                                    EagleDraftConfig(top_k=3, beam=2, max_depth=4, dtype="float32")])
 def test_tree_is_plain_eagle2_on_uncached_forwards(num_tokens, budget, config):
     drafter = EagleDrafter(tiny_head(), config)
     tree = propose(drafter, HISTORY[:num_tokens], HIDDEN[: num_tokens - 1], budget)
