@@ -250,7 +250,8 @@ def test_feature_drafters_get_the_engines_hidden_states(llama_model, tokenizer, 
     twin = copy.deepcopy(head)  # EagleDrafter packs its head in place: copy first
     in_engine, in_router = _RecordingDrafter(EagleDrafter(head)), _RecordingDrafter(EagleDrafter(twin))
     params = SamplingParams(max_tokens=12, ignore_eos=True)
-    engine = LLMEngine(EngineConfig(model_path="unused", cache=CACHE, spec=SpecConfig(method="eagle")),
+    # The same static budget on both sides, so both call the drafter at the same history lengths.
+    engine = LLMEngine(EngineConfig(model_path="unused", cache=CACHE, spec=SpecConfig(method="eagle", num_draft_tokens=8)),
                        llama_model, tokenizer, drafter=in_engine)
     ids = engine.encode_prompt(prompts[3])
     (expected,) = engine.generate([ids], params)
@@ -258,7 +259,8 @@ def test_feature_drafters_get_the_engines_hidden_states(llama_model, tokenizer, 
     fingerprint = target_fingerprint(llama_model)
     core = VerifierCore(llama_model, CACHE, keep_hidden=True)
     router = Router(tokenizer, [Replica("v", InProcessStub(VerifierServicer(core, fingerprint, "float32")))],
-                    {"eagle": [Replica("d", InProcessStub(DrafterServicer(in_router, fingerprint)))]}).start()
+                    {"eagle": [Replica("d", InProcessStub(DrafterServicer(in_router, fingerprint)))]},
+                    RouterConfig(speculation_budget="static", num_draft_tokens=8)).start()
     try:
         assert tokens(router.submit(ids, params)) == expected.token_ids
     finally:
