@@ -187,12 +187,11 @@ void attend(const Problem& p, int64_t s, int64_t kv_head, int64_t unit_begin, in
     return p.q + ((first_row + unit / per_kv) * p.num_heads + kv_head * per_kv + unit % per_kv) * head_dim;
   };
   auto visible = [&](int64_t r, int64_t j) { return p.mask[(first_row + r) * p.mask_stride + j]; };
-  // fn(i, slot) for each prefix position i, block by block (no division per key).
-  auto for_prefix = [&](auto&& fn) {
+  // fn(start, base, count) for each block of the prefix: positions start .. start + count - 1 sit in
+  // slots base .. base + count - 1 (no division per key).
+  auto for_blocks = [&](auto&& fn) {
     for (int64_t start = 0; start < prefix; start += block_size) {
-      const int64_t base = int64_t(table[start / block_size]) * block_size;
-      const int64_t count = std::min(block_size, prefix - start);
-      for (int64_t o = 0; o < count; ++o) fn(start + o, base + o);
+      fn(start, int64_t(table[start / block_size]) * block_size, std::min(block_size, prefix - start));
     }
   };
   scores.resize(units * width);  // [units, width]: each unit's visible keys, compacted
@@ -200,9 +199,7 @@ void attend(const Problem& p, int64_t s, int64_t kv_head, int64_t unit_begin, in
 
   // Scores: each prefix key is read once for all units, in tiles of kTile slots that lie together in a
   // block; then each unit's visible new tokens.
-  for (int64_t start = 0; start < prefix; start += block_size) {
-    const int64_t base = int64_t(table[start / block_size]) * block_size;
-    const int64_t count = std::min(block_size, prefix - start);
+  for_blocks([&](int64_t start, int64_t base, int64_t count) {
     int64_t o = 0;
     if constexpr (kD > 0) {
       for (; o + kTile <= count; o += kTile) {
@@ -226,7 +223,7 @@ void attend(const Problem& p, int64_t s, int64_t kv_head, int64_t unit_begin, in
       const float* k = k_row(base + o);
       for (int64_t u = 0; u < units; ++u) scores[u * width + start + o] = dot<kD>(q_vec(u), k, head_dim) * p.scale;
     }
-  }
+  });
   for (int64_t u = 0; u < units; ++u) {
     const int64_t r = row_of(u);
     for (int64_t j = 0; j < rows; ++j) {
@@ -242,7 +239,9 @@ void attend(const Problem& p, int64_t s, int64_t kv_head, int64_t unit_begin, in
     const float top = *std::max_element(w, w + n);
     for (int64_t i = 0; i < n; ++i) w[i] = exp_nonpositive(w[i] - top);
     Accumulator<kD> acc(head_dim);
-    for_prefix([&](int64_t i, int64_t slot) { acc.add(w[i], v_row(slot)); });
+    for_blocks([&](int64_t start, int64_t base, int64_t count) {
+      for (int64_t o = 0; o < count; ++o) acc.add(w[start + o], v_row(base + o));
+    });
     int64_t index = prefix;
     for (int64_t j = 0; j < rows; ++j) {
       if (visible(r, j)) acc.add(w[index++], v_row(slot_of(prefix + j)));
