@@ -608,7 +608,7 @@ def cmd_bench_lossy(args: argparse.Namespace) -> int:
     settings = parse_settings(args.lossy_settings) if args.lossy_settings is not None else None
     run_bench(LossyBenchConfig(**bench_fields(
         args, problems=args.problems, max_tokens=args.max_tokens, drafter=args.drafter,
-        concurrency=args.concurrency, settings=settings,
+        concurrency=args.concurrency, settings=settings, split=args.split,
     )))
     return 0
 
@@ -629,7 +629,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     spec.set_defaults(func=cmd_bench_spec)
 
     lossy = kinds.add_parser("lossy", help="lossy acceptance against lossless on GSM8K: accuracy, tok/s, tau")
-    lossy.add_argument("--problems", type=int, help="the first N GSM8K test problems (default 200)")
+    lossy.add_argument("--problems", type=int, help="the first N GSM8K problems of the split (default 200)")
+    lossy.add_argument("--split", choices=("test", "train"),
+                       help="GSM8K test problems (default) or train problems, for comparing settings without "
+                       "looking at the test ones; each split has its own section of the doc")
     lossy.add_argument("--max-tokens", type=int, help="most new tokens per problem (default 256)")
     lossy.add_argument("--drafter", help=f"one of {drafters} (default ngram)")
     lossy.add_argument("--concurrency", type=int, help="requests in flight in each setting's engine (default 8)")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specserve.bench.common import (
-    GSM8K_FILE, chat_ids, log, md_table, provenance_text, publish, read_jsonl, require_checkpoint, require_datastore,
+    GSM8K_FILE, GSM8K_TRAIN_FILE, chat_ids, log, md_table, provenance_text, publish, read_jsonl, require_checkpoint, require_datastore,
     require_files, require_run_values, spec_config,
 )
 from specserve.engine.acceptance import LossyConfig
@@ -25,7 +25,11 @@ from specserve.engine.model import LlamaModel
 from specserve.engine.tokenizer import Tokenizer
 from specserve.errors import InvalidRequestError
 
-DOC_MARKERS = ("<!-- bench_lossy:start -->", "<!-- bench_lossy:end -->")
+# The study runs on the GSM8K test problems; `--split train` runs it on GSM8K train problems instead, where
+# settings can be compared and a default chosen without looking at the test problems.
+SPLIT_FILES = {"test": GSM8K_FILE, "train": GSM8K_TRAIN_FILE}
+DOC_MARKERS = {split: (f"<!-- bench_lossy{suffix}:start -->", f"<!-- bench_lossy{suffix}:end -->")
+               for split, suffix in (("test", ""), ("train", "_train"))}
 ANSWER_MARK = "####"  # a GSM8K answer ends with "#### <number>"
 # Run besides lossless and LossyConfig() (always run): strict to loose (top_k, min_ratio, budget nats).
 EXTRA_SETTINGS = (LossyConfig(2, 0.5, 2.0), LossyConfig(2, 0.5, 16.0), LossyConfig(0, 0.2, 64.0))
@@ -48,7 +52,8 @@ class LossyBenchConfig:
     datastore: Path  # read when the drafter is a retrieval one (rest, auto)
     draft_checkpoint: Path | None = None  # read when the drafter is a learned one (eagle)
     settings: tuple[LossyConfig, ...] = EXTRA_SETTINGS  # run after lossless and LossyConfig()
-    problems: int = 200  # the first N of GSM8K_FILE
+    problems: int = 200  # the first N of the split's file
+    split: str = "test"  # a key of SPLIT_FILES
     max_tokens: int = 256
     dtype: str = "float32"
     drafter: str = "ngram"
@@ -60,7 +65,9 @@ class LossyBenchConfig:
     def __post_init__(self) -> None:
         require_run_values((self.drafter,), self.dtype, problems=self.problems, max_tokens=self.max_tokens,
                            num_draft_tokens=self.num_draft_tokens, concurrency=self.concurrency)
-        require_files(self.data_dir, (GSM8K_FILE,))
+        if self.split not in SPLIT_FILES:
+            raise InvalidRequestError(f"GSM8K split must be one of {', '.join(SPLIT_FILES)}, got {self.split!r}")
+        require_files(self.data_dir, (SPLIT_FILES[self.split],))
         require_datastore((self.drafter,), self.datastore)
         require_checkpoint((self.drafter,), self.draft_checkpoint)
 
@@ -126,9 +133,9 @@ def is_correct(answer_text: str, gold: float) -> bool:
     return predicted is not None and math.isclose(predicted, gold, rel_tol=0.0, abs_tol=1e-6)
 
 
-def load_problems(data_dir: Path, n: int) -> list[Problem]:
+def load_problems(data_dir: Path, n: int, split: str = "test") -> list[Problem]:
     problems = []
-    for row, _ in zip(read_jsonl(data_dir / GSM8K_FILE), range(n)):
+    for row, _ in zip(read_jsonl(data_dir / SPLIT_FILES[split]), range(n)):
         gold = last_number(row["answer"].split(ANSWER_MARK)[-1])
         assert ANSWER_MARK in row["answer"] and gold is not None, f"no '{ANSWER_MARK} <number>' in {row['answer']!r}"
         problems.append(Problem(row["question"], gold))
@@ -203,7 +210,7 @@ def criterion_text(runs: list[SettingRun]) -> str:
 def run_bench(config: LossyBenchConfig) -> None:
     load_average = os.getloadavg()[0]
     tokenizer = load_tokenizer(str(config.model_path))
-    problems = load_problems(config.data_dir, config.problems)
+    problems = load_problems(config.data_dir, config.problems, config.split)
     prompts = [chat_ids(tokenizer, p.question) for p in problems]
     model = build_model(str(config.model_path), config.dtype)
     engine_for(config, model, tokenizer, None, len(prompts[0])).generate(prompts[:1], SamplingParams(max_tokens=8))
@@ -214,15 +221,16 @@ def run_bench(config: LossyBenchConfig) -> None:
         runs.append(run_setting(config, model, tokenizer, lossy, prompts, problems))
         log(f"accuracy {runs[-1].accuracy:.1f}%, {runs[-1].tok_per_s:.1f} tok/s, tau {runs[-1].tau:.2f}")
     result = f"{table(runs)}\n\n{criterion_text(runs)}"
-    publish(result, doc_section(config, load_average, len(problems), result), config.doc, DOC_MARKERS)
+    publish(result, doc_section(config, load_average, len(problems), result), config.doc, DOC_MARKERS[config.split])
 
 
 def doc_section(config: LossyBenchConfig, load_average: float, num_problems: int, result: str) -> str:
-    return f"""## Lossy acceptance against lossless on GSM8K (`specserve bench lossy`)
+    title = "" if config.split == "test" else ", train split (for choosing settings)"
+    return f"""## Lossy acceptance against lossless on GSM8K{title} (`{config.command}`)
 
 {provenance_text(config.command, load_average)}
 - Model: SmolLM2-135M-Instruct (Q4_1 GGUF dequantized), weights {config.dtype}.
-- Prompts: the first {num_problems} GSM8K test problems (`{GSM8K_FILE}`), each question alone as the
+- Prompts: the first {num_problems} GSM8K {config.split} problems (`{SPLIT_FILES[config.split]}`), each question alone as the
   user message, chat template applied (no few-shot examples).
 - Method: greedy, up to {config.max_tokens} new tokens, stopping at EOS; drafter {config.drafter}, up to
   {config.num_draft_tokens} drafted tokens verified a step (the engine shares its per-step draft budget

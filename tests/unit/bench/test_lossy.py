@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from specserve.bench.common import GSM8K_FILE
+from specserve.bench.common import GSM8K_FILE, GSM8K_TRAIN_FILE
 from specserve.bench.lossy import (
-    EXTRA_SETTINGS, SettingRun, criterion_text, is_correct, last_number, load_problems, parse_settings, table,
+    EXTRA_SETTINGS, LossyBenchConfig, SettingRun, criterion_text, is_correct, last_number, load_problems, parse_settings, table,
 )
 from specserve.cli import build_parser
 from specserve.engine.acceptance import LossyConfig
@@ -62,6 +62,31 @@ def test_gold_answer_is_the_number_after_the_mark(tmp_path: Path):
 def test_real_gsm8k_first_problem(data_dir: Path):
     (first,) = load_problems(data_dir, 1)
     assert "ducks" in first.question and first.gold == 18.0
+
+
+def test_train_split_reads_the_train_problems(tmp_path: Path):
+    for name, question in ((GSM8K_FILE, "test question"), (GSM8K_TRAIN_FILE, "train question")):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(json.dumps({"question": question, "answer": "#### 3"}) + "\n")
+    assert [p.question for p in load_problems(tmp_path, 5, "train")] == ["train question"]
+    assert [p.question for p in load_problems(tmp_path, 5)] == ["test question"]
+
+
+def test_real_gsm8k_train_first_problem(data_dir: Path):
+    (first,) = load_problems(data_dir, 1, "train")
+    assert "Natalia" in first.question and first.gold == 72.0
+
+
+def test_unknown_split_is_a_clear_error(data_dir: Path):
+    with pytest.raises(InvalidRequestError, match="split must be one of test, train"):
+        LossyBenchConfig(model_path=Path("m.gguf"), data_dir=data_dir, datastore=Path("d.npz"), split="dev")
+
+
+def test_cli_takes_the_split():
+    args = build_parser().parse_args(["bench", "lossy", "--split", "train"])
+    assert args.split == "train"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "lossy", "--split", "dev"])
 
 
 def run_of(lossy: LossyConfig | None, correct: int, n: int = 200, forwards: int = 2000) -> SettingRun:
