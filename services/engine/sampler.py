@@ -112,16 +112,32 @@ def draw(
 
 
 def request_generator(params: SamplingParams) -> torch.Generator | None:
-    """A sampled request's own generator: seeded when it has a seed (reproducible output), else fresh
-    entropy (and the global RNG is left alone); None for greedy requests."""
+    """A sampled request's own generator: fresh entropy for an unseeded request (the global RNG is left
+    alone); a seeded one's is reseeded before each step by `seed_for_position`. None for greedy requests."""
     if params.greedy:
         return None
     generator = torch.Generator()
-    if params.seed is not None:
-        generator.manual_seed(params.seed)
-    else:
+    if params.seed is None:
         generator.seed()
     return generator
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def seed_for_position(generator: torch.Generator | None, params: SamplingParams, position: int) -> None:
+    """Reseed a seeded request's generator for the step that decides the token at `position`.
+
+    The draws of a seeded request then depend on its seed and the position alone, not on how many draws
+    came before on this replica: the verifier that takes a sequence over after a failure (and re-prefills
+    it) continues the very text the lost one would have produced. The key is splitmix64 of the two.
+    """
+    if generator is None or params.seed is None:
+        return
+    z = (params.seed * 0x9E3779B97F4A7C15 + position) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    generator.manual_seed(z ^ (z >> 31))
 
 
 class Sampler:

@@ -17,7 +17,7 @@ import torch
 from specserve.engine.acceptance import LossyConfig
 from specserve.engine.draft_tree import DraftTree
 from specserve.engine.model_runner import ModelRunner
-from specserve.engine.sampler import Sampler
+from specserve.engine.sampler import Sampler, seed_for_position
 from specserve.engine.scheduler import ScheduledSeq
 from specserve.engine.sequence import Sequence
 from specserve.engine.verify import accept, kv_moves
@@ -61,6 +61,7 @@ def step_tokens(
             seq.num_computed_tokens += s.num_new_tokens
             continue
         state = states[seq.seq_id]
+        seed_for_position(state.generator, seq.params, seq.num_tokens)
         result = accept(tree, logits[row : row + 1 + tree.num_nodes], seq.params, state.generator,
                         state.lossy, state.lossy_budget_left)
         row += 1 + tree.num_nodes
@@ -70,6 +71,8 @@ def step_tokens(
         accepted = [tree.tokens[i] for i in result.accepted_nodes]
         out[seq.seq_id] = StepTokens(accepted + [result.next_token], len(accepted), tree)
     if plain:
+        for seq, _ in plain:
+            seed_for_position(states[seq.seq_id].generator, seq.params, seq.num_tokens)
         tokens = sampler.sample(logits[[r for _, r in plain]], [seq.params for seq, _ in plain],
                                 [states[seq.seq_id].generator for seq, _ in plain]).tolist()
         for (seq, _), token in zip(plain, tokens):

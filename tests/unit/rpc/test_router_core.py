@@ -179,6 +179,25 @@ def test_a_failed_verifier_costs_a_reprefill_not_a_token(llama_model, tokenizer,
         router.stop()
 
 
+def test_a_seeded_request_samples_the_same_tokens_across_a_failover(llama_model, tokenizer, engine, prompts) -> None:
+    """A seeded request's draws are keyed by its seed and the position being decided, not by how many
+    draws a replica made before: the replica that takes over after a failure continues the same text."""
+    fingerprint = target_fingerprint(llama_model)
+    servicers = [VerifierServicer(VerifierCore(llama_model, CACHE), fingerprint, "float32") for _ in range(2)]
+    dying = _DyingStub(servicers[0], calls=6)
+    verifiers = [Replica("dying", dying), Replica("healthy", InProcessStub(servicers[1]))]
+    router = Router(tokenizer, verifiers, {}, RouterConfig(affinity_slack=0)).start()
+    try:
+        params = SamplingParams(max_tokens=24, ignore_eos=True, temperature=1.0, seed=11)
+        ids = [router.encode(p) for p in prompts[:2]]
+        expected = [c.token_ids for c in engine.generate(ids, params)]
+        handles = [router.submit(i, params, mode="off") for i in ids]
+        assert [tokens(h) for h in handles] == expected
+        assert dying.calls_left == 0  # the failure happened mid-generation
+    finally:
+        router.stop()
+
+
 class _CountingStub(InProcessStub):
     def __init__(self, servicer: object) -> None:
         super().__init__(servicer)
