@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specserve.bench.common import (
-    GSM8K_FILE, GSM8K_TRAIN_FILE, chat_ids, log, md_table, provenance_text, publish, read_jsonl, require_checkpoint, require_datastore,
-    require_files, require_run_values, spec_config,
+    GSM8K_FILE, GSM8K_TRAIN_FILE, chat_ids, log, md_table, provenance_text, publish, read_jsonl, require_checkpoint,
+    require_datastore, require_files, require_run_values, spec_config,
 )
 from specserve.engine.acceptance import LossyConfig
 from specserve.engine.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, SpecConfig
@@ -230,8 +230,8 @@ def doc_section(config: LossyBenchConfig, load_average: float, num_problems: int
 
 {provenance_text(config.command, load_average)}
 - Model: SmolLM2-135M-Instruct (Q4_1 GGUF dequantized), weights {config.dtype}.
-- Prompts: the first {num_problems} GSM8K {config.split} problems (`{SPLIT_FILES[config.split]}`), each question alone as the
-  user message, chat template applied (no few-shot examples).
+- Prompts: the first {num_problems} GSM8K {config.split} problems (`{SPLIT_FILES[config.split]}`), each
+  question alone as the user message, chat template applied (no few-shot examples).
 - Method: greedy, up to {config.max_tokens} new tokens, stopping at EOS; drafter {config.drafter}, up to
   {config.num_draft_tokens} drafted tokens verified a step (the engine shares its per-step draft budget
   out over the sequences in flight). Each setting runs every problem through one engine, {config.concurrency}

@@ -9,7 +9,8 @@ import pytest
 
 from specserve.bench.common import GSM8K_FILE, GSM8K_TRAIN_FILE
 from specserve.bench.lossy import (
-    EXTRA_SETTINGS, LossyBenchConfig, SettingRun, criterion_text, is_correct, last_number, load_problems, parse_settings, table,
+    EXTRA_SETTINGS, LossyBenchConfig, SettingRun, criterion_text, is_correct, last_number, load_problems,
+    parse_settings, table,
 )
 from specserve.cli import build_parser
 from specserve.engine.acceptance import LossyConfig
