@@ -64,6 +64,9 @@ class SpecStats:
     # reached_by_depth[d - 1]: verify steps whose tree had a node at depth d (the chance to accept there).
     accepted_by_depth: list[int] = field(default_factory=list)
     reached_by_depth: list[int] = field(default_factory=list)
+    # nodes_by_depth[d - 1]: drafted nodes at depth d (a tree with branches has several per depth, of
+    # which at most one is accepted): accepted_by_depth / nodes_by_depth is one node's chance there.
+    nodes_by_depth: list[int] = field(default_factory=list)
 
     @property
     def mean_accepted_len(self) -> float:
@@ -78,15 +81,19 @@ class SpecStats:
         self.verify_steps += 1
         self.drafted += tree.num_nodes
         self.accepted += accepted
-        max_depth = max(tree.depths())
-        _add_ones(self.reached_by_depth, max_depth)
+        depths = tree.depths()
+        _add_ones(self.reached_by_depth, max(depths))
         _add_ones(self.accepted_by_depth, accepted)
+        self.nodes_by_depth.extend([0] * (max(depths) - len(self.nodes_by_depth)))
+        for depth in depths:
+            self.nodes_by_depth[depth - 1] += 1
 
     def add(self, other: SpecStats) -> None:
         for name in ("forwards", "tokens", "verify_steps", "drafted", "accepted"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for mine, theirs in ((self.accepted_by_depth, other.accepted_by_depth),
-                             (self.reached_by_depth, other.reached_by_depth)):
+                             (self.reached_by_depth, other.reached_by_depth),
+                             (self.nodes_by_depth, other.nodes_by_depth)):
             mine.extend([0] * (len(theirs) - len(mine)))
             for i, count in enumerate(theirs):
                 mine[i] += count

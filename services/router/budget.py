@@ -3,7 +3,7 @@
 A decode/verify forward over S sequences and R query rows takes about t0 + t_seq * S + t1 * R seconds
 (`StepCost`, fitted online from the router's own Verify calls without prefill chunks), and drafting
 costs a step about t_draft more (the Propose round trip, measured). A drafted node at depth d of request s is accepted with
-probability p(s, d) (`acceptance_by_depth`: the request's own record, shrunk towards its drafter's).
+probability p(s, d) (`acceptance_by_depth`: the request's recent record, shrunk towards its drafter's).
 Adding the node adds p(s, d) expected tokens for t1 more seconds, so it pays while
 
     p(s, d) / t1  >  MARGIN * tokens / time        (the step's throughput without it)
@@ -23,12 +23,16 @@ from collections import deque
 
 import numpy as np
 
+from specserve.engine.draft_tree import DraftTree
 from specserve.engine.verify import SpecStats
 
 # t1 / t0 before there are measurements: verifying 16 rows costs about 1.8x one row on the CPUs we
 # measured (docs/benchmarks.md), i.e. t1 ~ 0.05 t0.
 PRIOR_COST_RATIO = 0.05
-PRIOR_WEIGHT = 2.0  # how many verify steps of evidence the drafter-wide rate counts as, per request
+PRIOR_WEIGHT = 2.0  # how many drafted nodes of evidence the drafter-wide rate counts as, per request
+# A request's own record fades by this factor at each of its decode steps, drafted or not: it reflects
+# the last ~10 steps, and one that stopped drafting drifts back to its drafter's rate and tries again.
+RECENT_DECAY = 0.9
 MARGIN = 1.25  # a node must beat the step's throughput by this factor
 
 
@@ -83,14 +87,41 @@ class StepCost:
             self.coef = (float(t0), float(t_seq), float(t_row))
 
 
-def acceptance_by_depth(own: SpecStats, drafter: SpecStats, max_depth: int) -> list[float]:
+class RecentAcceptance:
+    """A request's drafted and accepted nodes by depth, faded by RECENT_DECAY at each decode step.
+
+    Without fading, a request whose early drafts failed would price itself out for good: no drafts, no
+    new evidence, even after the text turns to something its drafter predicts well. Fading lets its
+    estimate return to the drafter-wide rate, which drafts again where rows are cheap (light load) and
+    not where they are dear."""
+
+    def __init__(self) -> None:
+        self.accepted_by_depth: list[float] = []
+        self.nodes_by_depth: list[float] = []
+
+    def record(self, tree: DraftTree | None, accepted: int) -> None:
+        self.accepted_by_depth = [a * RECENT_DECAY for a in self.accepted_by_depth]
+        self.nodes_by_depth = [n * RECENT_DECAY for n in self.nodes_by_depth]
+        if tree is None or tree.num_nodes == 0:
+            return
+        depths = tree.depths()
+        for counts, depths_seen in ((self.nodes_by_depth, depths), (self.accepted_by_depth, range(1, accepted + 1))):
+            counts.extend([0.0] * (max(depths_seen, default=0) - len(counts)))
+            for depth in depths_seen:
+                counts[depth - 1] += 1.0
+
+
+def acceptance_by_depth(own: SpecStats | RecentAcceptance, drafter: SpecStats, max_depth: int) -> list[float]:
     """p(d) for d = 1..max_depth: the chance a drafted node at depth d is accepted (the accepted path
-    reaches it), from the request's own verify steps shrunk towards the drafter-wide rate (itself
-    Laplace-smoothed); made non-increasing in d, as a path cannot reach d + 1 without d."""
+    runs through it), from the request's own verify steps shrunk towards the drafter-wide rate (itself
+    Laplace-smoothed); made non-increasing in d, as a path cannot reach d + 1 without d.
+
+    Counted per node, not per tree: a drafter that spends its budget on sibling branches drafts several
+    nodes at a depth of which at most one is accepted, and each of them costs a row."""
     out: list[float] = []
     for d in range(max_depth):
-        prior = (_at(drafter.accepted_by_depth, d) + 1.0) / (_at(drafter.reached_by_depth, d) + 2.0)
-        p = (_at(own.accepted_by_depth, d) + PRIOR_WEIGHT * prior) / (_at(own.reached_by_depth, d) + PRIOR_WEIGHT)
+        prior = (_at(drafter.accepted_by_depth, d) + 1.0) / (_at(drafter.nodes_by_depth, d) + 2.0)
+        p = (_at(own.accepted_by_depth, d) + PRIOR_WEIGHT * prior) / (_at(own.nodes_by_depth, d) + PRIOR_WEIGHT)
         out.append(min(p, out[-1]) if out else p)
     return out
 

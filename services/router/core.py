@@ -40,7 +40,7 @@ from specserve.errors import (
     UnavailableError,
 )
 from specserve.router.backends import Replica, rendezvous_order
-from specserve.router.budget import StepCost, acceptance_by_depth, draft_budgets
+from specserve.router.budget import RecentAcceptance, StepCost, acceptance_by_depth, draft_budgets
 from specserve.rpc import convert
 from specserve.v1 import common_pb2, drafter_pb2, verifier_pb2
 
@@ -105,6 +105,7 @@ class _Request:
     deadline: float | None  # time.monotonic()
     out: queue.Queue
     stats: SpecStats = field(default_factory=SpecStats)
+    recent: RecentAcceptance = field(default_factory=RecentAcceptance)  # what prices its drafts
     start: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     sent_prompt: bool = False  # the first output (with the prompt ids) went out
@@ -406,12 +407,14 @@ class Router:
         if self.config.speculation_budget == "static":
             budget = self.spec.budget_per_sequence(len(speculating))
             return {rid: min(budget, room) for rid, room in rooms.items()}
-        # The step without drafts: every running request (decodes and prefill chunks alike) and its rows.
+        # Drafts are priced against the decode step alone, never against a step made long by prefill
+        # chunks: a chunk's tokens may be prefix-cache hits that cost the verifier nothing (the router
+        # cannot know), and where they are computed the forward is compute-bound and a drafted row costs
+        # its full share. Pricing against the long step made every node look free whenever a request
+        # joined (measured at 16 clients: 20-50 nodes in each such step, most of them rejected).
         decoding = sum(r.decoding for r in self.running)
-        prefill = sum(r.seq.num_tokens - r.v_computed for r in self.running if not r.decoding)
-        rows = decoding + min(prefill, max(0, self.config.max_num_batched_tokens - decoding))
-        row_ratio, draft_ratio = self.step_cost.ratios(len(self.running), rows)
-        acceptance = {r.rid: acceptance_by_depth(r.stats, self.drafter_stats[r.drafter], max(0, rooms[r.rid]))
+        row_ratio, draft_ratio = self.step_cost.ratios(decoding, decoding)
+        acceptance = {r.rid: acceptance_by_depth(r.recent, self.drafter_stats[r.drafter], max(0, rooms[r.rid]))
                       for r in speculating}
         return draft_budgets(acceptance, float(decoding), row_ratio, self.config.max_draft_tokens_per_step, draft_ratio)
 
@@ -505,6 +508,7 @@ class Router:
         seq = request.seq
         appended = append_tokens(seq, request.text, token_ids, self.tokenizer.eos_token_ids)
         request.stats.record(tree, num_accepted, len(appended))
+        request.recent.record(tree, num_accepted)
         output = RouterOutput(appended, request.text.take_delta(final=seq.is_finished), seq.is_finished)
         if not request.sent_prompt:
             output.prompt_token_ids = seq.prompt_token_ids

@@ -43,10 +43,11 @@ def test_spec_stats_tau_and_acceptance_by_depth():
     assert stats.drafted == 6 and stats.accepted == 2
     assert stats.mean_accepted_len == 5 / 3
     assert stats.as_dict()["acceptance_by_depth"] == [0.5, 0.5, 0.0]
+    assert stats.nodes_by_depth == [3, 2, 1]  # FORK has two nodes at depth 1
     total = SpecStats()
     total.add(stats)
     total.add(stats)
-    assert total.tokens == 10 and total.accepted_by_depth == [2, 2]
+    assert total.tokens == 10 and total.accepted_by_depth == [2, 2] and total.nodes_by_depth == [6, 4, 2]
 
 
 def forward_rows(model, cache_config, prefix: list[int], new_tokens: list[int], offsets: list[int], tree_mask):

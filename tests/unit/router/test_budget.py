@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from specserve.engine.draft_tree import ROOT, DraftTree
 from specserve.engine.verify import SpecStats
 from specserve.router.budget import MARGIN, PRIOR_COST_RATIO, StepCost, acceptance_by_depth, draft_budgets
 
@@ -55,8 +56,9 @@ def test_one_batch_size_still_prices_a_row() -> None:
 
 
 def stats(accepted: list[int], reached: list[int]) -> SpecStats:
+    """Counters of chains (one node per depth per tree)."""
     s = SpecStats()
-    s.accepted_by_depth, s.reached_by_depth = accepted, reached
+    s.accepted_by_depth, s.reached_by_depth, s.nodes_by_depth = accepted, reached, list(reached)
     return s
 
 
@@ -68,6 +70,18 @@ def test_acceptance_shrinks_to_the_drafter_rate_and_never_rises_with_depth() -> 
     lucky = acceptance_by_depth(stats([20, 20, 20], [20, 20, 20]), drafter, 3)
     assert lucky[2] > 0.8 > fresh[2]  # the request's own record outweighs the prior once it has some
     assert all(a >= b for a, b in zip(lucky, lucky[1:]))
+
+
+def test_acceptance_is_per_node_when_a_drafter_branches() -> None:
+    """A drafter that spends its budget on two sibling branches per depth: the accepted path still
+    reaches depth 1 in 80 of 100 trees, but each of the 200 nodes drafted there is accepted 40% of the
+    time, and each costs a row, so the estimate must be the per-node rate."""
+    drafter = SpecStats()
+    for i in range(100):
+        tree = DraftTree(tokens=[1, 2, 3, 4], parents=[ROOT, ROOT, 0, 1], draft_probs=[1.0] * 4)
+        drafter.record(tree, accepted=2 if i < 40 else (1 if i < 80 else 0), emitted=1)
+    p = acceptance_by_depth(SpecStats(), drafter, 2)
+    assert p == pytest.approx([81 / 202, 41 / 202])
 
 
 def test_light_load_drafts_deep_and_heavy_load_drafts_nothing() -> None:
@@ -99,3 +113,44 @@ def test_a_draft_must_also_pay_for_its_drafting_round() -> None:
     # Drafting at 0.3 of a step: 2.6 tokens / (1 + 0.05 * 2 + 0.3) steps < 2 tokens per step without.
     costly = draft_budgets({1: p, 2: p}, base_tokens=2.0, row_ratio=0.05, max_nodes=64, draft_ratio=0.3)
     assert costly == {1: 0, 2: 0}
+
+
+class _InfoOnly:
+    """A replica stub that answers Info and nothing else: enough to build a Router whose budget is read."""
+
+    def __init__(self, info) -> None:
+        self._info = info
+
+    def Info(self, request, timeout=None):  # noqa: N802 (the gRPC method's name)
+        return self._info
+
+
+def test_a_joining_prompt_does_not_make_drafts_look_free(tokenizer) -> None:
+    """A request whose 500-token prompt is still to be sent shares the step with one decoding request.
+    The prompt may be all prefix-cache hits (the router cannot know), so drafts are priced against the
+    decode step alone: the decoding request's budget is what it is without the newcomer. (Priced against
+    a 500-row step, a row looked like 1/500 of it and every node paid.)"""
+    from specserve.engine.config import SamplingParams
+    from specserve.router.backends import Replica
+    from specserve.router.core import Router, RouterConfig
+    from specserve.v1 import drafter_pb2, verifier_pb2
+
+    verifier = Replica("v", _InfoOnly(verifier_pb2.VerifierInfo(model_fingerprint="m", vocab_size=49152,
+                                                                max_total_tokens=2048)))
+    drafter = Replica("d", _InfoOnly(drafter_pb2.DrafterInfo(model_fingerprint="m")))
+    router = Router(tokenizer, [verifier], {"ngram": [drafter]}, RouterConfig())
+    for i in range(64):  # t0 30 ms, 2 ms per sequence, 2 ms per row
+        seqs = 1 + i % 4
+        cost_rows = seqs + (i * 3) % 7
+        router.step_cost.observe(seqs, cost_rows, 0.030 + 0.002 * seqs + 0.002 * cost_rows)
+    decoding = router.submit(list(range(100, 140)), SamplingParams(max_tokens=64), mode="lossless")
+    joining = router.submit(list(range(200, 700)), SamplingParams(max_tokens=64), mode="lossless")
+    router._admit()
+    first = router._by_rid[decoding.rid]
+    first.verifier, first.v_tokens, first.v_computed = verifier, 40, 39
+    first.recent.accepted_by_depth, first.recent.nodes_by_depth = [3, 2, 1, 0], [6, 6, 6, 6]  # p ~ 0.5, 0.4, ...
+    assert first.decoding and not router._by_rid[joining.rid].decoding
+    alone = router._budgets([first])
+    router.running.remove(router._by_rid[joining.rid])
+    assert router._budgets([first]) == alone
+    assert alone[first.rid] < RouterConfig().num_draft_tokens
