@@ -47,6 +47,13 @@ class LoadResult:
     itl: list[float] = field(default_factory=list)  # per token after the first (a chunk's gap shared by its tokens)
     forwards: int = 0  # target forwards over all requests (tau = tokens / forwards)
 
+    def merge(self, other: LoadResult) -> None:
+        self.tokens += other.tokens
+        self.seconds += other.seconds
+        self.ttft += other.ttft
+        self.itl += other.itl
+        self.forwards += other.forwards
+
     @property
     def tok_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
@@ -146,14 +153,20 @@ def measure(system: str, args: argparse.Namespace, prompts: list[str]) -> dict[t
             log(f"  {line}")
         # Warm-up at the highest load in both modes: the first forward of each new batch shape is slow
         # (oneDNN primitives, allocator growth), which would otherwise land in whichever load came first.
+        # Every prompt a load will send goes through once, so no mode pays prefills the other finds in
+        # the prefix cache (the modes run one after the other on the same server).
+        warm = max(max(args.loads), min(len(prompts), max(args.min_requests, args.requests_per_client * max(args.loads))))
         for mode in MODES:
-            run_load(server.address, prompts, max(args.loads), max(args.loads), mode, WARMUP_TOKENS)
+            run_load(server.address, prompts, max(args.loads), warm, mode, WARMUP_TOKENS)
         for clients in args.loads:
-            for mode in MODES:
-                requests = max(args.min_requests, args.requests_per_client * clients)
-                r = run_load(server.address, prompts, clients, requests, mode, args.max_tokens)
-                results[(clients, mode)] = r
-                log(f"  {clients:>2} clients {mode:>8}: {r.tok_per_s:6.1f} tok/s, ttft p50 {percentile(r.ttft, 50):.3f}s")
+            requests = max(args.min_requests, args.requests_per_client * clients)
+            # The modes alternate off, on, on, off, ...: this machine's speed drifts by ~5% over a minute,
+            # as much as the difference being measured; the mirrored order cancels a steady drift.
+            for rep in range(args.repeats):
+                for mode in MODES if rep % 2 == 0 else MODES[::-1]:
+                    r = run_load(server.address, prompts, clients, requests, mode, args.max_tokens)
+                    results.setdefault((clients, mode), LoadResult()).merge(r)
+                    log(f"  {clients:>2} clients {mode:>8}: {r.tok_per_s:6.1f} tok/s, ttft p50 {percentile(r.ttft, 50):.3f}s")
     finally:
         server.stop()
     return results
@@ -212,9 +225,10 @@ def doc_section(args: argparse.Namespace, questions: list[dict], load_average: f
 - Model: SmolLM2-135M-Instruct (Q4_1 GGUF dequantized), weights {args.dtype}; KV cache {args.num_blocks} blocks of 16.
 - Systems: `specserve serve --embedded --spec {args.spec}` (router, verifier and drafter in one process) and
   `specserve up --spec {args.spec}` (1 verifier, 1 drafter and the router as separate processes, gRPC on
-  loopback). Each is started fresh and warmed up (one request per client of the highest load, {WARMUP_TOKENS}
-  tokens, in each mode), then driven by N client threads, each streaming its requests (`Client.stream`)
-  one after another.
+  loopback). Each is started fresh and warmed up (every prompt the loads send, at the highest load,
+  {WARMUP_TOKENS} tokens, in each mode), then driven by N client threads, each streaming its requests (`Client.stream`)
+  one after another. Each load runs {args.repeats} times per mode, the modes alternating in mirrored
+  order (off, on, on, off, ...); the table sums the runs.
 - Prompts: {len(questions)} Spec-Bench first-turn questions (ids {ids}), chat template applied by the router,
   cycled; max({args.min_requests}, {args.requests_per_client} x N) requests per load; greedy, {args.max_tokens} new tokens each
   (EOS ignored). Speculation per request: on (`lossless`, the server's {args.spec} drafter, budget
@@ -234,6 +248,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--min-requests", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=2, help="runs of each load and mode, in mirrored order")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--num-blocks", type=int, default=1024)
     p.add_argument("--quick", action="store_true", help="smoke run: loads 1,4, 8 tokens, 4 prompts")
