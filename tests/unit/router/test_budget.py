@@ -7,7 +7,14 @@ import pytest
 
 from specserve.engine.draft_tree import ROOT, DraftTree
 from specserve.engine.verify import SpecStats
-from specserve.router.budget import MARGIN, PRIOR_COST_RATIO, StepCost, acceptance_by_depth, draft_budgets
+from specserve.router.budget import (
+    MARGIN,
+    PRIOR_COST_RATIO,
+    RecentAcceptance,
+    StepCost,
+    acceptance_by_depth,
+    draft_budgets,
+)
 
 
 def test_step_cost_separates_sequences_from_rows() -> None:
@@ -154,3 +161,21 @@ def test_a_joining_prompt_does_not_make_drafts_look_free(tokenizer) -> None:
     router.running.remove(router._by_rid[joining.rid])
     assert router._budgets([first]) == alone
     assert alone[first.rid] < RouterConfig().num_draft_tokens
+
+
+def test_a_request_that_priced_itself_out_tries_again_later() -> None:
+    """Ten failed chains of four: the request's own record says ~0 and at light load its budget drops to
+    0. Steps without drafts fade that record until the drafter-wide rate (~0.3 a node) prices it back in;
+    a record that never faded would keep it at 0 for the rest of the request."""
+    drafter = stats([30, 20, 10, 5], [100, 100, 100, 100])
+    recent = RecentAcceptance()
+    for _ in range(10):
+        recent.record(DraftTree.chain([1, 2, 3, 4]), accepted=0)
+    light = {"base_tokens": 1.0, "row_ratio": 0.1, "max_nodes": 64}
+    assert draft_budgets({1: acceptance_by_depth(recent, drafter, 4)}, **light) == {1: 0}
+    steps = 0
+    while draft_budgets({1: acceptance_by_depth(recent, drafter, 4)}, **light)[1] == 0:
+        recent.record(None, accepted=0)  # a plain decode step
+        steps += 1
+        assert steps < 60, "the record never faded"
+    assert steps >= 5  # not at once: the failures still count for a while
