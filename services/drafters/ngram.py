@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from specserve.drafters.base import DraftRequest
+from specserve.drafters.base import DraftRequest, common_prefix_len
 from specserve.engine.draft_tree import DraftTree, tree_from_continuations
 from specserve.errors import InvalidRequestError
 
@@ -68,13 +68,17 @@ class NgramDrafter:
         return DraftTree()
 
     def _sync(self, seq_id: int, token_ids: list[int]) -> _History:
-        """The sequence's index, extended with the tokens it has not seen (rebuilt if they diverge)."""
+        """The sequence's index, extended with the tokens it has not seen; where `token_ids` part from
+        what it has seen (a draft asked for ahead on a guessed history, a preemption), cut back to the
+        common prefix first."""
         history = self.histories.get(seq_id)
-        seen = 0 if history is None else len(history.tokens)
-        if history is None or len(token_ids) < seen or token_ids[:seen] != history.tokens:
+        if history is None:
             history = _History(followers={n: {} for n in range(self.config.min_n, self.config.max_n + 1)})
             self.histories[seq_id] = history
-            seen = 0
+        seen = len(history.tokens)
+        if token_ids[:seen] != history.tokens:
+            seen = common_prefix_len(history.tokens, token_ids)
+            _truncate(history, seen)
         history.tokens.extend(token_ids[seen:])
         tokens = history.tokens
         # An n-gram ending at p - 1 gains a follower once tokens[p] exists, i.e. for p < len(tokens).
@@ -83,3 +87,16 @@ class NgramDrafter:
                 if p >= n:
                     table.setdefault(tuple(tokens[p - n : p]), []).append(p)
         return history
+
+
+def _truncate(history: _History, keep: int) -> None:
+    """Forget tokens from `keep` on: each later position p was appended last to its n-gram's list."""
+    tokens = history.tokens
+    for p in range(len(tokens) - 1, max(keep, 1) - 1, -1):
+        for n, table in history.followers.items():
+            if p >= n:
+                key = tuple(tokens[p - n : p])
+                table[key].pop()
+                if not table[key]:
+                    del table[key]
+    del tokens[keep:]

@@ -59,6 +59,17 @@ def test_diverging_history_rebuilds_the_index():
     assert propose(drafter, [1, 4, 1]).tokens == [4]
 
 
+def test_a_history_cut_back_equals_a_fresh_index():
+    """A draft asked ahead on a guessed history, then the real one: the index is cut back to the common
+    prefix, not rebuilt, and must hold exactly what a fresh index of the real history holds."""
+    real = [5, 6, 7, 5, 6, 8, 5, 6, 7, 9, 5, 6, 3, 5]
+    drafter = NgramDrafter()
+    propose(drafter, real[:10])
+    propose(drafter, real[:10] + [5, 6, 7, 5, 6])  # the guess: a path of 4 accepted, then 6
+    assert propose(drafter, real) == propose(NgramDrafter(), real)
+    assert drafter.histories[0].followers == NgramDrafter()._sync(1, real).followers
+
+
 def test_release_forgets_the_sequence():
     drafter = NgramDrafter()
     propose(drafter, [1, 2, 1], seq_id=3)
