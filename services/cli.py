@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 SERVE_COMMAND = [sys.executable, "-P", "-m", "specserve.cli", "serve"]
 # Router flags (their dests) that left at None take RouterConfig's defaults; `up` passes the set ones on.
 ROUTER_FLAGS = ("max_queue", "max_num_seqs", "max_batched_tokens", "max_prompt_chars", "num_draft_tokens",
-                "default_speculation", "speculation_budget")
+                "default_speculation", "speculation_budget", "draft_ahead")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -369,6 +369,8 @@ def router_config(args: argparse.Namespace):
 
     fields = {"max_num_batched_tokens" if dest == "max_batched_tokens" else dest: getattr(args, dest)
               for dest in ROUTER_FLAGS}
+    if fields["draft_ahead"] is not None:
+        fields["draft_ahead"] = fields["draft_ahead"] == "on"
     return RouterConfig(**{name: value for name, value in fields.items() if value is not None})
 
 
@@ -474,6 +476,8 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculation-budget", choices=("cost", "static"),
                         help="cost: draft only the tokens the measured verify cost and each request's acceptance "
                         "say pay off (default); static: min(--num-draft-tokens, 64 / speculating requests)")
+    parser.add_argument("--draft-ahead", choices=("on", "off"),
+                        help="token-only drafters draft the next step while this one verifies (default on)")
 
 
 # --- `specserve datastore build` (logic in specserve.drafters.datastore) ---

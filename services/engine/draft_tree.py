@@ -99,6 +99,30 @@ class DraftTree:
             mask.append(row)
         return mask
 
+    def first_path(self) -> list[int]:
+        """Tokens of the path that takes the first child at every node, down to a leaf."""
+        kids, node, tokens = self.children(), ROOT, []
+        while kids[node]:
+            node = kids[node][0]
+            tokens.append(self.tokens[node])
+        return tokens
+
+    def after(self, token: int) -> DraftTree | None:
+        """The part below the depth-1 node carrying `token`, with that node as the new root; None when no
+        depth-1 node carries it. Example: root ─ 5 ─ 9 ─ 4, root ─ 7; after(5) is root ─ 9 ─ 4."""
+        top = next((i for i, p in enumerate(self.parents) if p == ROOT and self.tokens[i] == token), None)
+        if top is None:
+            return None
+        below: dict[int, int] = {top: ROOT}  # old index -> new index (top becomes the root)
+        tokens, parents, probs = [], [], []
+        for i, parent in enumerate(self.parents):
+            if parent in below and i != top:
+                below[i] = len(tokens)
+                tokens.append(self.tokens[i])
+                parents.append(below[parent])
+                probs.append(self.draft_probs[i])
+        return DraftTree(tokens, parents, probs)
+
     def subtree(self, keep: Sequence[int]) -> DraftTree:
         """The tree restricted to `keep` (node indices closed under taking parents), order preserved."""
         kept = sorted(set(keep))

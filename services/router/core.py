@@ -39,6 +39,7 @@ from specserve.errors import (
     SpecserveError,
     UnavailableError,
 )
+from specserve.router.ahead import AHEAD_MIN_CHANCE, AheadDrafts
 from specserve.router.backends import Replica, rendezvous_order
 from specserve.router.budget import RecentAcceptance, StepCost, acceptance_by_depth, draft_budgets
 from specserve.rpc import convert
@@ -62,6 +63,9 @@ class RouterConfig:
     speculation_budget: str = "cost"
     num_draft_tokens: int = 8  # most nodes per request per step
     max_draft_tokens_per_step: int = 64  # most nodes per step over all requests
+    # While a step verifies, token-only drafters draft the next step on the guess that the tree's first
+    # path is accepted (router/ahead.py); a right guess saves the next step's Propose round trip.
+    draft_ahead: bool = True
     default_speculation: str = "lossless"  # for requests that leave it unspecified
     lossy: LossyConfig = LossyConfig()  # defaults of lossy requests
     max_prompt_chars: int = 1 << 20
@@ -171,8 +175,9 @@ class Router:
         self._by_rid: dict[int, _Request] = {}
         self._cond = threading.Condition()
         self._stop = False
-        self._pool = futures.ThreadPoolExecutor(max_workers=max(4, len(verifiers) + sum(map(len, drafters.values()))))
+        self._pool = futures.ThreadPoolExecutor(max_workers=max(4, len(verifiers) + 2 * sum(map(len, drafters.values()))))
         self._releases: dict[int, tuple[Replica, list[int]]] = {}  # id(replica) -> (replica, seq ids)
+        self.ahead = AheadDrafts(self._pool, config.rpc_timeout_s)
         self._thread: threading.Thread | None = None
 
     # ---- set-up ----------------------------------------------------------------------------------
@@ -325,6 +330,8 @@ class Router:
                     items=[item for _, item in work],
                     return_hidden=any(self._needs_hidden(r) for r, _ in work)))
                  for key, (replica, work) in batches.items()}
+        if self.config.draft_ahead:
+            self._draft_ahead(trees)
         for key, (replica, work) in batches.items():
             try:
                 response = calls[key].result()
@@ -363,12 +370,17 @@ class Router:
         """Draft trees of the decoding, speculating requests; {} (no drafter call) when every budget is 0."""
         speculating = [r for r in self.running if r.drafter is not None and r.decoding and r.verifier.healthy]
         budgets = self._budgets(speculating)
+        trees: dict[int, DraftTree] = {}
         groups: dict[int, tuple[Replica, list[tuple[_Request, drafter_pb2.DraftItem]]]] = {}
         for request in speculating:
             seq = request.seq
             budget = budgets.get(request.rid, 0)
             replica = self._drafter_for(request) if budget > 0 else None
             if replica is None:
+                continue
+            ahead = self.ahead.take(request.rid, seq.all_token_ids, budget)
+            if ahead is not None:
+                trees[request.rid] = ahead
                 continue
             item = drafter_pb2.DraftItem(seq_id=request.rid, token_ids=seq.all_token_ids,
                                          num_prompt_tokens=seq.num_prompt_tokens, budget=budget)
@@ -384,7 +396,7 @@ class Router:
         futures.wait(calls.values())
         if calls:
             self.step_cost.observe_draft(time.perf_counter() - start)
-        trees: dict[int, DraftTree] = {}
+        self.ahead.clear()  # what no request took this step guessed wrong or went unused
         for key, (replica, work) in groups.items():
             try:
                 response = calls[key].result()
@@ -396,6 +408,21 @@ class Router:
                 if tree.tokens:
                     trees[request.rid] = convert.tree_from_proto(tree)
         return trees
+
+    def _draft_ahead(self, trees: dict[int, DraftTree]) -> None:
+        """Ask token-only drafters for the next step's drafts while this step verifies (router/ahead.py)."""
+        work = []
+        for request in self.running:
+            tree, replica = trees.get(request.rid), request.drafter_replica
+            if tree is None or replica is None or not replica.healthy or replica.info.needs_hidden:
+                continue
+            depth = len(tree.first_path())
+            chance = acceptance_by_depth(request.recent, self.drafter_stats[request.drafter], depth)[-1]
+            if chance >= AHEAD_MIN_CHANCE:
+                work.append((replica, request.rid, request.seq.all_token_ids, request.seq.num_prompt_tokens,
+                             tree, tree.num_nodes))
+        if work:
+            self.ahead.send(work)
 
     def _budgets(self, speculating: list[_Request]) -> dict[int, int]:
         """Nodes each speculating request may draft this step (RouterConfig.speculation_budget)."""

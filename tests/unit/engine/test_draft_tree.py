@@ -47,6 +47,18 @@ def test_subtree_keeps_parent_closed_nodes_and_reindexes():
         FORK.subtree([1])  # node 1 without its parent
 
 
+def test_first_path_and_the_part_after_a_guessed_token():
+    # root ─ 5 ─ 9 ─ 4
+    #      │   └ 8
+    #      └ 7
+    tree = DraftTree(tokens=[5, 9, 7, 4, 8], parents=[ROOT, 0, ROOT, 1, 0], draft_probs=[0.6, 0.5, 0.3, 0.9, 0.2])
+    assert tree.first_path() == [5, 9, 4]
+    assert tree.after(5) == DraftTree(tokens=[9, 4, 8], parents=[ROOT, 0, ROOT], draft_probs=[0.5, 0.9, 0.2])
+    assert tree.after(7) == DraftTree()  # guessed, but nothing drafted below it
+    assert tree.after(9) is None  # 9 is not a depth-1 node
+    assert DraftTree().first_path() == [] and DraftTree().after(5) is None
+
+
 @pytest.mark.parametrize("tokens,parents,probs", [
     ([1, 2], [ROOT, 5], [1.0, 1.0]),  # parent after the node
     ([1, 1], [ROOT, ROOT], [1.0, 1.0]),  # duplicate siblings

@@ -288,3 +288,28 @@ def test_feature_drafters_get_the_engines_hidden_states(llama_model, tokenizer, 
     for length, hidden in in_engine.seen.items():
         assert hidden.shape == (length - 1, llama_model.config.hidden_size)
         torch.testing.assert_close(in_router.seen[length], hidden, rtol=1e-4, atol=1e-4)
+
+
+def test_drafts_made_ahead_are_used_and_change_no_token(llama_model, tokenizer, engine) -> None:
+    """A text the model copies: ngram's first path is often accepted whole, so the draft asked for during
+    that verify guessed the history right and the next step needs no Propose round for the request.
+    Output stays the engine's greedy output with drafting ahead on and off."""
+    fingerprint = target_fingerprint(llama_model)
+    text = "one two three four five six seven eight nine ten " * 4
+    params = SamplingParams(max_tokens=48)
+    sync_proposes = {}
+    for ahead in (True, False):
+        drafter = build_drafter(SpecConfig(method="ngram"), llama_model, tokenizer)
+        counting = _CountingStub(DrafterServicer(drafter, fingerprint))
+        verifier = InProcessStub(VerifierServicer(VerifierCore(llama_model, CACHE), fingerprint, "float32"))
+        router = Router(tokenizer, [Replica("v", verifier)], {"ngram": [Replica("d", counting)]},
+                        RouterConfig(speculation_budget="static", draft_ahead=ahead)).start()
+        try:
+            ids = router.encode(f"Repeat this text exactly: {text}")
+            expected = engine.generate([ids], params)[0].token_ids
+            assert tokens(router.submit(ids, params)) == expected
+            assert (router.ahead.used > 0) == ahead and router.ahead.used <= router.ahead.sent
+            sync_proposes[ahead] = counting.proposes - router.ahead.sent  # one request: one call per send
+        finally:
+            router.stop()
+    assert sync_proposes[True] < sync_proposes[False]
