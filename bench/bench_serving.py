@@ -160,6 +160,9 @@ def measure(system: str, args: argparse.Namespace, prompts: list[str]) -> dict[t
             run_load(server.address, prompts, max(args.loads), warm, mode, WARMUP_TOKENS)
         for clients in args.loads:
             requests = max(args.min_requests, args.requests_per_client * clients)
+            # The load's prompts again, just before it: the loads before it may have pushed some out of
+            # the prefix cache, which would bill their prefills to whichever mode came first.
+            run_load(server.address, prompts, clients, requests, MODES[0], WARMUP_TOKENS)
             # The modes alternate off, on, on, off, ...: this machine's speed drifts by ~5% over a minute,
             # as much as the difference being measured; the mirrored order cancels a steady drift.
             for rep in range(args.repeats):
@@ -226,7 +229,7 @@ def doc_section(args: argparse.Namespace, questions: list[dict], load_average: f
 - Systems: `specserve serve --embedded --spec {args.spec}` (router, verifier and drafter in one process) and
   `specserve up --spec {args.spec}` (1 verifier, 1 drafter and the router as separate processes, gRPC on
   loopback). Each is started fresh and warmed up (every prompt the loads send, at the highest load,
-  {WARMUP_TOKENS} tokens, in each mode), then driven by N client threads, each streaming its requests (`Client.stream`)
+  {WARMUP_TOKENS} tokens, in each mode; and each load's prompts again right before it), then driven by N client threads, each streaming its requests (`Client.stream`)
   one after another. Each load runs {args.repeats} times per mode, the modes alternating in mirrored
   order (off, on, on, off, ...); the table sums the runs.
 - Prompts: {len(questions)} Spec-Bench first-turn questions (ids {ids}), chat template applied by the router,
