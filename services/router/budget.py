@@ -2,8 +2,9 @@
 
 A decode/verify forward over S sequences and R query rows takes about t0 + t_seq * S + t1 * R seconds
 (`StepCost`, fitted online from the router's own Verify calls without prefill chunks), and drafting
-costs a step about t_draft more (the Propose round trip, measured). A drafted node at depth d of request s is accepted with
-probability p(s, d) (`acceptance_by_depth`: the request's recent record, shrunk towards its drafter's).
+costs a step about t_draft more (the Propose round trip, measured). A drafted node at depth d of
+request s is accepted with probability p(s, d) (`acceptance_by_depth`: the request's recent record,
+shrunk towards its drafter's).
 Adding the node adds p(s, d) expected tokens for t1 more seconds, so it pays while
 
     p(s, d) / t1  >  MARGIN * tokens / time        (the step's throughput without it)

@@ -175,7 +175,9 @@ class Router:
         self._by_rid: dict[int, _Request] = {}
         self._cond = threading.Condition()
         self._stop = False
-        self._pool = futures.ThreadPoolExecutor(max_workers=max(4, len(verifiers) + 2 * sum(map(len, drafters.values()))))
+        # Verify calls, this step's drafts ahead and the next step's Propose can all be in flight at once.
+        workers = len(verifiers) + 2 * sum(map(len, drafters.values()))
+        self._pool = futures.ThreadPoolExecutor(max_workers=max(4, workers))
         self._releases: dict[int, tuple[Replica, list[int]]] = {}  # id(replica) -> (replica, seq ids)
         self.ahead = AheadDrafts(self._pool, config.rpc_timeout_s)
         self._thread: threading.Thread | None = None
