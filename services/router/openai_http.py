@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import select
 import socket
 import threading
@@ -20,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from specserve.errors import SpecserveError
-from specserve.router.core import Router, RouterOutput
+from specserve.router.core import RequestHandle, Router, RouterOutput
 from specserve.router.openai_protocol import ApiError, Reply, parse_request
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,31 @@ MAX_BODY_BYTES = 16 << 20
 
 class ClientGone(Exception):
     """The client closed its connection before the answer was complete."""
+
+
+def merged(handles: list[RequestHandle]) -> Iterator[tuple[int, RouterOutput]]:
+    """(index, output) of all handles as they come, until each has finished; the first failure raises."""
+    if len(handles) == 1:
+        yield from ((0, output) for output in handles[0])
+        return
+    events: queue.Queue = queue.Queue()
+
+    def pump(index: int, handle: RequestHandle) -> None:
+        try:
+            for output in handle:
+                events.put((index, output))
+        except BaseException as exc:  # handed to the reader, which raises it
+            events.put((index, exc))
+
+    for index, handle in enumerate(handles):
+        threading.Thread(target=pump, args=(index, handle), daemon=True).start()
+    running = len(handles)
+    while running:
+        index, item = events.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield index, item
+        running -= item.finished
 
 
 class OpenAIServer(ThreadingHTTPServer):
@@ -127,19 +153,21 @@ class OpenAIHandler(BaseHTTPRequestHandler):
     def _generate(self, chat: bool) -> None:
         router = self.server.router
         request = parse_request(self._read_json(), router, chat)
-        handle = router.submit(request.prompt_token_ids, request.params, mode=request.speculation,
-                               drafter=request.drafter)
         reply = Reply(chat, router.model_name, request.include_usage)
-        prompt_tokens = len(handle.prompt_token_ids)
+        handles: list[RequestHandle] = []
         try:
-            outputs = iter(handle)
+            for prompt, params in request.choices():  # one router request per choice
+                handles.append(router.submit(prompt, params, mode=request.speculation, drafter=request.drafter))
+            prompt_tokens = sum(len(h.prompt_token_ids) for h in handles[::request.n])  # each prompt once
+            outputs = merged(handles)
             first = next(outputs)  # a failure before the first token still gets its own status code
             if request.stream:
-                self._stream(reply.chunks(self._watch(chain([first], outputs)), prompt_tokens))
+                self._stream(reply.chunks(self._watch(chain([first], outputs)), len(handles), prompt_tokens))
             else:
-                self._send_json(200, reply.whole(self._watch(chain([first], outputs)), prompt_tokens))
+                self._send_json(200, reply.whole(self._watch(chain([first], outputs)), len(handles), prompt_tokens))
         finally:
-            handle.cancel()  # a no-op once finished; frees the KV of a client that left
+            for handle in handles:
+                handle.cancel()  # a no-op once finished; frees the KV of a client that left
 
     # ---- the wire ---------------------------------------------------------------------------------
 
@@ -189,7 +217,7 @@ class OpenAIHandler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
         self.wfile.flush()
 
-    def _watch(self, outputs: Iterable[RouterOutput]) -> Iterator[RouterOutput]:
+    def _watch(self, outputs: Iterable[tuple[int, RouterOutput]]) -> Iterator[tuple[int, RouterOutput]]:
         """`outputs`, raising ClientGone as soon as the client has closed its socket."""
         for output in outputs:
             if self._client_gone():

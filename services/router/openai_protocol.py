@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from specserve.engine.config import SamplingParams
 from specserve.errors import (
@@ -27,6 +27,7 @@ from specserve.router.core import SPEC_MODES, Router, RouterOutput
 
 # OpenAI's default max_tokens of /v1/completions; chat completions default to the rest of the context.
 COMPLETION_MAX_TOKENS = 16
+MAX_CHOICES = 64  # prompts x n of one request: each choice is a request of its own in the router
 # Fields this server cannot honour, with the values that ask for nothing and are therefore accepted.
 UNSUPPORTED = {
     "echo": (False,), "logprobs": (False,), "top_logprobs": (0,), "best_of": (1,), "suffix": ("",),
@@ -73,12 +74,20 @@ class OpenAIRequest:
     """One /v1/completions or /v1/chat/completions body, as the router takes it."""
 
     chat: bool
-    prompt_token_ids: list[int]
+    prompts: list[list[int]]  # token ids; a completions request may send a batch of prompts
     params: SamplingParams
+    n: int  # choices per prompt
     speculation: str  # "" = the router's default
     drafter: str  # "" = the router's first
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk carries the usage
+
+    def choices(self) -> list[tuple[list[int], SamplingParams]]:
+        """(prompt, sampling) of each choice, in OpenAI's order: choice index = prompt index * n + i. With a
+        seed, the i-th choice of a prompt samples with seed + i: n reproducible and different samples."""
+        def params(i: int) -> SamplingParams:
+            return self.params if self.params.seed is None else replace(self.params, seed=self.params.seed + i)
+        return [(prompt, params(i)) for prompt in self.prompts for i in range(self.n)]
 
 
 def parse_request(body: object, router: Router, chat: bool) -> OpenAIRequest:
@@ -88,26 +97,29 @@ def parse_request(body: object, router: Router, chat: bool) -> OpenAIRequest:
     for name, accepted in UNSUPPORTED.items():
         if body.get(name) is not None and body[name] not in accepted:
             raise ApiError.bad_field(name, f"{name} is not supported by this server")
-    if _get(body, "n", int, 1) != 1:
-        raise ApiError.bad_field("n", "n must be 1: this server returns one choice per request")
+    n = _get(body, "n", int, 1)
+    if not 1 <= n <= MAX_CHOICES:
+        raise ApiError.bad_field("n", f"n must be between 1 and {MAX_CHOICES}, got {n}")
     stream = _get(body, "stream", bool, False)
     stream_options = _get(body, "stream_options", dict, None)
     if stream_options is not None and not stream:
         raise ApiError.bad_field("stream_options", "stream_options is only allowed when stream is true")
     if chat:
-        prompt_ids = _encode(router, "messages", messages=_messages(body.get("messages")))
-        default_max = max(1, router.max_total_tokens - len(prompt_ids))
+        prompts = [_encode(router, "messages", messages=_messages(body.get("messages")))]
+        default_max = max(1, router.max_total_tokens - len(prompts[0]))
         max_tokens = _get(body, "max_completion_tokens", int, None)  # OpenAI's newer name
         if max_tokens is None:
             max_tokens = _get(body, "max_tokens", int, default_max)
     else:
-        prompt_ids = _completion_prompt(router, body.get("prompt"))
+        prompts = _completion_prompts(router, body.get("prompt"))
         max_tokens = _get(body, "max_tokens", int, COMPLETION_MAX_TOKENS)
+    if len(prompts) * n > MAX_CHOICES:
+        raise ApiError.bad_field("n", f"{len(prompts)} prompts x n={n} exceed {MAX_CHOICES} choices per request")
     speculation = _get(body, "speculation", str, "")
     if speculation not in ("", *SPEC_MODES):
         raise ApiError.bad_field("speculation", f"speculation must be one of {', '.join(SPEC_MODES)}")
     return OpenAIRequest(
-        chat=chat, prompt_token_ids=prompt_ids, params=_sampling(body, max_tokens), speculation=speculation,
+        chat=chat, prompts=prompts, params=_sampling(body, max_tokens), n=n, speculation=speculation,
         drafter=_get(body, "drafter", str, ""), stream=stream,
         include_usage=_get(stream_options or {}, "include_usage", bool, False),
     )
@@ -145,17 +157,20 @@ def _sampling(body: dict, max_tokens: int) -> SamplingParams:
         raise ApiError(400, str(exc)) from None
 
 
-def _completion_prompt(router: Router, prompt: object) -> list[int]:
-    """A string (tokenized as is, no chat template) or a list of token ids; a batch of one is unwrapped."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
+def _completion_prompts(router: Router, prompt: object) -> list[list[int]]:
+    """A string (tokenized as is, no chat template), a list of token ids, or a batch: a list of either."""
+    def is_ids(value: object) -> bool:
+        return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
     if isinstance(prompt, str):
-        return _encode(router, "prompt", prompt=prompt, raw=True)
-    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return _encode(router, "prompt", prompt_token_ids=prompt)
-    if isinstance(prompt, list):
-        raise ApiError.bad_field("prompt", "a list of prompts is not supported: send one prompt per request")
-    raise ApiError.bad_field("prompt", "prompt must be a string or a list of token ids")
+        return [_encode(router, "prompt", prompt=prompt, raw=True)]
+    if is_ids(prompt) and prompt:
+        return [_encode(router, "prompt", prompt_token_ids=prompt)]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt):
+        return [_encode(router, f"prompt[{i}]", **({"prompt": p, "raw": True} if isinstance(p, str) else
+                                                  {"prompt_token_ids": p}))
+                for i, p in enumerate(prompt)]
+    raise ApiError.bad_field("prompt", "prompt must be a string, a list of token ids, or a non-empty list of either")
 
 
 def _messages(value: object) -> list[dict[str, str]]:
@@ -204,30 +219,37 @@ class Reply:
         if not self.id:
             object.__setattr__(self, "id", ("chatcmpl-" if self.chat else "cmpl-") + secrets.token_hex(12))
 
-    def whole(self, outputs: Iterable[RouterOutput], prompt_tokens: int) -> dict:
-        texts, completion_tokens, finish_reason = [], 0, None
-        for output in outputs:
-            texts.append(output.text)
+    def whole(self, outputs: Iterable[tuple[int, RouterOutput]], num_choices: int, prompt_tokens: int) -> dict:
+        """`outputs`: (choice index, output) of every choice, in any interleaving."""
+        texts: list[list[str]] = [[] for _ in range(num_choices)]
+        finish_reasons: list[str | None] = [None] * num_choices
+        completion_tokens = 0
+        for index, output in outputs:
+            texts[index].append(output.text)
             completion_tokens += len(output.token_ids)
-            finish_reason = output.finish_reason
-        text = "".join(texts)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}} if self.chat else {"index": 0, "text": text}
-        return {**self._envelope("chat.completion" if self.chat else "text_completion"),
-                "choices": [{**choice, "logprobs": None, "finish_reason": finish_reason}],
+            finish_reasons[index] = output.finish_reason
+        choices = []
+        for index, (parts, finish_reason) in enumerate(zip(texts, finish_reasons)):
+            text = "".join(parts)
+            content = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+            choices.append({"index": index, **content, "logprobs": None, "finish_reason": finish_reason})
+        return {**self._envelope("chat.completion" if self.chat else "text_completion"), "choices": choices,
                 "usage": usage(prompt_tokens, completion_tokens)}
 
-    def chunks(self, outputs: Iterable[RouterOutput], prompt_tokens: int) -> Iterator[dict]:
-        """A chat stream opens with the role; text deltas follow; the finish reason comes in a chunk of its
-        own, then (with include_usage) one with no choices and the usage."""
+    def chunks(self, outputs: Iterable[tuple[int, RouterOutput]], num_choices: int, prompt_tokens: int) -> Iterator[dict]:
+        """A chat stream opens with the role of each choice; text deltas follow, each naming its choice; a
+        choice's finish reason comes in a chunk of its own, then (with include_usage) one with no choices
+        and the usage."""
         if self.chat:
-            yield self._chunk(text="", role="assistant")
+            for index in range(num_choices):
+                yield self._chunk(index, text="", role="assistant")
         completion_tokens = 0
-        for output in outputs:
+        for index, output in outputs:
             completion_tokens += len(output.token_ids)
             if output.text:
-                yield self._chunk(text=output.text)
+                yield self._chunk(index, text=output.text)
             if output.finished:
-                yield self._chunk(text=None if self.chat else "", finish_reason=output.finish_reason)
+                yield self._chunk(index, text=None if self.chat else "", finish_reason=output.finish_reason)
         if self.include_usage:
             yield {**self._envelope(self._chunk_object), "choices": [],
                    "usage": usage(prompt_tokens, completion_tokens)}
@@ -236,12 +258,13 @@ class Reply:
     def _chunk_object(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
-    def _chunk(self, text: str | None, role: str | None = None, finish_reason: str | None = None) -> dict:
+    def _chunk(self, index: int, text: str | None, role: str | None = None,
+               finish_reason: str | None = None) -> dict:
         if self.chat:
             delta = {"role": role} if role else {}
-            choice = {"index": 0, "delta": delta | ({"content": text} if text is not None else {})}
+            choice = {"index": index, "delta": delta | ({"content": text} if text is not None else {})}
         else:
-            choice = {"index": 0, "text": text}
+            choice = {"index": index, "text": text}
         chunk = {**self._envelope(self._chunk_object),
                  "choices": [{**choice, "logprobs": None, "finish_reason": finish_reason}]}
         return chunk | {"usage": None} if self.include_usage else chunk

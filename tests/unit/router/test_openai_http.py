@@ -132,6 +132,47 @@ def test_top_k_1_and_speculation_off_sample_greedily(client, router):
     assert sampled.choices[0].text == greedy.choices[0].text
 
 
+def test_n_choices_of_a_batch_of_prompts(client, router):
+    """Two prompts x n=2, greedy: choices 0-1 are the first prompt's router output, 2-3 the second's; the
+    usage counts each prompt once and every choice's tokens."""
+    prompts = [COUNTING, "A, B, C, D,"]
+    answer = client.completions.create(model=router.model_name, prompt=prompts, n=2, max_tokens=6, temperature=0)
+    assert [c.index for c in answer.choices] == [0, 1, 2, 3]
+    expected = [direct(router, router.encode(prompt=p, raw=True), max_tokens=6) for p in prompts]
+    assert [c.text for c in answer.choices] == [expected[0][0]] * 2 + [expected[1][0]] * 2
+    assert answer.usage.prompt_tokens == sum(len(router.encode(prompt=p, raw=True)) for p in prompts)
+    assert answer.usage.completion_tokens == 2 * (expected[0][1] + expected[1][1])
+    wait_until_idle(router)
+
+
+def test_seeded_choices_are_reproducible_and_differ(client, router):
+    """With a seed, choice i samples as a request of its own with seed + i would."""
+    def sample(n: int, seed: int) -> list[str]:
+        answer = client.completions.create(model=router.model_name, prompt="Once upon a time", n=n, max_tokens=8,
+                                           temperature=1.5, seed=seed)
+        return [c.text for c in answer.choices]
+
+    three = sample(3, seed=5)
+    assert three == sample(3, seed=5)
+    assert three == [sample(1, seed=5 + i)[0] for i in range(3)]
+    assert len(set(three)) > 1
+
+
+def test_streamed_chat_with_n_choices_adds_up_to_each_choice(client, router):
+    whole = client.chat.completions.create(model=router.model_name, messages=CHAT, n=2, max_tokens=10, temperature=0)
+    stream = client.chat.completions.create(model=router.model_name, messages=CHAT, n=2, max_tokens=10,
+                                            temperature=0, stream=True)
+    texts, roles, finishes = ["", ""], [None, None], [None, None]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            roles[choice.index] = roles[choice.index] or choice.delta.role
+            finishes[choice.index] = finishes[choice.index] or choice.finish_reason
+    assert texts == [c.message.content for c in whole.choices]
+    assert roles == ["assistant"] * 2 and finishes == [c.finish_reason for c in whole.choices]
+    wait_until_idle(router)
+
+
 # ---- errors -----------------------------------------------------------------------------------------
 
 def create(client: openai.OpenAI, endpoint: str, **overrides: object):
@@ -141,7 +182,8 @@ def create(client: openai.OpenAI, endpoint: str, **overrides: object):
 
 
 @pytest.mark.parametrize("endpoint, fields, param", [
-    ("chat", {"n": 2}, "n"),
+    ("chat", {"n": 0}, "n"),
+    ("chat", {"n": 65}, "n"),
     ("chat", {"messages": []}, "messages"),
     ("chat", {"messages": [{"role": "tool", "content": "x"}]}, "messages"),
     ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
@@ -152,7 +194,9 @@ def create(client: openai.OpenAI, endpoint: str, **overrides: object):
     ("chat", {"extra_body": {"drafter": "nope"}}, None),
     ("completion", {"echo": True}, "echo"),
     ("completion", {"logprobs": 2}, "logprobs"),
-    ("completion", {"prompt": ["one", "two"]}, "prompt"),
+    ("completion", {"prompt": ["one", 2]}, "prompt"),
+    ("completion", {"prompt": []}, "prompt"),
+    ("completion", {"prompt": ["one"] * 9, "n": 8}, "n"),
     ("completion", {"prompt": ""}, "prompt"),
     ("completion", {"max_tokens": 0}, None),
     ("completion", {"stop": ["", "x"]}, "stop"),
