@@ -38,6 +38,7 @@ class StepTokens:
     token_ids: list[int]
     num_accepted: int
     tree: DraftTree | None
+    lossy_spent: float = 0.0  # nats of the lossy budget this step's acceptance used
 
 
 def step_tokens(
@@ -69,7 +70,7 @@ def step_tokens(
         runner.move_kv(seq.block_table, kv_moves(result.accepted_nodes, seq.num_computed_tokens))
         seq.num_computed_tokens += 1 + len(result.accepted_nodes)
         accepted = [tree.tokens[i] for i in result.accepted_nodes]
-        out[seq.seq_id] = StepTokens(accepted + [result.next_token], len(accepted), tree)
+        out[seq.seq_id] = StepTokens(accepted + [result.next_token], len(accepted), tree, result.divergence)
     if plain:
         for seq, _ in plain:
             seed_for_position(states[seq.seq_id].generator, seq.params, seq.num_tokens)

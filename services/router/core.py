@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 import torch
@@ -118,6 +118,7 @@ class _Request:
     v_tokens: int = 0
     v_computed: int = 0
     hidden: list[torch.Tensor] = field(default_factory=list)  # rows of tokens [0, v_computed)
+    lossy_spent: float = 0.0  # nats of its lossy budget spent so far, on whichever verifier
     drafter_replica: Replica | None = None
     stranded_since: float | None = None  # when it last had no healthy verifier
 
@@ -487,8 +488,9 @@ class Router:
                                                max_compute_tokens=chunk)
                 if request.v_tokens == 0:
                     item.sampling.CopyFrom(convert.sampling_to_proto(seq.params))
-                    if request.lossy is not None:
-                        item.lossy.CopyFrom(convert.lossy_to_proto(request.lossy))
+                    if request.lossy is not None:  # a rebuilt sequence goes on with what is left of its budget
+                        left = replace(request.lossy, budget=max(0.0, request.lossy.budget - request.lossy_spent))
+                        item.lossy.CopyFrom(convert.lossy_to_proto(left))
                 budget -= chunk
             batches.setdefault(id(request.verifier), (request.verifier, []))[1].append((request, item))
         return batches
@@ -527,6 +529,7 @@ class Router:
         if item.position == 0:
             request.hidden = []
         request.v_tokens += len(item.new_token_ids) + len(result.token_ids)
+        request.lossy_spent += result.lossy_spent
         request.v_computed = result.num_computed_tokens
         if result.HasField("hidden_states"):
             request.hidden.append(convert.tensor_from_proto(result.hidden_states))

@@ -44,20 +44,22 @@ class VerifyRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[VerifyItem, _Mapping]]] = ..., return_hidden: _Optional[bool] = ...) -> None: ...
 
 class VerifyResult(_message.Message):
-    __slots__ = ("seq_id", "status", "token_ids", "num_accepted", "hidden_states", "num_computed_tokens")
+    __slots__ = ("seq_id", "status", "token_ids", "num_accepted", "hidden_states", "num_computed_tokens", "lossy_spent")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOSSY_SPENT_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     status: ItemStatus
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_accepted: int
     hidden_states: _common_pb2.Tensor
     num_computed_tokens: int
-    def __init__(self, seq_id: _Optional[int] = ..., status: _Optional[_Union[ItemStatus, str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_accepted: _Optional[int] = ..., hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_computed_tokens: _Optional[int] = ...) -> None: ...
+    lossy_spent: float
+    def __init__(self, seq_id: _Optional[int] = ..., status: _Optional[_Union[ItemStatus, str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_accepted: _Optional[int] = ..., hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_computed_tokens: _Optional[int] = ..., lossy_spent: _Optional[float] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("results",)

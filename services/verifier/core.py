@@ -58,6 +58,7 @@ class VerifyOutcome:
     num_accepted: int = 0
     hidden_states: torch.Tensor | None = None  # [rows, hidden] of the tokens computed and kept this step
     num_computed_tokens: int = 0
+    lossy_spent: float = 0.0
 
 
 @dataclass
@@ -199,6 +200,7 @@ class VerifierCore:
             if out is not None:
                 seq.prompt_token_ids.extend(out.token_ids)
                 outcome.token_ids, outcome.num_accepted = out.token_ids, out.num_accepted
+                outcome.lossy_spent = out.lossy_spent
             self.block_manager.commit(seq)
             outcome.num_computed_tokens = seq.num_computed_tokens
             if hidden_from is not None:

@@ -25,6 +25,7 @@ class VerifierServicer:
             result = verifier_pb2.VerifyResult(
                 seq_id=outcome.seq_id, status=int(outcome.status), token_ids=outcome.token_ids,
                 num_accepted=outcome.num_accepted, num_computed_tokens=outcome.num_computed_tokens,
+                lossy_spent=outcome.lossy_spent,
             )
             if outcome.hidden_states is not None:
                 result.hidden_states.CopyFrom(convert.tensor_to_proto(outcome.hidden_states))

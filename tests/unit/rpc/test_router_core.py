@@ -14,6 +14,7 @@ import torch
 
 from specserve.drafter.servicer import DrafterServicer
 from specserve.drafters import build_drafter
+from specserve.engine.acceptance import LossyConfig
 from specserve.engine.config import CacheConfig, EngineConfig, SamplingParams, SpecConfig
 from specserve.engine.llm_engine import LLMEngine
 from specserve.errors import DeadlineExceededError, InvalidRequestError, OverloadedError, RequestCancelledError
@@ -207,6 +208,58 @@ class _CountingStub(InProcessStub):
         if name == "Propose":
             self.proposes += 1
         return super().__getattr__(name)
+
+
+class _RecordingStub(InProcessStub):
+    """Keeps every (VerifyItem, VerifyResult) pair that went through it."""
+
+    def __init__(self, servicer: object) -> None:
+        super().__init__(servicer)
+        self.pairs: list = []
+
+    def __getattr__(self, name: str):
+        method = super().__getattr__(name)
+        if name != "Verify":
+            return method
+
+        def call(request, timeout=None):
+            response = method(request, timeout)
+            self.pairs += list(zip(request.items, response.results))
+            return response
+        return call
+
+
+def test_a_lossy_request_keeps_its_budget_across_a_failover(llama_model, tokenizer, engine, prompts) -> None:
+    """The verifier that rebuilds a lossy sequence goes on with what is left of its divergence budget (the
+    router sums what each step spent), not a fresh one; the text equals that of replicas that never fail."""
+    fingerprint = target_fingerprint(llama_model)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    lossy = LossyConfig(budget=0.8)
+    ids = [tokenizer.render_prompt_ids([{"role": "user", "content": p}]) for p in prompts[:2]]
+
+    def run(calls: int) -> tuple[list[list[int]], _DyingStub, _RecordingStub, _RecordingStub]:
+        servicers = [VerifierServicer(VerifierCore(llama_model, CACHE), fingerprint, "float32") for _ in range(2)]
+        first, healthy = _RecordingStub(servicers[0]), _RecordingStub(servicers[1])
+        dying = _DyingStub(first, calls=calls)
+        drafter = build_drafter(SpecConfig(method="ngram"), llama_model, tokenizer)
+        drafters = {"ngram": [Replica("ngram", InProcessStub(DrafterServicer(drafter, fingerprint)))]}
+        router = Router(tokenizer, [Replica("dying", dying), Replica("healthy", healthy)], drafters,
+                        RouterConfig(affinity_slack=0, speculation_budget="static")).start()
+        try:
+            handles = [router.submit(i, params, mode="lossy", lossy=lossy) for i in ids]
+            return [tokens(h) for h in handles], dying, first, healthy
+        finally:
+            router.stop()
+
+    expected, *_ = run(calls=10**6)
+    assert expected != [c.token_ids for c in engine.generate(ids, params)]  # relaxations happened
+    failed_over, dying, first, healthy = run(calls=12)  # after each request spent most of its budget
+    assert dying.calls_left == 0 and failed_over == expected
+    longest_prompt = max(map(len, ids))
+    rebuilt = [item for item, _ in healthy.pairs if item.position == 0 and len(item.new_token_ids) > longest_prompt]
+    assert len(rebuilt) == 1
+    spent_before = sum(r.lossy_spent for i, r in first.pairs if i.seq_id == rebuilt[0].seq_id)
+    assert spent_before > 0 and rebuilt[0].lossy.budget == pytest.approx(lossy.budget - spent_before)
 
 
 def test_at_high_load_the_step_calls_no_drafter(llama_model, tokenizer, prompts) -> None:
