@@ -236,7 +236,8 @@ class Reply:
         return {**self._envelope("chat.completion" if self.chat else "text_completion"), "choices": choices,
                 "usage": usage(prompt_tokens, completion_tokens)}
 
-    def chunks(self, outputs: Iterable[tuple[int, RouterOutput]], num_choices: int, prompt_tokens: int) -> Iterator[dict]:
+    def chunks(self, outputs: Iterable[tuple[int, RouterOutput]], num_choices: int,
+               prompt_tokens: int) -> Iterator[dict]:
         """A chat stream opens with the role of each choice; text deltas follow, each naming its choice; a
         choice's finish reason comes in a chunk of its own, then (with include_usage) one with no choices
         and the usage."""
