@@ -60,18 +60,23 @@ class StepCost:
     def observe_draft(self, seconds: float) -> None:
         self.draft_seconds = seconds if self.draft_seconds == 0.0 else 0.9 * self.draft_seconds + 0.1 * seconds
 
-    def ratios(self, seqs: int, rows: int) -> tuple[float, float]:
-        """(t_row, t_draft) as fractions of the predicted time of a forward over `seqs` sequences and
-        `rows` rows; the prior (PRIOR_COST_RATIO, 0) until the fit exists."""
+    def predict(self, seqs: int, rows: int) -> float | None:
+        """Seconds of a decode/verify forward over `seqs` sequences and `rows` rows; None before the fit."""
         if self.coef is None:
-            return PRIOR_COST_RATIO, 0.0
+            return None
         t0, t_seq, t_row = self.coef
         # A fit made at heavy load can extrapolate to a tiny or negative time for a small forward (and
         # then no draft would ever pay, so no evidence would ever correct it): no forward is faster than
         # the fastest one seen.
-        fastest = min(t for _, _, t in self.samples)
-        time = max(t0 + t_seq * seqs + t_row * rows, fastest)
-        return min(max(t_row / time, 1e-3), 1.0), self.draft_seconds / time
+        return max(t0 + t_seq * seqs + t_row * rows, min(t for _, _, t in self.samples))
+
+    def ratios(self, seqs: int, rows: int) -> tuple[float, float]:
+        """(t_row, t_draft) as fractions of the predicted time of a forward over `seqs` sequences and
+        `rows` rows; the prior (PRIOR_COST_RATIO, 0) until the fit exists."""
+        time = self.predict(seqs, rows)
+        if time is None:
+            return PRIOR_COST_RATIO, 0.0
+        return min(max(self.coef[2] / time, 1e-3), 1.0), self.draft_seconds / time
 
     def _refit(self) -> None:
         x = np.array([[1.0, s, r] for s, r, _ in self.samples])

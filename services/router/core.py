@@ -70,8 +70,12 @@ class RouterConfig:
     lossy: LossyConfig = LossyConfig()  # defaults of lossy requests
     max_prompt_chars: int = 1 << 20
     # One Verify / Propose / Release call; a replica slower than this counts as failed. The loop waits
-    # for each step's calls, so a hung (not dead) replica stalls every request for up to this long.
+    # for each step's calls, so a hung (not dead) replica would stall every request for up to this long.
     rpc_timeout_s: float = 30.0
+    # A Verify without prefill chunks that takes hang_factor times its predicted time (the step-cost fit),
+    # and at least hang_floor_s, counts as failed too: its sequences are rebuilt on another replica.
+    hang_factor: float = 20.0
+    hang_floor_s: float = 5.0
     unavailable_timeout_s: float = 30.0  # a request with no healthy verifier fails after this long
     affinity_tokens: int = 64  # prompt tokens hashed for prefix-affinity routing
     affinity_slack: int = 4  # the preferred verifier may hold this many more sequences than the least loaded
@@ -329,15 +333,19 @@ class Router:
         batches = self._plan(trees)
         if not batches:
             return False
+        hang = {key: self._hang_timeout([item for _, item in work]) for key, (_, work) in batches.items()}
         calls = {key: self._pool.submit(self._verify, replica, verifier_pb2.VerifyRequest(
                     items=[item for _, item in work],
-                    return_hidden=any(self._needs_hidden(r) for r, _ in work)))
+                    return_hidden=any(self._needs_hidden(r) for r, _ in work)), hang[key])
                  for key, (replica, work) in batches.items()}
         if self.config.draft_ahead:
             self._draft_ahead(trees)
         for key, (replica, work) in batches.items():
             try:
-                response = calls[key].result()
+                response = calls[key].result(timeout=hang[key])
+            except futures.TimeoutError:  # hung, not dead (an in-process call cannot be cut short)
+                self._replica_failed(replica, [r for r, _ in work], None)
+                continue
             except grpc.RpcError as exc:
                 self._replica_failed(replica, [r for r, _ in work], exc)
                 continue
@@ -349,15 +357,29 @@ class Router:
                 self._apply(request, item, result, trees.get(request.rid))
         return True
 
-    def _verify(self, replica: Replica, request: verifier_pb2.VerifyRequest) -> verifier_pb2.VerifyResponse:
-        """One Verify call; one without prefill chunks is timed into the step-cost model (rows: root and
-        tree nodes of every item). Prefill-heavy forwards are left out: their many rows sit in another
-        regime (compute-bound) than the decode steps whose drafts the model prices."""
+    def _hang_timeout(self, items: list[verifier_pb2.VerifyItem]) -> float | None:
+        """How long to wait for a Verify before calling its replica hung; None (the RPC's own timeout) for
+        one with prefill chunks, whose time the step-cost fit does not predict, or before the fit."""
+        if any(item.new_token_ids or item.max_compute_tokens for item in items):
+            return None
+        predicted = self.step_cost.predict(len(items), sum(1 + len(item.tree.tokens) for item in items))
+        if predicted is None:
+            return None
+        return min(max(self.config.hang_factor * predicted, self.config.hang_floor_s), self.config.rpc_timeout_s)
+
+    def _verify(self, replica: Replica, request: verifier_pb2.VerifyRequest,
+                hang_timeout: float | None = None) -> verifier_pb2.VerifyResponse:
+        """One Verify call, with `hang_timeout` (if any) as its deadline; one without prefill chunks is timed
+        into the step-cost model (rows: root and tree nodes of every item). Prefill-heavy forwards are left
+        out: their many rows sit in another regime (compute-bound) than the decode steps whose drafts the
+        model prices; so is a call that ran past its hang timeout (its answer was not waited for)."""
         start = time.perf_counter()
-        response = replica.stub.Verify(request, timeout=self.config.rpc_timeout_s)
-        if not any(item.new_token_ids or item.max_compute_tokens for item in request.items):
+        response = replica.stub.Verify(request, timeout=hang_timeout or self.config.rpc_timeout_s)
+        seconds = time.perf_counter() - start
+        if (not any(item.new_token_ids or item.max_compute_tokens for item in request.items)
+                and (hang_timeout is None or seconds < hang_timeout)):
             self.step_cost.observe(len(request.items), sum(1 + len(item.tree.tokens) for item in request.items),
-                                   time.perf_counter() - start)
+                                   seconds)
         return response
 
     def _call(self, method, request) -> futures.Future:
@@ -555,13 +577,15 @@ class Router:
             self._retire(request)
         request.out.put(output)
 
-    def _replica_failed(self, replica: Replica, requests: list[_Request], exc: grpc.RpcError) -> None:
+    def _replica_failed(self, replica: Replica, requests: list[_Request], exc: grpc.RpcError | None) -> None:
+        """`exc` None: the replica hung (no answer within `_hang_timeout`)."""
         code = exc.code() if hasattr(exc, "code") else None
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             for request in requests:
                 self._fail(request, InvalidRequestError(exc.details()))
             return
-        log.warning("verifier %s failed (%s); re-prefilling its sequences elsewhere", replica.address, code)
+        log.warning("verifier %s %s; re-prefilling its sequences elsewhere", replica.address,
+                    "hung" if exc is None else f"failed ({code})")
         replica.mark_down()
         for request in requests:
             self._queue_release(replica, request.rid)  # if it is alive after all, free their KV there

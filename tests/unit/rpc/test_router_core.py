@@ -6,6 +6,7 @@ replica, never a token; at high load the step calls no drafter."""
 from __future__ import annotations
 
 import copy
+import threading
 import time
 
 import grpc
@@ -208,6 +209,51 @@ class _CountingStub(InProcessStub):
         if name == "Propose":
             self.proposes += 1
         return super().__getattr__(name)
+
+
+class _HangingStub(InProcessStub):
+    """A verifier whose Verify calls from the `hang_at`-th on block until `release` is set, or for 20 s
+    (a hung, not dead, replica)."""
+
+    def __init__(self, servicer: VerifierServicer, hang_at: int) -> None:
+        super().__init__(servicer)
+        self.calls, self.hang_at, self.release = 0, hang_at, threading.Event()
+
+    def __getattr__(self, name: str):
+        method = super().__getattr__(name)
+        if name != "Verify":
+            return method
+
+        def call(request, timeout=None):
+            self.calls += 1
+            if self.calls >= self.hang_at:
+                self.release.wait(20)
+            return method(request, timeout)
+        return call
+
+
+def test_a_hung_verifier_costs_a_reprefill_not_a_stall(llama_model, tokenizer, engine, prompts) -> None:
+    """A replica that stops answering decode steps (the call never returns) is given hang_factor x the
+    predicted step time, at least hang_floor_s, not the 30 s RPC timeout; its sequences go on elsewhere."""
+    fingerprint = target_fingerprint(llama_model)
+    servicers = [VerifierServicer(VerifierCore(llama_model, CACHE), fingerprint, "float32") for _ in range(2)]
+    hanging = _HangingStub(servicers[0], hang_at=16)
+    drafter = build_drafter(SpecConfig(method="ngram"), llama_model, tokenizer)
+    drafters = {"ngram": [Replica("ngram", InProcessStub(DrafterServicer(drafter, fingerprint)))]}
+    router = Router(tokenizer, [Replica("hanging", hanging), Replica("healthy", InProcessStub(servicers[1]))],
+                    drafters, RouterConfig(affinity_slack=0, speculation_budget="static", hang_floor_s=0.5)).start()
+    try:
+        params = SamplingParams(max_tokens=40, ignore_eos=True)
+        ids = [router.encode(p) for p in prompts[:2]]
+        expected = [c.token_ids for c in engine.generate(ids, params)]
+        start = time.monotonic()
+        handles = [router.submit(i, params) for i in ids]
+        assert [tokens(h) for h in handles] == expected
+        assert hanging.calls >= hanging.hang_at  # it did hang mid-generation
+        assert time.monotonic() - start < 15  # not the 20 s hang
+    finally:
+        hanging.release.set()
+        router.stop()
 
 
 class _RecordingStub(InProcessStub):
