@@ -122,6 +122,8 @@ class _Request:
     v_tokens: int = 0
     v_computed: int = 0
     hidden: list[torch.Tensor] = field(default_factory=list)  # rows of tokens [0, v_computed)
+    hidden_sent: int = 0  # rows its drafter replica holds (feature drafters): later calls send the rest
+    hidden_sent_to: Replica | None = None
     lossy_spent: float = 0.0  # nats of its lossy budget spent so far, on whichever verifier
     drafter_replica: Replica | None = None
     stranded_since: float | None = None  # when it last had no healthy verifier
@@ -135,6 +137,18 @@ class _Request:
         if self.verifier is not None:
             self.verifier.load -= 1
         self.verifier, self.v_tokens, self.v_computed, self.hidden = None, 0, 0, []
+        self.hidden_sent = 0  # rebuilt rows may differ in the last bits: send them all again
+
+
+def rows_from(chunks: list[torch.Tensor], start: int) -> torch.Tensor:
+    """Rows [start:] of the chunks stacked, without copying the rows before `start`."""
+    tail, end = [], sum(len(chunk) for chunk in chunks)
+    for chunk in reversed(chunks):
+        if end <= start:
+            break
+        tail.append(chunk[max(0, start - (end - len(chunk))):])
+        end -= len(chunk)
+    return torch.cat(tail[::-1]) if tail else chunks[-1][:0]
 
 
 class RequestHandle:
@@ -413,7 +427,9 @@ class Router:
                 rows = sum(len(h) for h in request.hidden)
                 if rows != request.v_computed:  # the verifier keeps no hidden states: nothing to draft from
                     continue
-                item.hidden_states.CopyFrom(convert.tensor_to_proto(torch.cat(request.hidden)))
+                # Only the rows this replica has not had yet (a few per step, not the whole history).
+                item.hidden_offset = request.hidden_sent if request.hidden_sent_to is replica else 0
+                item.hidden_states.CopyFrom(convert.tensor_to_proto(rows_from(request.hidden, item.hidden_offset)))
             groups.setdefault(id(replica), (replica, []))[1].append((request, item))
         start = time.perf_counter()
         calls = {key: self._call(replica.stub.Propose, drafter_pb2.ProposeRequest(items=[i for _, i in work]))
@@ -429,7 +445,11 @@ class Router:
                 log.warning("drafter %s failed: %s", replica.address, exc)
                 replica.mark_down()
                 continue
-            for (request, _), tree in zip(work, response.trees):
+            missing = set(response.need_all_hidden)
+            for (request, item), tree in zip(work, response.trees):
+                if replica.info.needs_hidden:
+                    request.hidden_sent_to = replica
+                    request.hidden_sent = 0 if request.rid in missing else request.v_computed
                 if tree.tokens:
                     trees[request.rid] = convert.tree_from_proto(tree)
         return trees

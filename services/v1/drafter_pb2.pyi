@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DraftItem(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "budget", "hidden_states")
+    __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "budget", "hidden_states", "hidden_offset")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_OFFSET_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_prompt_tokens: int
     budget: int
     hidden_states: _common_pb2.Tensor
-    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., budget: _Optional[int] = ..., hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    hidden_offset: int
+    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., budget: _Optional[int] = ..., hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., hidden_offset: _Optional[int] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
     __slots__ = ("items",)
@@ -28,10 +30,12 @@ class ProposeRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[DraftItem, _Mapping]]] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
-    __slots__ = ("trees",)
+    __slots__ = ("trees", "need_all_hidden")
     TREES_FIELD_NUMBER: _ClassVar[int]
+    NEED_ALL_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     trees: _containers.RepeatedCompositeFieldContainer[_common_pb2.DraftTree]
-    def __init__(self, trees: _Optional[_Iterable[_Union[_common_pb2.DraftTree, _Mapping]]] = ...) -> None: ...
+    need_all_hidden: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, trees: _Optional[_Iterable[_Union[_common_pb2.DraftTree, _Mapping]]] = ..., need_all_hidden: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DrafterInfoRequest(_message.Message):
     __slots__ = ()

@@ -163,9 +163,28 @@ def test_hidden_states_reach_a_feature_drafter():
     assert torch.equal(drafter.requests[0].hidden_states, hidden)
 
 
+def test_later_calls_carry_only_the_new_hidden_rows():
+    """A call with hidden_offset k carries rows k.. only; the servicer adds the rows it kept from earlier
+    calls, so the drafter sees the whole history's rows. A replica without them (restarted, or released
+    the sequence) drafts nothing for it and asks for all rows."""
+    drafter, servicer = FeatureDrafter(), DrafterServicer(FeatureDrafter(), "fp")
+    servicer.drafter = drafter
+    rows = torch.randn(6, 8)
+    first = item(1, [4, 5, 6, 7], hidden_states=convert.tensor_to_proto(rows[:3]))
+    servicer.Propose(drafter_pb2.ProposeRequest(items=[first]), None)
+    later = item(1, [4, 5, 6, 7, 8, 9, 10], hidden_states=convert.tensor_to_proto(rows[3:]), hidden_offset=3)
+    response = servicer.Propose(drafter_pb2.ProposeRequest(items=[later]), None)
+    assert list(response.need_all_hidden) == [] and torch.equal(drafter.requests[-1].hidden_states, rows)
+    servicer.Release(common_pb2.ReleaseRequest(seq_ids=[1]), None)
+    drafted = len(drafter.requests)
+    response = servicer.Propose(drafter_pb2.ProposeRequest(items=[later]), None)
+    assert list(response.need_all_hidden) == [1] and len(response.trees) == 1
+    assert len(drafter.requests) == drafted  # nothing drafted without the rows
+
+
 @pytest.mark.parametrize("hidden,needle", [
     (None, "needs hidden_states"),
-    (torch.zeros(4, 8), "must have 3 rows (one per token but the root), got shape (4, 8)"),
+    (torch.zeros(4, 8), "must have 3 rows (one per token but the root) from hidden_offset 0, got shape (4, 8)"),
     (torch.zeros(24), "must have 3 rows"),
 ])
 def test_feature_drafter_refuses_missing_or_misshapen_hidden_states(hidden, needle):

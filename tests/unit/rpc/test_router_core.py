@@ -257,20 +257,22 @@ def test_a_hung_verifier_costs_a_reprefill_not_a_stall(llama_model, tokenizer, e
 
 
 class _RecordingStub(InProcessStub):
-    """Keeps every (VerifyItem, VerifyResult) pair that went through it."""
+    """Keeps every (item, result) pair of the `method` calls that went through it (Verify: VerifyItem and
+    VerifyResult; Propose: DraftItem and DraftTree)."""
 
-    def __init__(self, servicer: object) -> None:
+    def __init__(self, servicer: object, method: str = "Verify") -> None:
         super().__init__(servicer)
-        self.pairs: list = []
+        self.method, self.pairs = method, []
 
     def __getattr__(self, name: str):
         method = super().__getattr__(name)
-        if name != "Verify":
+        if name != self.method:
             return method
 
         def call(request, timeout=None):
             response = method(request, timeout)
-            self.pairs += list(zip(request.items, response.results))
+            results = response.results if name == "Verify" else response.trees
+            self.pairs += list(zip(request.items, results))
             return response
         return call
 
@@ -359,7 +361,8 @@ class _RecordingDrafter:
 
 def test_feature_drafters_get_the_engines_hidden_states(llama_model, tokenizer, prompts) -> None:
     """The router rebuilds each sequence's hidden states from what Verify returns (over the wire in the
-    distributed mode); the drafter must see what the engine hands it from its own cache."""
+    distributed mode) and sends each drafter replica only the rows it has not had; the drafter must see
+    what the engine hands it from its own cache."""
     from specserve.drafters.eagle import EagleDrafter
     from specserve.learned.eagle_head import new_eagle_head
 
@@ -376,13 +379,16 @@ def test_feature_drafters_get_the_engines_hidden_states(llama_model, tokenizer, 
 
     fingerprint = target_fingerprint(llama_model)
     core = VerifierCore(llama_model, CACHE, keep_hidden=True)
+    drafter_stub = _RecordingStub(DrafterServicer(in_router, fingerprint), method="Propose")
     router = Router(tokenizer, [Replica("v", InProcessStub(VerifierServicer(core, fingerprint, "float32")))],
-                    {"eagle": [Replica("d", InProcessStub(DrafterServicer(in_router, fingerprint)))]},
+                    {"eagle": [Replica("d", drafter_stub)]},
                     RouterConfig(speculation_budget="static", num_draft_tokens=8)).start()
     try:
         assert tokens(router.submit(ids, params)) == expected.token_ids
     finally:
         router.stop()
+    offsets = [item.hidden_offset for item, _ in drafter_stub.pairs]
+    assert offsets[0] == 0 and all(o > 0 for o in offsets[1:])  # after the first call: new rows only
     assert sorted(in_router.seen) == sorted(in_engine.seen) and len(in_engine.seen) >= 3
     for length, hidden in in_engine.seen.items():
         assert hidden.shape == (length - 1, llama_model.config.hidden_size)
