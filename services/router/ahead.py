@@ -80,8 +80,8 @@ class AheadDrafts:
         if len(history) != end + 1 or history[ahead.base_len:end] != ahead.path:
             return None
         try:
-            response = ahead.call.result()
-        except (grpc.RpcError, SpecserveError):  # the next step's own Propose finds out about the replica
+            response = ahead.call.result(timeout=self._timeout_s)
+        except (grpc.RpcError, SpecserveError, futures.TimeoutError):  # the step's own Propose will tell
             return None
         tree = convert.tree_from_proto(response.trees[ahead.index]).after(history[-1])
         if tree is None or tree.num_nodes == 0:
