@@ -140,6 +140,14 @@ class _Request:
         self.hidden_sent = 0  # rebuilt rows may differ in the last bits: send them all again
 
 
+def _decode_shape(items: list[verifier_pb2.VerifyItem]) -> tuple[int, int] | None:
+    """(sequences, rows) of a Verify without prefill chunks, rows being every item's root and tree nodes;
+    None when an item carries a prefill chunk."""
+    if any(item.new_token_ids or item.max_compute_tokens for item in items):
+        return None
+    return len(items), sum(1 + len(item.tree.tokens) for item in items)
+
+
 def rows_from(chunks: list[torch.Tensor], start: int) -> torch.Tensor:
     """Rows [start:] of the chunks stacked, without copying the rows before `start`."""
     tail, end = [], sum(len(chunk) for chunk in chunks)
@@ -374,9 +382,8 @@ class Router:
     def _hang_timeout(self, items: list[verifier_pb2.VerifyItem]) -> float | None:
         """How long to wait for a Verify before calling its replica hung; None (the RPC's own timeout) for
         one with prefill chunks, whose time the step-cost fit does not predict, or before the fit."""
-        if any(item.new_token_ids or item.max_compute_tokens for item in items):
-            return None
-        predicted = self.step_cost.predict(len(items), sum(1 + len(item.tree.tokens) for item in items))
+        shape = _decode_shape(items)
+        predicted = None if shape is None else self.step_cost.predict(*shape)
         if predicted is None:
             return None
         return min(max(self.config.hang_factor * predicted, self.config.hang_floor_s), self.config.rpc_timeout_s)
@@ -390,10 +397,9 @@ class Router:
         start = time.perf_counter()
         response = replica.stub.Verify(request, timeout=hang_timeout or self.config.rpc_timeout_s)
         seconds = time.perf_counter() - start
-        if (not any(item.new_token_ids or item.max_compute_tokens for item in request.items)
-                and (hang_timeout is None or seconds < hang_timeout)):
-            self.step_cost.observe(len(request.items), sum(1 + len(item.tree.tokens) for item in request.items),
-                                   seconds)
+        shape = _decode_shape(request.items)
+        if shape is not None and (hang_timeout is None or seconds < hang_timeout):
+            self.step_cost.observe(*shape, seconds)
         return response
 
     def _call(self, method, request) -> futures.Future:
@@ -446,7 +452,7 @@ class Router:
                 replica.mark_down()
                 continue
             missing = set(response.need_all_hidden)
-            for (request, item), tree in zip(work, response.trees):
+            for (request, _), tree in zip(work, response.trees):
                 if replica.info.needs_hidden:
                     request.hidden_sent_to = replica
                     request.hidden_sent = 0 if request.rid in missing else request.v_computed
