@@ -155,7 +155,8 @@ def measure(system: str, args: argparse.Namespace, prompts: list[str]) -> dict[t
         # (oneDNN primitives, allocator growth), which would otherwise land in whichever load came first.
         # Every prompt a load will send goes through once, so no mode pays prefills the other finds in
         # the prefix cache (the modes run one after the other on the same server).
-        warm = max(max(args.loads), min(len(prompts), max(args.min_requests, args.requests_per_client * max(args.loads))))
+        most_requests = max(args.min_requests, args.requests_per_client * max(args.loads))
+        warm = max(max(args.loads), min(len(prompts), most_requests))
         for mode in MODES:
             run_load(server.address, prompts, max(args.loads), warm, mode, WARMUP_TOKENS)
         for clients in args.loads:
@@ -169,7 +170,8 @@ def measure(system: str, args: argparse.Namespace, prompts: list[str]) -> dict[t
                 for mode in MODES if rep % 2 == 0 else MODES[::-1]:
                     r = run_load(server.address, prompts, clients, requests, mode, args.max_tokens)
                     results.setdefault((clients, mode), LoadResult()).merge(r)
-                    log(f"  {clients:>2} clients {mode:>8}: {r.tok_per_s:6.1f} tok/s, ttft p50 {percentile(r.ttft, 50):.3f}s")
+                    log(f"  {clients:>2} clients {mode:>8}: {r.tok_per_s:6.1f} tok/s, "
+                        f"ttft p50 {percentile(r.ttft, 50):.3f}s")
     finally:
         server.stop()
     return results
@@ -229,8 +231,8 @@ def doc_section(args: argparse.Namespace, questions: list[dict], load_average: f
 - Systems: `specserve serve --embedded --spec {args.spec}` (router, verifier and drafter in one process) and
   `specserve up --spec {args.spec}` (1 verifier, 1 drafter and the router as separate processes, gRPC on
   loopback). Each is started fresh and warmed up (every prompt the loads send, at the highest load,
-  {WARMUP_TOKENS} tokens, in each mode; and each load's prompts again right before it), then driven by N client threads, each streaming its requests (`Client.stream`)
-  one after another. Each load runs {args.repeats} times per mode, the modes alternating in mirrored
+  {WARMUP_TOKENS} tokens, in each mode; and each load's prompts again right before it), then driven by N
+  client threads, each streaming its requests (`Client.stream`) one after another. Each load runs {args.repeats} times per mode, the modes alternating in mirrored
   order (off, on, on, off, ...); the table sums the runs.
 - Prompts: {len(questions)} Spec-Bench first-turn questions (ids {ids}), chat template applied by the router,
   cycled; max({args.min_requests}, {args.requests_per_client} x N) requests per load; greedy, {args.max_tokens} new tokens each

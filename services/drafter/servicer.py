@@ -29,7 +29,8 @@ class DrafterServicer:
     def Propose(self, request: drafter_pb2.ProposeRequest, context: object) -> drafter_pb2.ProposeResponse:
         drafts = [draft_request_from_proto(item, self.drafter.needs_hidden) for item in request.items]
         with self._lock:
-            complete = [self._with_earlier_rows(draft, item.hidden_offset) for draft, item in zip(drafts, request.items)]
+            complete = [self._with_earlier_rows(draft, item.hidden_offset)
+                        for draft, item in zip(drafts, request.items)]
             ready = [draft for draft in complete if draft is not None]
             trees = iter(self.drafter.propose(ready) if ready else [])
         missing = [item.seq_id for item, draft in zip(request.items, complete) if draft is None]
