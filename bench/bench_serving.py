@@ -232,8 +232,9 @@ def doc_section(args: argparse.Namespace, questions: list[dict], load_average: f
   `specserve up --spec {args.spec}` (1 verifier, 1 drafter and the router as separate processes, gRPC on
   loopback). Each is started fresh and warmed up (every prompt the loads send, at the highest load,
   {WARMUP_TOKENS} tokens, in each mode; and each load's prompts again right before it), then driven by N
-  client threads, each streaming its requests (`Client.stream`) one after another. Each load runs {args.repeats} times per mode, the modes alternating in mirrored
-  order (off, on, on, off, ...); the table sums the runs.
+  client threads, each streaming its requests (`Client.stream`) one after another. Each load runs
+  {args.repeats} times per mode, the modes alternating in mirrored order (off, on, on, off, ...); the
+  table sums the runs.
 - Prompts: {len(questions)} Spec-Bench first-turn questions (ids {ids}), chat template applied by the router,
   cycled; max({args.min_requests}, {args.requests_per_client} x N) requests per load; greedy, {args.max_tokens} new tokens each
   (EOS ignored). Speculation per request: on (`lossless`, the server's {args.spec} drafter, budget
