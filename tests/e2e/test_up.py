@@ -254,6 +254,32 @@ def alive(pid: int) -> bool:
         return False
 
 
+def test_up_with_a_feature_drafter_equals_plain_greedy(launch, model_path, workdir, llama_model, short_prompts,
+                                                      greedy_reference):
+    """`up --spec eagle`: the verifier keeps hidden states, returns them with each Verify, and the router
+    passes each drafter replica only the rows it has not had. An untrained head (drafts are mostly
+    rejected) still drafts, and every output equals plain greedy decoding."""
+    import torch
+
+    from specserve.learned.checkpoint import DraftCheckpoint, save_checkpoint, target_fingerprint
+    from specserve.learned.eagle_head import new_eagle_head
+
+    torch.manual_seed(0)
+    head = new_eagle_head(llama_model, torch.arange(4096))
+    checkpoint = workdir / "eagle-untrained.safetensors"
+    save_checkpoint(checkpoint, DraftCheckpoint("eagle", head.state_dict(), head.config.to_dict(),
+                                                target_fingerprint(llama_model), {}, "untrained"))
+    up = launch(["up", "--verifiers", "1", "--drafters", "1", "--spec", "eagle", "--draft-checkpoint",
+                 str(checkpoint), "--speculation-budget", "static", "--num-blocks", str(NUM_BLOCKS), "--port", "0",
+                 "--model", str(model_path)], last="router")
+    prompts = short_prompts[:4]
+    outputs = run_concurrently(lambda p: stream(up.addresses["router"], p), prompts)
+    assert all(isinstance(o, Generation) for o in outputs), outputs
+    assert [o.token_ids for o in outputs] == greedy_reference(prompts, MAX_TOKENS)
+    assert sum(o.spec["drafted"] for o in outputs) > 0
+    assert_kv_free(replicas(up, "verifier"))
+
+
 def test_up_stops_everything_when_a_child_dies(launch, model_path):
     up = launch(["up", "--verifiers", "1", "--spec", "off", "--num-blocks", "16", "--port", "0",
                  "--model", str(model_path)], last="router")
