@@ -12,6 +12,7 @@ the accepted tokens' K/V are copied; the rejected nodes' slots are simply overwr
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -82,11 +83,9 @@ class SpecStats:
         self.drafted += tree.num_nodes
         self.accepted += accepted
         depths = tree.depths()
-        _add_ones(self.reached_by_depth, max(depths))
-        _add_ones(self.accepted_by_depth, accepted)
-        self.nodes_by_depth.extend([0] * (max(depths) - len(self.nodes_by_depth)))
-        for depth in depths:
-            self.nodes_by_depth[depth - 1] += 1
+        count_depths(self.reached_by_depth, range(1, max(depths) + 1))
+        count_depths(self.accepted_by_depth, range(1, accepted + 1))
+        count_depths(self.nodes_by_depth, depths)
 
     def add(self, other: SpecStats) -> None:
         for name in ("forwards", "tokens", "verify_steps", "drafted", "accepted"):
@@ -108,11 +107,11 @@ class SpecStats:
         }
 
 
-def _add_ones(counts: list[int], depth: int) -> None:
-    """counts[d - 1] += 1 for d in 1..depth, growing the list as needed."""
-    counts.extend([0] * (depth - len(counts)))
-    for i in range(depth):
-        counts[i] += 1
+def count_depths(counts: list, depths: Iterable[int]) -> None:
+    """counts[d - 1] += 1 for each d in `depths` (1-based), growing the list as needed."""
+    for depth in depths:
+        counts.extend([0] * (depth - len(counts)))
+        counts[depth - 1] += 1
 
 
 def accept(

@@ -25,7 +25,7 @@ from collections import deque
 import numpy as np
 
 from specserve.engine.draft_tree import DraftTree
-from specserve.engine.verify import SpecStats
+from specserve.engine.verify import SpecStats, count_depths
 
 # t1 / t0 before there are measurements: verifying 16 rows costs about 1.8x one row on the CPUs we
 # measured (docs/benchmarks.md), i.e. t1 ~ 0.05 t0.
@@ -110,11 +110,8 @@ class RecentAcceptance:
         self.nodes_by_depth = [n * RECENT_DECAY for n in self.nodes_by_depth]
         if tree is None or tree.num_nodes == 0:
             return
-        depths = tree.depths()
-        for counts, depths_seen in ((self.nodes_by_depth, depths), (self.accepted_by_depth, range(1, accepted + 1))):
-            counts.extend([0.0] * (max(depths_seen, default=0) - len(counts)))
-            for depth in depths_seen:
-                counts[depth - 1] += 1.0
+        count_depths(self.nodes_by_depth, tree.depths())
+        count_depths(self.accepted_by_depth, range(1, accepted + 1))
 
 
 def acceptance_by_depth(own: SpecStats | RecentAcceptance, drafter: SpecStats, max_depth: int) -> list[float]:
