@@ -15,7 +15,7 @@ import shlex
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from specserve.client import Chunk, Client, Generation
@@ -184,8 +184,9 @@ def spec_config(args: argparse.Namespace) -> SpecConfig:
 
 def drafter_sources(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, object]:
     """SpecConfig's drafter options for `methods` from --datastore / --draft-checkpoint / --exit-layer. Without
-    a flag the cache's default datastore (rest, auto) and EAGLE checkpoint (eagle, auto) are used: rest and
-    eagle report a missing default (with the command that makes it), auto just drafts without it."""
+    a flag the cache's default datastore (rest, auto) and checkpoint of the learned drafter's kind (eagle,
+    medusa; auto reads the EAGLE one) are used: rest, eagle and medusa report a missing default (with the
+    command that makes it), auto just drafts without it. One --draft-checkpoint serves one learned kind."""
     home = specserve_home(os.environ)
     datastore = args.datastore
     if datastore is None and {"rest", "auto"} & set(methods):
@@ -194,11 +195,14 @@ def drafter_sources(args: argparse.Namespace, methods: Sequence[str]) -> dict[st
         default = default_datastore_path(home)
         datastore = str(default) if "rest" in methods or default.exists() else None
     checkpoint = args.draft_checkpoint
-    if checkpoint is None and {"eagle", "auto"} & set(methods):
+    learned = sorted({"eagle", "medusa"} & set(methods))
+    if len(learned) > 1:
+        raise InvalidRequestError("eagle and medusa cannot be served together: they share --draft-checkpoint")
+    if checkpoint is None and (learned or "auto" in methods):
         from specserve.learned.checkpoint import default_checkpoint_path
 
-        default = default_checkpoint_path(home, "eagle")
-        checkpoint = str(default) if "eagle" in methods or default.exists() else None
+        default = default_checkpoint_path(home, learned[0] if learned else "eagle")
+        checkpoint = str(default) if learned or default.exists() else None
     return {"datastore_path": datastore, "draft_checkpoint": checkpoint, "exit_layer": args.exit_layer}
 
 
@@ -456,8 +460,8 @@ def add_drafter_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-layer", type=int, default=None,
                         help="decoder layers the early-exit drafter runs, 1 .. the model's layers - 1 "
                         "(default: the model's layers - 2)")
-    parser.add_argument("--draft-checkpoint", help="trained checkpoint for eagle "
-                        "(default: the cache's drafters/eagle.safetensors, made by specserve train-draft)")
+    parser.add_argument("--draft-checkpoint", help="trained checkpoint for eagle or medusa (default: the cache's "
+                        "drafters/KIND.safetensors, made by specserve train-draft --kind KIND)")
 
 
 def add_router_flags(parser: argparse.ArgumentParser) -> None:
@@ -507,8 +511,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
     from specserve.bench.common import default_data_dir
     from specserve.learned.checkpoint import default_checkpoint_path
     from specserve.learned.distill_data import DistillConfig
-    from specserve.learned.train_draft import TrainDraftConfig, train_draft
-    from specserve.learned.train_eagle import TrainConfig
+    from specserve.learned.train_draft import TRAIN_DEFAULTS, TrainDraftConfig, train_draft
 
     def given(**flags: object) -> dict[str, object]:  # flags left at None take the config's default
         return {name: value for name, value in flags.items() if value is not None}
@@ -520,10 +523,11 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         cache_dir=Path(args.data_dir) if args.data_dir else home / "distill",
         out=Path(args.out) if args.out else default_checkpoint_path(home, args.kind),
         distill=DistillConfig(**given(num_prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed)),
-        train=TrainConfig(loss=args.loss, device=args.device, **given(
+        train=replace(TRAIN_DEFAULTS[args.kind], loss=args.loss, device=args.device, **given(
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every)),
         resume=args.resume,
-        **given(draft_vocab_size=args.draft_vocab),
+        kind=args.kind,
+        **given(draft_vocab_size=args.draft_vocab, medusa_heads=args.medusa_heads),
     )
     print(json.dumps(asdict(train_draft(config))))
     return 0
@@ -532,18 +536,19 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
 def add_train_draft_parser(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train-draft", help="self-distil a learned drafter from the target; prints one JSON "
                            "summary (corpus, vocabulary coverage, phase times, loss, held-out accuracy)")
-    train.add_argument("--kind", choices=("eagle",), default="eagle", help="drafter to train")
+    train.add_argument("--kind", choices=("eagle", "medusa"), default="eagle", help="drafter to train")
     train.add_argument("--out", help="checkpoint to write (default: the cache's drafters/KIND.safetensors)")
     train.add_argument("--model", help="target GGUF file or safetensors directory (default: SmolLM2-135M)")
     train.add_argument("--loss", choices=("hard", "soft", "unroll"), default="soft",
-                       help="hard: CE on the target's tokens; soft: KL to the target's distribution; unroll: soft "
-                       "plus a second step on the head's own features (all with feature regression)")
+                       help="hard: CE on the target's tokens; soft: KL to the target's distribution; unroll (eagle "
+                       "only): soft plus a second step on the head's own features (eagle adds feature regression)")
+    train.add_argument("--medusa-heads", type=int, help="medusa: heads, each guessing one more token (default 4)")
     train.add_argument("--prompts", type=int, help="training prompts the target answers (default 1200)")
     train.add_argument("--max-new-tokens", type=int, help="most tokens of each response (default 256)")
     train.add_argument("--draft-vocab", type=int, help="draft vocabulary: the most frequent tokens (default 8192)")
-    train.add_argument("--epochs", type=int, help="passes over the corpus (default 12)")
+    train.add_argument("--epochs", type=int, help="passes over the corpus (default: eagle 12, medusa 4)")
     train.add_argument("--batch-size", type=int, help="sequences per optimizer step (default 8)")
-    train.add_argument("--lr", type=float, help="peak learning rate (default 5e-3)")
+    train.add_argument("--lr", type=float, help="peak learning rate (default: eagle 5e-3, medusa 1e-3)")
     train.add_argument("--seed", type=int, help="prompt order, held-out split, init and batch order (default 0)")
     train.add_argument("--save-every", type=int, help="steps between training-state saves (default 100)")
     train.add_argument("--resume", action="store_true", help="continue from the training state beside --out")
@@ -568,7 +573,8 @@ def bench_fields(args: argparse.Namespace, **given: object) -> dict[str, object]
         "model_path": Path(resolve_model(None)),
         "data_dir": Path(args.data_dir) if args.data_dir else default_data_dir(os.environ),
         "datastore": Path(args.datastore) if args.datastore else default_datastore_path(home),
-        "draft_checkpoint": Path(args.draft_checkpoint or default_checkpoint_path(home, "eagle")),
+        "draft_checkpoints": {"eagle": Path(args.draft_checkpoint or default_checkpoint_path(home, "eagle")),
+                              "medusa": Path(args.medusa_checkpoint or default_checkpoint_path(home, "medusa"))},
         "dtype": args.dtype,
         "num_draft_tokens": args.num_draft_tokens,
         "doc": bench_doc(args),
@@ -655,6 +661,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
                         "built by `specserve datastore build ../shared/data/train/*.jsonl`)")
     parser.add_argument("--draft-checkpoint", help="checkpoint for the eagle drafter (default: the cache's "
                         "drafters/eagle.safetensors, made by `specserve train-draft --kind eagle`)")
+    parser.add_argument("--medusa-checkpoint", help="checkpoint for the medusa drafter (default: the cache's "
+                        "drafters/medusa.safetensors, made by `specserve train-draft --kind medusa`)")
     parser.add_argument("--data-dir", help="prompt data (default: $SPECSERVE_DATA_DIR, else shared/data beside the "
                         "checkout)")
     parser.add_argument("--doc", help="results doc whose section to rewrite (default: the checkout's "

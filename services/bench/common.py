@@ -36,7 +36,7 @@ GSM8K_TRAIN_FILE = "train/gsm8k_train.jsonl"  # for choosing settings; never tra
 DOC_HEADER = "# Benchmarks\n\nMeasured results. Each section is written by the script it names; rerun it to update.\n"
 DRAFTERS = tuple(m for m in SPEC_METHODS if m != "off")
 RETRIEVAL_DRAFTERS = ("rest", "auto")  # the drafters that read a token datastore
-LEARNED_DRAFTERS = ("eagle",)  # the drafters that load a trained checkpoint
+LEARNED_DRAFTERS = ("eagle", "medusa")  # the drafters that load a trained checkpoint of their kind
 
 
 def checkout_root() -> Path | None:
@@ -89,18 +89,24 @@ def require_datastore(drafters: Iterable[str], datastore: Path) -> None:
             )
 
 
-def require_checkpoint(drafters: Sequence[str], checkpoint: Path | None) -> None:
-    """Fail before any measurement when a learned drafter has no checkpoint file to load."""
-    if any(d in LEARNED_DRAFTERS for d in drafters) and (checkpoint is None or not checkpoint.is_file()):
-        raise InvalidRequestError(f"no draft checkpoint at {checkpoint}; train one with "
-                                  "`specserve train-draft --kind eagle` or pass --draft-checkpoint PATH")
+def require_checkpoint(drafters: Sequence[str], checkpoints: Mapping[str, Path]) -> None:
+    """Fail before any measurement when a learned drafter has no checkpoint file to load (`checkpoints`:
+    kind -> path)."""
+    for drafter in drafters:
+        path = checkpoints.get(drafter)
+        if drafter in LEARNED_DRAFTERS and (path is None or not path.is_file()):
+            flag = "--draft-checkpoint" if drafter == "eagle" else f"--{drafter}-checkpoint"
+            raise InvalidRequestError(f"no {drafter} checkpoint at {path}; train one with "
+                                      f"`specserve train-draft --kind {drafter}` or pass {flag} PATH")
 
 
 def spec_config(method: str, num_draft_tokens: int, datastore: Path, lossy: LossyConfig | None = None,
-                draft_checkpoint: Path | None = None) -> SpecConfig:
+                checkpoints: Mapping[str, Path] | None = None) -> SpecConfig:
     """A drafter's SpecConfig; only the retrieval drafters are given the datastore, the learned ones the
-    checkpoint, and auto the checkpoint where it exists (as `specserve generate --spec auto` does)."""
+    checkpoint of their kind (`checkpoints`: kind -> path), and auto the EAGLE one where it exists (as
+    `specserve generate --spec auto` does)."""
     path = str(datastore) if method in RETRIEVAL_DRAFTERS else None
+    draft_checkpoint = (checkpoints or {}).get("eagle" if method == "auto" else method)
     has_checkpoint = draft_checkpoint is not None and (method in LEARNED_DRAFTERS or draft_checkpoint.is_file())
     checkpoint = str(draft_checkpoint) if method in (*LEARNED_DRAFTERS, "auto") and has_checkpoint else None
     return SpecConfig(method=method, num_draft_tokens=num_draft_tokens, datastore_path=path, lossy=lossy,

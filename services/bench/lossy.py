@@ -11,7 +11,8 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from specserve.bench.common import (
@@ -50,7 +51,7 @@ class LossyBenchConfig:
     model_path: Path
     data_dir: Path  # holds GSM8K_FILE
     datastore: Path  # read when the drafter is a retrieval one (rest, auto)
-    draft_checkpoint: Path | None = None  # read when the drafter is a learned one (eagle)
+    draft_checkpoints: Mapping[str, Path] = field(default_factory=dict)  # kind -> path, for eagle / medusa
     settings: tuple[LossyConfig, ...] = EXTRA_SETTINGS  # run after lossless and LossyConfig()
     problems: int = 200  # the first N of the split's file
     split: str = "test"  # a key of SPLIT_FILES
@@ -69,7 +70,7 @@ class LossyBenchConfig:
             raise InvalidRequestError(f"GSM8K split must be one of {', '.join(SPLIT_FILES)}, got {self.split!r}")
         require_files(self.data_dir, (SPLIT_FILES[self.split],))
         require_datastore((self.drafter,), self.datastore)
-        require_checkpoint((self.drafter,), self.draft_checkpoint)
+        require_checkpoint((self.drafter,), self.draft_checkpoints)
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def engine_for(config: LossyBenchConfig, model: LlamaModel, tokenizer: Tokenizer
         dtype=config.dtype,
         cache=CacheConfig(BLOCK_SIZE, config.concurrency * per_seq + 1),
         scheduler=SchedulerConfig(max_num_seqs=config.concurrency),
-        spec=spec_config(config.drafter, config.num_draft_tokens, config.datastore, lossy, config.draft_checkpoint),
+        spec=spec_config(config.drafter, config.num_draft_tokens, config.datastore, lossy, config.draft_checkpoints),
     )
     return LLMEngine(engine_config, model, tokenizer)
 

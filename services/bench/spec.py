@@ -9,8 +9,8 @@ import importlib.util
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ class SpecBenchConfig:
     model_path: Path
     data_dir: Path  # holds SPEC_BENCH_FILE, HUMANEVAL_FILE and GSM8K_FILE
     datastore: Path  # read by the retrieval drafters (rest, auto)
-    draft_checkpoint: Path | None = None  # read by the learned drafters (eagle)
+    draft_checkpoints: Mapping[str, Path] = field(default_factory=dict)  # kind -> path, for eagle / medusa
     drafters: tuple[str, ...] = ("ngram", "rest", "auto")
     per_category: int = 5  # prompts of each Spec-Bench category, and of HumanEval and GSM8K
     max_tokens: int = 128
@@ -53,7 +53,7 @@ class SpecBenchConfig:
                            num_draft_tokens=self.num_draft_tokens)
         require_files(self.data_dir, (SPEC_BENCH_FILE, HUMANEVAL_FILE, GSM8K_FILE))
         require_datastore(self.drafters, self.datastore)
-        require_checkpoint(self.drafters, self.draft_checkpoint)
+        require_checkpoint(self.drafters, self.draft_checkpoints)
 
 
 @dataclass
@@ -181,7 +181,7 @@ def run_bench(config: SpecBenchConfig) -> None:
     model = build_model(str(config.model_path), config.dtype)
     runners = {PLAIN: specserve_runner(model, tokenizer, config.model_path, SpecConfig(), config.max_tokens)}
     for drafter in config.drafters:
-        spec = spec_config(drafter, config.num_draft_tokens, config.datastore, draft_checkpoint=config.draft_checkpoint)
+        spec = spec_config(drafter, config.num_draft_tokens, config.datastore, checkpoints=config.draft_checkpoints)
         runners[f"specserve {drafter}"] = specserve_runner(model, tokenizer, config.model_path, spec, config.max_tokens)
     if hf:
         for key, label in HF_SYSTEMS.items():

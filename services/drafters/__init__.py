@@ -19,7 +19,7 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
     "auto" merges the n-gram drafter with retrieval when `spec.datastore_path` is set and with the EAGLE
     head when `spec.draft_checkpoint` is (hypothesis reduction, drafters/auto.py); "rest" needs the
     datastore; "early-exit" drafts with the target's first `spec.exit_layer` layers (its weights, not a
-    copy); "eagle" loads the head in `spec.draft_checkpoint`, trained for this target (learned/).
+    copy); "eagle" and "medusa" load the heads in `spec.draft_checkpoint`, trained for this target (learned/).
     """
     from specserve.drafters.ngram import NgramDrafter
 
@@ -40,6 +40,13 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
         if spec.draft_checkpoint is None:
             raise InvalidRequestError("the eagle drafter needs a checkpoint (specserve train-draft --kind eagle)")
         return _eagle(spec.draft_checkpoint, model)
+    if spec.method == "medusa":
+        if spec.draft_checkpoint is None:
+            raise InvalidRequestError("the medusa drafter needs a checkpoint (specserve train-draft --kind medusa)")
+        from specserve.drafters.medusa import MedusaDrafter
+        from specserve.learned.medusa_heads import load_medusa_heads
+
+        return MedusaDrafter(load_medusa_heads(spec.draft_checkpoint, model))
     if spec.method == "auto":
         from specserve.drafters.auto import MergedDrafter
 
@@ -54,8 +61,8 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
 
 def needs_hidden(spec: SpecConfig) -> bool:
     """Whether the drafter `build_drafter(spec, ...)` builds drafts from the target's hidden states (its
-    verifiers must keep them), told without building it: EAGLE, alone or inside auto."""
-    return spec.method == "eagle" or (spec.method == "auto" and spec.draft_checkpoint is not None)
+    verifiers must keep them), told without building it: EAGLE and Medusa, alone or (EAGLE) inside auto."""
+    return spec.method in ("eagle", "medusa") or (spec.method == "auto" and spec.draft_checkpoint is not None)
 
 
 def _rest(path: str, tokenizer: Tokenizer) -> Drafter:

@@ -105,7 +105,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-SPEC_METHODS = ("off", "ngram", "rest", "early-exit", "eagle", "auto")
+SPEC_METHODS = ("off", "ngram", "rest", "early-exit", "eagle", "medusa", "auto")
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,8 @@ class SpecConfig:
     # checked against the model when the drafter is built); None: num_layers - EXIT_LAYERS_SKIPPED.
     # drafters/early_exit.py says how the default was picked.
     exit_layer: int | None = None
-    # The trained checkpoint of a learned drafter ("eagle"); the CLI fills in the default one
+    # The trained checkpoint of a learned drafter ("eagle", "medusa"; "auto" reads an EAGLE one); the CLI
+    # fills in the default one of the kind
     # (learned/checkpoint.py, `default_checkpoint_path`), made by `specserve train-draft`.
     draft_checkpoint: str | None = None
 

@@ -22,7 +22,7 @@ from specserve.errors import DraftCheckpointError
 
 FORMAT = "specserve-draft"
 FORMAT_VERSION = 1
-KINDS = ("eagle",)
+KINDS = ("eagle", "medusa")
 
 
 @dataclass

@@ -149,7 +149,7 @@ def target_tables(target: LlamaModel) -> tuple[torch.Tensor, torch.Tensor]:
         return embed, embed
     weight = getattr(target.lm_head, "weight", None)
     if weight is None:
-        raise DraftCheckpointError("the EAGLE head needs the target's LM-head weight; load the target in float32")
+        raise DraftCheckpointError("a learned drafter needs the target's LM-head weight; load the target in float32")
     return embed, weight.detach().float()
 
 

@@ -1,5 +1,8 @@
-"""`specserve train-draft`: distil a corpus from the target, choose the draft vocabulary, train an EAGLE head,
-score it on held-out sequences, and write the checkpoint (learned/checkpoint.py).
+"""`specserve train-draft`: distil a corpus from the target, choose the draft vocabulary, train an EAGLE head
+or Medusa heads (`kind`), score them on held-out sequences, and write the checkpoint (learned/checkpoint.py).
+Both kinds train on the same cached corpus.
+
+EAGLE head:
 
 The default recipe is sized to finish within an hour on 2 CPU cores. Measured on SmolLM2-135M (float32,
 AMD EPYC, 2 cores, OMP_NUM_THREADS=2, nothing else running):
@@ -32,7 +35,12 @@ from specserve.errors import DraftCheckpointError, InvalidRequestError
 from specserve.learned.checkpoint import DraftCheckpoint, save_checkpoint, target_fingerprint
 from specserve.learned.distill_data import DistillConfig, DistillCorpus, build_corpus, choose_draft_vocab
 from specserve.learned.eagle_head import EagleHead, new_eagle_head
-from specserve.learned.train_eagle import TrainConfig, heldout_accuracy, load_training_state, train_head
+from specserve.learned.fit import TrainConfig, load_training_state
+from specserve.learned.medusa_heads import new_medusa_heads
+
+KINDS = ("eagle", "medusa")
+# Each kind's default recipe (the CLI's flags override fields of it).
+TRAIN_DEFAULTS = {"eagle": TrainConfig(), "medusa": TrainConfig(epochs=4, lr=1e-3)}
 
 FC_INIT_STD = 0.02  # fc starts small: the copied layer first sees a faint mix of feature and embedding
 
@@ -45,13 +53,19 @@ class TrainDraftConfig:
     out: Path  # the checkpoint; the training state sits beside it while training runs
     distill: DistillConfig
     train: TrainConfig
+    kind: str = "eagle"  # one of KINDS
     draft_vocab_size: int = 8192
     heldout_fraction: float = 0.05  # of the sequences, never trained on
+    medusa_heads: int = 4  # K, for kind "medusa": head k guesses the token k past the root
     resume: bool = False
 
     def __post_init__(self) -> None:
-        if self.draft_vocab_size < 1 or not 0 < self.heldout_fraction < 1:
-            raise InvalidRequestError("draft_vocab_size must be >= 1 and heldout_fraction in (0, 1)")
+        if self.kind not in KINDS:
+            raise InvalidRequestError(f"unknown drafter kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.kind == "medusa" and self.train.loss == "unroll":
+            raise InvalidRequestError("medusa heads train with --loss hard or soft (unroll is EAGLE's)")
+        if self.draft_vocab_size < 1 or not 0 < self.heldout_fraction < 1 or self.medusa_heads < 1:
+            raise InvalidRequestError("draft_vocab_size and medusa_heads must be >= 1, heldout_fraction in (0, 1)")
 
     @property
     def state_path(self) -> Path:
@@ -67,7 +81,7 @@ class TrainDraftReport:
     draft_vocab_coverage: float  # of the training responses' tokens
     final_loss: float  # mean over the last epoch's steps
     heldout_step1_accuracy: float
-    heldout_step2_accuracy: float
+    heldout_step2_accuracy: float  # 0 where the drafter guesses one token only (one Medusa head)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each phase
 
 
@@ -113,21 +127,17 @@ def train_draft(config: TrainDraftConfig) -> TrainDraftReport:
     seconds["corpus"] = time.perf_counter() - start
     train_set, heldout = split_heldout(corpus, config.heldout_fraction, config.train.seed)
     token_map, coverage = choose_draft_vocab(train_set, config.draft_vocab_size, target.config.vocab_size)
-    head = head_from_target(target, token_map, config.train.seed)
     data_hash = corpus.data_hash()
     recipe = recipe_of(config, data_hash)
     if state is not None and state["recipe"] != recipe:
         changed = sorted(k for k in recipe if state["recipe"].get(k) != recipe[k])
         raise DraftCheckpointError(f"training state {config.state_path} was made with another recipe "
                                    f"(differs in {', '.join(changed)}); drop --resume to start over")
-    start = time.perf_counter()
-    losses = train_head(head, train_set, config.train, config.state_path, recipe, state)
-    seconds["train"] = time.perf_counter() - start
-    start = time.perf_counter()
-    step1, step2 = heldout_accuracy(head, heldout, config.train.batch_size, config.train.device)
-    seconds["eval"] = time.perf_counter() - start
-    tensors = {name: t.cpu() for name, t in head.state_dict().items()}
-    checkpoint = DraftCheckpoint("eagle", tensors, head.config.to_dict(), fingerprint, recipe, data_hash)
+    train = train_eagle_kind if config.kind == "eagle" else train_medusa_kind
+    losses, accuracy, tensors, head_config, seconds_taken = train(config, target, train_set, heldout, token_map,
+                                                                  recipe, state)
+    seconds.update(seconds_taken)
+    checkpoint = DraftCheckpoint(config.kind, tensors, head_config, fingerprint, recipe, data_hash)
     save_checkpoint(config.out, checkpoint)
     config.state_path.unlink(missing_ok=True)
     steps_per_epoch = len(losses) // config.train.epochs
@@ -135,13 +145,50 @@ def train_draft(config: TrainDraftConfig) -> TrainDraftReport:
         checkpoint=str(config.out), sequences=corpus.num_sequences, tokens=len(corpus.token_ids),
         response_tokens=len(corpus.response_token_ids()), draft_vocab_coverage=round(coverage, 4),
         final_loss=round(sum(losses[-steps_per_epoch:]) / steps_per_epoch, 4),
-        heldout_step1_accuracy=round(step1, 4), heldout_step2_accuracy=round(step2, 4),
+        heldout_step1_accuracy=round(accuracy[0], 4),
+        heldout_step2_accuracy=round(accuracy[1], 4) if len(accuracy) > 1 else 0.0,
         seconds={phase: round(s, 1) for phase, s in seconds.items()},
     )
+
+
+Trained = tuple[list[float], list[float], dict[str, torch.Tensor], dict[str, Any], dict[str, float]]
+
+
+def train_eagle_kind(config: TrainDraftConfig, target: LlamaModel, train_set: DistillCorpus, heldout: DistillCorpus,
+                     token_map: torch.Tensor, recipe: dict[str, Any], state: dict[str, Any] | None) -> Trained:
+    """(step losses, held-out accuracy of draft steps 1 and 2, checkpoint tensors, head config, phase seconds)."""
+    from specserve.learned.train_eagle import heldout_accuracy, train_head
+
+    head = head_from_target(target, token_map, config.train.seed)
+    start = time.perf_counter()
+    losses = train_head(head, train_set, config.train, config.state_path, recipe, state)
+    trained = time.perf_counter()
+    accuracy = list(heldout_accuracy(head, heldout, config.train.batch_size, config.train.device))
+    seconds = {"train": trained - start, "eval": time.perf_counter() - trained}
+    return losses, accuracy, _cpu(head.state_dict()), head.config.to_dict(), seconds
+
+
+def train_medusa_kind(config: TrainDraftConfig, target: LlamaModel, train_set: DistillCorpus, heldout: DistillCorpus,
+                      token_map: torch.Tensor, recipe: dict[str, Any], state: dict[str, Any] | None) -> Trained:
+    """As `train_eagle_kind`, for Medusa heads (accuracy of every head, head 1 first)."""
+    from specserve.learned.train_medusa import heldout_accuracy, train_heads
+
+    heads = new_medusa_heads(target, token_map, config.medusa_heads)
+    start = time.perf_counter()
+    losses = train_heads(heads, train_set, config.train, config.state_path, recipe, state)
+    trained = time.perf_counter()
+    accuracy = heldout_accuracy(heads, heldout, config.train.batch_size, config.train.device)
+    seconds = {"train": trained - start, "eval": time.perf_counter() - trained}
+    return losses, accuracy, _cpu(heads.state_dict()), heads.config.to_dict(), seconds
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.cpu() for name, t in state.items()}
 
 
 def recipe_of(config: TrainDraftConfig, data_hash: str) -> dict[str, Any]:
     """Everything that decides the trained weights, as the checkpoint records it."""
     distill = {k: v for k, v in asdict(config.distill).items() if k != "in_flight"}
-    return {**config.train.recipe(), "distill": distill, "draft_vocab_size": config.draft_vocab_size,
+    kind = {"kind": config.kind} | ({"medusa_heads": config.medusa_heads} if config.kind == "medusa" else {})
+    return {**config.train.recipe(), **kind, "distill": distill, "draft_vocab_size": config.draft_vocab_size,
             "heldout_fraction": config.heldout_fraction, "data_hash": data_hash}

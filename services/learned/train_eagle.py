@@ -13,57 +13,26 @@ With f_i the head's feature, q_i = softmax(lm_rows f_i) its draft distribution o
           i and to itself: the context of the second draft token at serving time. Gradients flow through
           f_{i-1}. This is NOT DistillSpec's on-policy distillation (tokens sampled from the drafter and
           scored by a target forward): the tokens stay the target's, only the features are the head's own.
-Weights default to EAGLE's (w_reg 1.0, w_tok 0.1). AdamW, linear warmup then cosine decay to 0; the learning
-rate is a function of the step alone, so the training state needs no scheduler object. Batch order is a
-function of (seed, epoch), so a resumed run takes the same steps as an uninterrupted one.
+Weights default to EAGLE's (w_reg 1.0, w_tok 0.1). The optimizer loop, schedule and resumable training state
+are learned/fit.py's.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from specserve.errors import DraftCheckpointError, InvalidRequestError
+from specserve.errors import InvalidRequestError
+from specserve.learned import fit
 from specserve.learned.distill_data import DistillCorpus
 from specserve.learned.eagle_head import EagleHead
+from specserve.learned.fit import TrainConfig, draft_index_of
 
 LOSSES = ("hard", "soft", "unroll")
-WINDOW_BATCHES = 16  # batches whose sequences are sorted by length together (less padding)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    loss: str = "soft"  # one of LOSSES
-    epochs: int = 12
-    batch_size: int = 8  # sequences per step
-    lr: float = 5e-3  # peak
-    warmup_fraction: float = 0.05  # of all steps
-    weight_decay: float = 0.0
-    grad_clip: float = 0.5  # max global gradient norm (EAGLE's)
-    regression_weight: float = 1.0  # w_reg
-    token_weight: float = 0.1  # w_tok
-    seed: int = 0
-    save_every: int = 100  # steps between training-state saves
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise InvalidRequestError(f"unknown loss {self.loss!r}; expected one of {', '.join(LOSSES)}")
-        if min(self.epochs, self.batch_size, self.save_every) < 1 or self.lr <= 0 or self.grad_clip <= 0:
-            raise InvalidRequestError("epochs, batch_size and save_every must be >= 1, lr and grad_clip > 0")
-        if self.device not in ("cpu", "cuda") or (self.device == "cuda" and not torch.cuda.is_available()):
-            raise InvalidRequestError(f"device {self.device!r} is not available here (cpu, or cuda with a GPU)")
-
-    def recipe(self) -> dict[str, Any]:
-        """The settings that decide the trained weights (not how often they are saved, nor where they run)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("save_every", "device")}
-
 
 @dataclass
 class PairBatch:
@@ -141,29 +110,6 @@ def batch_loss(head: EagleHead, batch: PairBatch, config: TrainConfig) -> torch.
     return loss if second is None else loss + feature_loss(head, second, batch, config)
 
 
-def epoch_batches(lengths: torch.Tensor, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Sequence indices of each step of one epoch, ceil(num_sequences / batch_size) steps.
-
-    Shuffled, sorted by length within windows of WINDOW_BATCHES batches (so a batch pads little), and the
-    batches shuffled again; the same (seed, epoch) always gives the same batches.
-    """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    window = batch_size * WINDOW_BATCHES
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda k: int(lengths[k]))
-        batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
-    return [batches[p] for p in torch.randperm(len(batches), generator=generator).tolist()]
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warmup to 1 over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
-
-
 def train_head(head: EagleHead, corpus: DistillCorpus, config: TrainConfig, state_path: Path,
                recipe: dict[str, Any], state: dict[str, Any] | None = None) -> list[float]:
     """Train `head` in place (from `state` when resuming); every `save_every` steps the training state goes
@@ -205,14 +151,27 @@ def train_head(head: EagleHead, corpus: DistillCorpus, config: TrainConfig, stat
     return losses
 
 
+def train_head(head: EagleHead, corpus: DistillCorpus, config: TrainConfig, state_path: Path,
+               recipe: dict[str, Any], state: dict[str, Any] | None = None) -> list[float]:
+    """Train `head` in place (from `state` when resuming); every `save_every` steps the training state goes
+    to `state_path`. Returns the loss of every step."""
+    if config.loss not in LOSSES:
+        raise InvalidRequestError(f"the eagle head trains with a loss of {', '.join(LOSSES)}, not {config.loss!r}")
+    draft_index = draft_index_of(head.token_map, head.config.vocab_size)
+
+    def step_loss(indices: list[int]) -> torch.Tensor:
+        return batch_loss(head, make_batch(corpus, indices, draft_index).to(config.device), config)
+
+    return fit.fit(head, corpus.lengths, config, state_path, recipe, state, step_loss)
+
+
 @torch.no_grad()
 def heldout_accuracy(head: EagleHead, corpus: DistillCorpus, batch_size: int, device: str) -> tuple[float, float]:
     """Top-1 agreement of the head's argmax with the target's next token over the masked pairs of `corpus`:
     step 1 (the target's features), step 2 (the previous feature the head's own). A next token outside the
     draft vocabulary counts as a miss."""
     head.to(device).eval()
-    draft_index = torch.full((head.config.vocab_size,), -1, dtype=torch.int64)
-    draft_index[head.token_map.cpu()] = torch.arange(head.config.draft_vocab_size)
+    draft_index = draft_index_of(head.token_map, head.config.vocab_size)
     correct, total = torch.zeros(2), 0
     for start in range(0, corpus.num_sequences, batch_size):
         indices = list(range(start, min(start + batch_size, corpus.num_sequences)))
@@ -223,22 +182,3 @@ def heldout_accuracy(head: EagleHead, corpus: DistillCorpus, batch_size: int, de
         total += len(labels)
     first, second = (correct / max(total, 1)).tolist()
     return first, second
-
-
-def save_training_state(path: Path, state: dict[str, Any]) -> None:
-    """Atomically (a temporary file renamed into place): an interrupted save keeps the previous state."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
-def load_training_state(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise DraftCheckpointError(f"no training state at {path} to resume from")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        assert isinstance(state, dict) and {"head", "optimizer", "rng", "losses", "recipe"} <= set(state)
-    except Exception as e:  # torch.load fails in many ways on garbage (pickle, zip, EOF)
-        raise DraftCheckpointError(f"training state {path} is corrupt ({type(e).__name__})") from e
-    return state

@@ -62,12 +62,15 @@ def test_fixed_seed_gives_same_json(model_path, tmp_path):
         (("generate", "hi", "--top-p", "0"), "top_p"),
         (("generate", "hi", "--top-p", "1.5"), "top_p"),
         (("generate", "hi", "--model", "/nonexistent/model.gguf"), "no such file"),
-        (("generate", "hi", "--spec", "medusa"), "unknown drafter 'medusa'"),
+        (("generate", "hi", "--spec", "hydra"), "unknown drafter 'hydra'"),
         (("generate", "hi", "--spec", "ngram", "--num-draft-tokens", "0"), "budgets must be > 0"),
         (("generate", "hi", "--spec", "rest", "--datastore", "/nonexistent/ds.npz"), "no datastore at"),
         (("generate", "hi", "--spec", "ngram", "--lossy", "--lossy-min-ratio", "2"), "min_ratio"),
         (("generate", "hi", "--spec", "early-exit", "--exit-layer", "0"), "exit_layer must be >= 1"),
         (("generate", "hi", "--spec", "early-exit", "--exit-layer", "30"), "exit_layer must be in [1, 29]"),
+        (("generate", "hi", "--spec", "medusa", "--draft-checkpoint", "/nonexistent/m.safetensors"),
+         "train-draft --kind medusa"),
+        (("serve", "--embedded", "--spec", "eagle,medusa"), "cannot be served together"),
     ],
 )
 def test_bad_input_exits_with_one_line(args, needle, tmp_path):
@@ -120,7 +123,7 @@ def test_speculative_json_reports_its_counters(model_path, tmp_path, spec_args):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (("bench", "spec", "--drafters", "ngram,medusa"), "unknown drafter 'medusa'"),
+        (("bench", "spec", "--drafters", "ngram,hydra"), "unknown drafter 'hydra'"),
         (("bench", "lossy", "--drafter", "off"), "unknown drafter 'off'"),
         (("bench", "spec", "--per-category", "0"), "--per-category must be > 0"),
         (("bench", "spec", "--data-dir", "/nonexistent/data"), "no data file /nonexistent/data/spec_bench"),

@@ -63,7 +63,7 @@ def test_drafters_are_the_spec_methods_but_off():
 @pytest.mark.parametrize(
     "drafters,dtype,counts,needle",
     [
-        (["medusa"], "float32", {}, "unknown drafter 'medusa'"),
+        (["hydra"], "float32", {}, "unknown drafter 'hydra'"),
         (["ngram"], "float16", {}, "dtype must be one of"),
         (["ngram"], "float32", {"per_category": 0}, "--per-category must be > 0"),
     ],

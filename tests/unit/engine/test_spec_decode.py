@@ -14,6 +14,7 @@ last-bit attention difference into a visibly different logit (measured: |logit d
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,18 +64,33 @@ def datastore_path(tmp_path_factory, data_dir, model_path) -> str:
 
 
 @pytest.fixture(scope="module")
-def eagle_checkpoint(tmp_path_factory, data_dir, model_path) -> str:
-    """A small EAGLE head distilled from the real model on training prompts (never benchmark ones): it
+def distill_cache(tmp_path_factory) -> Path:
+    """One distilled corpus (16 training prompts, 64-token responses) for every learned drafter here."""
+    return tmp_path_factory.mktemp("distill")
+
+
+def train_small(kind: str, cache: Path, data_dir: Path, model_path: Path, lr: float) -> str:
+    """A small learned drafter distilled from the real model on training prompts (never benchmark ones): it
     drafts well enough to have some drafts accepted, which is all the exactness test needs."""
     from specserve.learned.distill_data import DistillConfig
+    from specserve.learned.fit import TrainConfig
     from specserve.learned.train_draft import TrainDraftConfig, train_draft
-    from specserve.learned.train_eagle import TrainConfig
 
-    folder = tmp_path_factory.mktemp("eagle")
-    config = TrainDraftConfig(model_path=str(model_path), train_dir=data_dir / "train", cache_dir=folder / "distill",
-                              out=folder / "eagle.safetensors", distill=DistillConfig(num_prompts=16, max_new_tokens=64),
-                              train=TrainConfig(epochs=8, batch_size=4, lr=3e-3), draft_vocab_size=2048)
+    config = TrainDraftConfig(model_path=str(model_path), train_dir=data_dir / "train", cache_dir=cache, kind=kind,
+                              out=cache.parent / f"{kind}.safetensors",
+                              distill=DistillConfig(num_prompts=16, max_new_tokens=64),
+                              train=TrainConfig(epochs=8, batch_size=4, lr=lr), draft_vocab_size=2048)
     return train_draft(config).checkpoint
+
+
+@pytest.fixture(scope="module")
+def eagle_checkpoint(distill_cache, data_dir, model_path) -> str:
+    return train_small("eagle", distill_cache, data_dir, model_path, lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def medusa_checkpoint(distill_cache, data_dir, model_path) -> str:
+    return train_small("medusa", distill_cache, data_dir, model_path, lr=1e-2)
 
 
 def make_engine(
@@ -139,11 +155,12 @@ def count_ties(model, dtype: str, prompts, expected, actual, tie_eps: float) -> 
 # Every drafter x batch size x engine kind: float32 as shipped (near-ties allowed), and float32, int8 and
 # bfloat16 with batch-invariant attention (identical outputs). CI runs the cells in IN_CI, `make test-slow`
 # the rest.
-METHODS = ("ngram", "rest", "early-exit", "eagle", "auto")
+METHODS = ("ngram", "rest", "early-exit", "eagle", "medusa", "auto")
 ENGINES = [("float32", False), ("float32", True), ("int8", True), ("bfloat16", True)]
 IN_CI = {
     ("ngram", "float32", 1, False), ("ngram", "float32", 8, False), ("rest", "float32", 8, False),
     ("auto", "float32", 1, False), ("early-exit", "float32", 1, False), ("eagle", "float32", 1, False),
+    ("medusa", "float32", 8, False),
     ("ngram", "int8", 1, True), ("ngram", "bfloat16", 8, True),
 }
 GRID = [
@@ -161,7 +178,7 @@ def test_greedy_speculation_equals_plain_greedy(
     expected = plain_greedy(model, tokenizer, dtype, batch_invariant, spread_prompts)
     # Each resource is built (once per module) only by the cells that need it.
     datastore = request.getfixturevalue("datastore_path") if method in ("rest", "auto") else None
-    checkpoint = request.getfixturevalue("eagle_checkpoint") if method == "eagle" else None
+    checkpoint = request.getfixturevalue(f"{method}_checkpoint") if method in ("eagle", "medusa") else None
     spec = SpecConfig(method=method, datastore_path=datastore, draft_checkpoint=checkpoint)
     engine = make_engine(model, tokenizer, dtype, spec, max_num_seqs, batch_invariant)
     actual = generate(engine, spread_prompts)

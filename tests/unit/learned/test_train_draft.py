@@ -11,7 +11,7 @@ from specserve.learned.checkpoint import load_checkpoint
 from specserve.learned.distill_data import DistillConfig
 from specserve.learned.eagle_head import load_eagle_head
 from specserve.learned.train_draft import TrainDraftConfig, train_draft
-from specserve.learned.train_eagle import TrainConfig
+from specserve.learned.fit import TrainConfig
 
 
 def test_train_draft_writes_a_loadable_checkpoint(model_path, data_dir, llama_model, tmp_path):

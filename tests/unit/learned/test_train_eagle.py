@@ -9,18 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from specserve.learned import train_eagle
+from specserve.learned import fit, train_eagle
 from specserve.learned.distill_data import DistillCorpus, choose_draft_vocab, concat_corpora
 from specserve.learned.train_draft import head_from_target
-from specserve.learned.train_eagle import (
-    TrainConfig,
-    epoch_batches,
-    heldout_accuracy,
-    load_training_state,
-    make_batch,
-    second_step_mask,
-    train_head,
-)
+from specserve.learned.fit import TrainConfig, epoch_batches, load_training_state
+from specserve.learned.train_eagle import heldout_accuracy, make_batch, second_step_mask, train_head
 
 CONFIG = TrainConfig(epochs=8, batch_size=4, lr=3e-3, save_every=1000)
 
@@ -96,13 +89,13 @@ def test_resume_ends_where_an_uninterrupted_run_does(tiny_target, tiny_corpus, t
     whole_losses = train_head(whole, tiny_corpus, config, tmp_path / "whole.pt", config.recipe())
 
     state_path = tmp_path / "state.pt"
-    save = train_eagle.save_training_state
+    save = fit.save_training_state
 
     def save_then_die(path: Path, state: dict) -> None:
         save(path, state)
         raise Interrupted
 
-    monkeypatch.setattr(train_eagle, "save_training_state", save_then_die)
+    monkeypatch.setattr(fit, "save_training_state", save_then_die)
     with pytest.raises(Interrupted):
         train_head(head_from_target(tiny_target, token_map, seed=0), tiny_corpus, config, state_path, config.recipe())
     monkeypatch.undo()
