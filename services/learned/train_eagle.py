@@ -114,47 +114,6 @@ def train_head(head: EagleHead, corpus: DistillCorpus, config: TrainConfig, stat
                recipe: dict[str, Any], state: dict[str, Any] | None = None) -> list[float]:
     """Train `head` in place (from `state` when resuming); every `save_every` steps the training state goes
     to `state_path`. Returns the loss of every step."""
-    head.to(config.device).train()
-    params = [p for p in head.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
-    steps_per_epoch = -(-corpus.num_sequences // config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = max(1, round(config.warmup_fraction * total_steps))
-    draft_index = torch.full((head.config.vocab_size,), -1, dtype=torch.int64)
-    draft_index[head.token_map.cpu()] = torch.arange(head.config.draft_vocab_size)
-    losses: list[float] = []
-    if state is not None:
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        losses = list(state["losses"])
-    batches: dict[int, list[list[int]]] = {}
-    with tqdm(total=total_steps, initial=len(losses), desc="training", unit="step", disable=None) as progress:
-        for step in range(len(losses), total_steps):
-            epoch, index = divmod(step, steps_per_epoch)
-            if epoch not in batches:
-                batches = {epoch: epoch_batches(corpus.lengths, config.batch_size, config.seed, epoch)}
-            batch = make_batch(corpus, batches[epoch][index], draft_index).to(config.device)
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(step, total_steps, warmup_steps)
-            loss = batch_loss(head, batch, config)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            losses.append(loss.item())
-            progress.update(1)
-            progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-            if (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-                save_training_state(state_path, {"head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                                                 "rng": torch.get_rng_state(), "losses": losses, "recipe": recipe})
-    return losses
-
-
-def train_head(head: EagleHead, corpus: DistillCorpus, config: TrainConfig, state_path: Path,
-               recipe: dict[str, Any], state: dict[str, Any] | None = None) -> list[float]:
-    """Train `head` in place (from `state` when resuming); every `save_every` steps the training state goes
-    to `state_path`. Returns the loss of every step."""
     if config.loss not in LOSSES:
         raise InvalidRequestError(f"the eagle head trains with a loss of {', '.join(LOSSES)}, not {config.loss!r}")
     draft_index = draft_index_of(head.token_map, head.config.vocab_size)
