@@ -25,7 +25,7 @@ from specserve.drafters.base import DraftRequest
 from specserve.engine.draft_tree import ROOT, DraftTree
 from specserve.engine.quant import PackedLinear
 from specserve.errors import InvalidRequestError
-from specserve.learned.medusa_heads import MedusaHeads
+from specserve.learned.medusa_heads import MedusaHeads, head_features
 
 # Smallest draft probability kept: a top-k probability that underflows to 0 still names a real child.
 _MIN_PROB = torch.finfo(torch.float32).tiny
@@ -117,8 +117,7 @@ class MedusaDrafter:
 
     def _head_top(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each head's k likeliest draft ids and their probabilities, `# [B, K, k]` each, from `# [B, hidden]`."""
-        mixed = torch.einsum("rh,koh->rko", hidden, self.weight) + self.bias  # [B, K, hidden]
-        features = hidden[:, None] + torch.nn.functional.silu(mixed)
+        features = head_features(hidden, self.weight, self.bias)  # [B, K, hidden]
         batch, num_heads, width = features.shape
         logits = self.draft_lm_head(features.reshape(batch * num_heads, width))  # [B * K, draft_vocab]
         top = logits.float().softmax(dim=-1).topk(k, dim=-1)

@@ -58,12 +58,17 @@ class MedusaHeads(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Every head's feature `# [rows, K, hidden]` from hidden rows `# [rows, hidden]`."""
-        mixed = torch.einsum("rh,koh->rko", hidden, self.weight) + self.bias  # [rows, K, hidden]
-        return hidden[:, None] + F.silu(mixed)
+        return head_features(hidden, self.weight, self.bias)
 
     def draft_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary `# [..., draft_vocab]` (draft id d is target token token_map[d])."""
         return features @ self.lm_head_rows.T
+
+
+def head_features(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """h + SiLU(W_k h + b_k) for every head k: `# [rows, K, hidden]` from `# [rows, hidden]`, W `# [K, out, in]`,
+    b `# [K, hidden]` (the trained module's, or the drafter's bfloat16 copies)."""
+    return hidden[:, None] + F.silu(torch.einsum("rh,koh->rko", hidden, weight) + bias)
 
 
 def new_medusa_heads(target: LlamaModel, token_map: torch.Tensor, num_heads: int) -> MedusaHeads:

@@ -2,6 +2,10 @@
 or Medusa heads (`kind`), score them on held-out sequences, and write the checkpoint (learned/checkpoint.py).
 Both kinds train on the same cached corpus.
 
+Medusa heads (default recipe: 4 heads, soft loss, lr 1e-3, 4 epochs, batch 8), one run on the 800-prompt
+corpus below (OMP_NUM_THREADS=1, the 2 cores shared with tests for part of it): 15 min of training (~2 s a
+step); held-out top-1 agreement head 1 / head 2: 30.8% / 19.7%.
+
 EAGLE head:
 
 The default recipe is sized to finish within an hour on 2 CPU cores. Measured on SmolLM2-135M (float32,
