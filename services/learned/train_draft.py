@@ -27,6 +27,7 @@ One run at OMP_NUM_THREADS=1 (2.4 s/prompt, 1.2 s/step), --prompts 800 --epochs 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,12 +165,7 @@ def train_eagle_kind(config: TrainDraftConfig, target: LlamaModel, train_set: Di
     from specserve.learned.train_eagle import heldout_accuracy, train_head
 
     head = head_from_target(target, token_map, config.train.seed)
-    start = time.perf_counter()
-    losses = train_head(head, train_set, config.train, config.state_path, recipe, state)
-    trained = time.perf_counter()
-    accuracy = list(heldout_accuracy(head, heldout, config.train.batch_size, config.train.device))
-    seconds = {"train": trained - start, "eval": time.perf_counter() - trained}
-    return losses, accuracy, _cpu(head.state_dict()), head.config.to_dict(), seconds
+    return _train_and_score(head, train_head, heldout_accuracy, config, train_set, heldout, recipe, state)
 
 
 def train_medusa_kind(config: TrainDraftConfig, target: LlamaModel, train_set: DistillCorpus, heldout: DistillCorpus,
@@ -178,12 +174,19 @@ def train_medusa_kind(config: TrainDraftConfig, target: LlamaModel, train_set: D
     from specserve.learned.train_medusa import heldout_accuracy, train_heads
 
     heads = new_medusa_heads(target, token_map, config.medusa_heads)
+    return _train_and_score(heads, train_heads, heldout_accuracy, config, train_set, heldout, recipe, state)
+
+
+def _train_and_score(module: Any, train: Callable[..., list[float]], score: Callable[..., Sequence[float]],
+                     config: TrainDraftConfig, train_set: DistillCorpus, heldout: DistillCorpus,
+                     recipe: dict[str, Any], state: dict[str, Any] | None) -> Trained:
+    """Train `module` with its kind's `train`, score it on `heldout` with `score`, and time both."""
     start = time.perf_counter()
-    losses = train_heads(heads, train_set, config.train, config.state_path, recipe, state)
+    losses = train(module, train_set, config.train, config.state_path, recipe, state)
     trained = time.perf_counter()
-    accuracy = heldout_accuracy(heads, heldout, config.train.batch_size, config.train.device)
+    accuracy = list(score(module, heldout, config.train.batch_size, config.train.device))
     seconds = {"train": trained - start, "eval": time.perf_counter() - trained}
-    return losses, accuracy, _cpu(heads.state_dict()), heads.config.to_dict(), seconds
+    return losses, accuracy, _cpu(module.state_dict()), module.config.to_dict(), seconds
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
