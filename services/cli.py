@@ -20,6 +20,7 @@ from pathlib import Path
 
 from specserve.client import Chunk, Client, Generation
 from specserve.engine.config import (
+    LEARNED_METHODS,
     SPEC_METHODS,
     WEIGHT_DTYPES,
     CacheConfig,
@@ -185,8 +186,8 @@ def spec_config(args: argparse.Namespace) -> SpecConfig:
 def drafter_sources(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, object]:
     """SpecConfig's drafter options for `methods` from --datastore / --draft-checkpoint / --exit-layer. Without
     a flag the cache's default datastore (rest, auto) and checkpoint of the learned drafter's kind (eagle,
-    medusa; auto reads the EAGLE one) are used: rest, eagle and medusa report a missing default (with the
-    command that makes it), auto just drafts without it. One --draft-checkpoint serves one learned kind."""
+    medusa, draft-model; auto reads the EAGLE one) are used: rest and the learned kinds report a missing
+    default (with the command that makes it), auto just drafts without it. One --draft-checkpoint serves one learned kind."""
     home = specserve_home(os.environ)
     datastore = args.datastore
     if datastore is None and {"rest", "auto"} & set(methods):
@@ -195,9 +196,9 @@ def drafter_sources(args: argparse.Namespace, methods: Sequence[str]) -> dict[st
         default = default_datastore_path(home)
         datastore = str(default) if "rest" in methods or default.exists() else None
     checkpoint = args.draft_checkpoint
-    learned = sorted({"eagle", "medusa"} & set(methods))
+    learned = sorted(set(LEARNED_METHODS) & set(methods))
     if len(learned) > 1:
-        raise InvalidRequestError("eagle and medusa cannot be served together: they share --draft-checkpoint")
+        raise InvalidRequestError(f"{' and '.join(learned)} cannot be served together: they share --draft-checkpoint")
     if checkpoint is None and (learned or "auto" in methods):
         from specserve.learned.checkpoint import default_checkpoint_path
 
@@ -460,7 +461,7 @@ def add_drafter_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-layer", type=int, default=None,
                         help="decoder layers the early-exit drafter runs, 1 .. the model's layers - 1 "
                         "(default: the model's layers - 2)")
-    parser.add_argument("--draft-checkpoint", help="trained checkpoint for eagle or medusa (default: the cache's "
+    parser.add_argument("--draft-checkpoint", help="trained checkpoint for eagle, medusa or draft-model (default: the cache's "
                         "drafters/KIND.safetensors, made by specserve train-draft --kind KIND)")
 
 
@@ -527,28 +528,42 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every)),
         resume=args.resume,
         kind=args.kind,
-        **given(draft_vocab_size=args.draft_vocab, medusa_heads=args.medusa_heads),
+        **given(draft_vocab_size=args.draft_vocab, medusa_heads=args.medusa_heads, draft_layers=layer_list(args.draft_layers)),
     )
     print(json.dumps(asdict(train_draft(config))))
     return 0
 
 
+def layer_list(text: str | None) -> tuple[int, ...] | None:
+    """`--draft-layers 0,1,2,29` -> (0, 1, 2, 29); None stays None (the default)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise InvalidRequestError(f"--draft-layers: expected comma-separated layer numbers, got {text!r}") from None
+
+
 def add_train_draft_parser(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train-draft", help="self-distil a learned drafter from the target; prints one JSON "
                            "summary (corpus, vocabulary coverage, phase times, loss, held-out accuracy)")
-    train.add_argument("--kind", choices=("eagle", "medusa"), default="eagle", help="drafter to train")
+    train.add_argument("--kind", choices=LEARNED_METHODS, default="eagle", help="drafter to train")
     train.add_argument("--out", help="checkpoint to write (default: the cache's drafters/KIND.safetensors)")
     train.add_argument("--model", help="target GGUF file or safetensors directory (default: SmolLM2-135M)")
     train.add_argument("--loss", choices=("hard", "soft", "unroll"), default="soft",
                        help="hard: CE on the target's tokens; soft: KL to the target's distribution; unroll (eagle "
                        "only): soft plus a second step on the head's own features (eagle adds feature regression)")
     train.add_argument("--medusa-heads", type=int, help="medusa: heads, each guessing one more token (default 4)")
+    train.add_argument("--draft-layers", metavar="I,J,...",
+                       help="draft-model: the target layers its layers start as, in order (default 0,1,2,3)")
     train.add_argument("--prompts", type=int, help="training prompts the target answers (default 1200)")
     train.add_argument("--max-new-tokens", type=int, help="most tokens of each response (default 256)")
     train.add_argument("--draft-vocab", type=int, help="draft vocabulary: the most frequent tokens (default 8192)")
-    train.add_argument("--epochs", type=int, help="passes over the corpus (default: eagle 12, medusa 4)")
+    train.add_argument("--epochs", type=int, help="passes over the corpus (default: eagle 12, medusa 4, "
+                       "draft-model 3)")
     train.add_argument("--batch-size", type=int, help="sequences per optimizer step (default 8)")
-    train.add_argument("--lr", type=float, help="peak learning rate (default: eagle 5e-3, medusa 1e-3)")
+    train.add_argument("--lr", type=float, help="peak learning rate (default: eagle 5e-3, medusa 1e-3, "
+                       "draft-model 5e-4)")
     train.add_argument("--seed", type=int, help="prompt order, held-out split, init and batch order (default 0)")
     train.add_argument("--save-every", type=int, help="steps between training-state saves (default 100)")
     train.add_argument("--resume", action="store_true", help="continue from the training state beside --out")
@@ -574,7 +589,9 @@ def bench_fields(args: argparse.Namespace, **given: object) -> dict[str, object]
         "data_dir": Path(args.data_dir) if args.data_dir else default_data_dir(os.environ),
         "datastore": Path(args.datastore) if args.datastore else default_datastore_path(home),
         "draft_checkpoints": {"eagle": Path(args.draft_checkpoint or default_checkpoint_path(home, "eagle")),
-                              "medusa": Path(args.medusa_checkpoint or default_checkpoint_path(home, "medusa"))},
+                              "medusa": Path(args.medusa_checkpoint or default_checkpoint_path(home, "medusa")),
+                              "draft-model": Path(args.draft_model_checkpoint
+                                                  or default_checkpoint_path(home, "draft-model"))},
         "dtype": args.dtype,
         "num_draft_tokens": args.num_draft_tokens,
         "doc": bench_doc(args),
@@ -663,6 +680,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
                         "drafters/eagle.safetensors, made by `specserve train-draft --kind eagle`)")
     parser.add_argument("--medusa-checkpoint", help="checkpoint for the medusa drafter (default: the cache's "
                         "drafters/medusa.safetensors, made by `specserve train-draft --kind medusa`)")
+    parser.add_argument("--draft-model-checkpoint", help="checkpoint for the draft-model drafter (default: the "
+                        "cache's drafters/draft-model.safetensors, made by `specserve train-draft --kind draft-model`)")
     parser.add_argument("--data-dir", help="prompt data (default: $SPECSERVE_DATA_DIR, else shared/data beside the "
                         "checkout)")
     parser.add_argument("--doc", help="results doc whose section to rewrite (default: the checkout's "

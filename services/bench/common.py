@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from specserve.engine.config import SPEC_METHODS, WEIGHT_DTYPES, SpecConfig
+from specserve.engine.config import LEARNED_METHODS, SPEC_METHODS, WEIGHT_DTYPES, SpecConfig
 from specserve.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ GSM8K_TRAIN_FILE = "train/gsm8k_train.jsonl"  # for choosing settings; never tra
 DOC_HEADER = "# Benchmarks\n\nMeasured results. Each section is written by the script it names; rerun it to update.\n"
 DRAFTERS = tuple(m for m in SPEC_METHODS if m != "off")
 RETRIEVAL_DRAFTERS = ("rest", "auto")  # the drafters that read a token datastore
-LEARNED_DRAFTERS = ("eagle", "medusa")  # the drafters that load a trained checkpoint of their kind
+LEARNED_DRAFTERS = LEARNED_METHODS  # the drafters that load a trained checkpoint of their kind
 
 
 def checkout_root() -> Path | None:

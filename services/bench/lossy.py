@@ -51,7 +51,7 @@ class LossyBenchConfig:
     model_path: Path
     data_dir: Path  # holds GSM8K_FILE
     datastore: Path  # read when the drafter is a retrieval one (rest, auto)
-    draft_checkpoints: Mapping[str, Path] = field(default_factory=dict)  # kind -> path, for eagle / medusa
+    draft_checkpoints: Mapping[str, Path] = field(default_factory=dict)  # kind -> path, for the learned kinds
     settings: tuple[LossyConfig, ...] = EXTRA_SETTINGS  # run after lossless and LossyConfig()
     problems: int = 200  # the first N of the split's file
     split: str = "test"  # a key of SPLIT_FILES

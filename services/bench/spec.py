@@ -38,7 +38,7 @@ class SpecBenchConfig:
     model_path: Path
     data_dir: Path  # holds SPEC_BENCH_FILE, HUMANEVAL_FILE and GSM8K_FILE
     datastore: Path  # read by the retrieval drafters (rest, auto)
-    draft_checkpoints: Mapping[str, Path] = field(default_factory=dict)  # kind -> path, for eagle / medusa
+    draft_checkpoints: Mapping[str, Path] = field(default_factory=dict)  # kind -> path, for the learned kinds
     drafters: tuple[str, ...] = ("ngram", "rest", "auto")
     per_category: int = 5  # prompts of each Spec-Bench category, and of HumanEval and GSM8K
     max_tokens: int = 128

@@ -19,7 +19,8 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
     "auto" merges the n-gram drafter with retrieval when `spec.datastore_path` is set and with the EAGLE
     head when `spec.draft_checkpoint` is (hypothesis reduction, drafters/auto.py); "rest" needs the
     datastore; "early-exit" drafts with the target's first `spec.exit_layer` layers (its weights, not a
-    copy); "eagle" and "medusa" load the heads in `spec.draft_checkpoint`, trained for this target (learned/).
+    copy); "eagle", "medusa" and "draft-model" load the drafter in `spec.draft_checkpoint`, trained for this
+    target (learned/).
     """
     from specserve.drafters.ngram import NgramDrafter
 
@@ -47,6 +48,14 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
         from specserve.learned.medusa_heads import load_medusa_heads
 
         return MedusaDrafter(load_medusa_heads(spec.draft_checkpoint, model))
+    if spec.method == "draft-model":
+        if spec.draft_checkpoint is None:
+            raise InvalidRequestError("the draft-model drafter needs a checkpoint "
+                                      "(specserve train-draft --kind draft-model)")
+        from specserve.drafters.draft_model import DraftModelDrafter
+        from specserve.learned.draft_model import load_draft_model
+
+        return DraftModelDrafter(load_draft_model(spec.draft_checkpoint, model))
     if spec.method == "auto":
         from specserve.drafters.auto import MergedDrafter
 

@@ -105,7 +105,9 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-SPEC_METHODS = ("off", "ngram", "rest", "early-exit", "eagle", "medusa", "auto")
+SPEC_METHODS = ("off", "ngram", "rest", "early-exit", "eagle", "medusa", "draft-model", "auto")
+# The drafters trained by `specserve train-draft --kind KIND`, each loading a checkpoint of its kind (learned/).
+LEARNED_METHODS = ("eagle", "medusa", "draft-model")
 
 
 @dataclass(frozen=True)
@@ -129,9 +131,9 @@ class SpecConfig:
     # checked against the model when the drafter is built); None: num_layers - EXIT_LAYERS_SKIPPED.
     # drafters/early_exit.py says how the default was picked.
     exit_layer: int | None = None
-    # The trained checkpoint of a learned drafter ("eagle", "medusa"; "auto" reads an EAGLE one); the CLI
-    # fills in the default one of the kind
-    # (learned/checkpoint.py, `default_checkpoint_path`), made by `specserve train-draft`.
+    # The trained checkpoint of a learned drafter (LEARNED_METHODS; "auto" reads an EAGLE one); the CLI fills
+    # in the default one of the kind (learned/checkpoint.py, `default_checkpoint_path`), made by
+    # `specserve train-draft`.
     draft_checkpoint: str | None = None
 
     def __post_init__(self) -> None:

@@ -174,21 +174,21 @@ def apply_weight_dtype(
     """
     if dtype == "float32":
         if can_pack():
-            _swap(model, nn.Linear, lambda m: PackedLinear(m.weight, m.bias, torch.float32))
+            swap_modules(model, nn.Linear, lambda m: PackedLinear(m.weight, m.bias, torch.float32))
         return model
     if dtype == "bfloat16":
         to_bf16 = _SharedCast(torch.bfloat16)
         if can_pack():
-            _swap(model, nn.Linear, lambda m: PackedLinear(m.weight, m.bias, torch.bfloat16))
+            swap_modules(model, nn.Linear, lambda m: PackedLinear(m.weight, m.bias, torch.bfloat16))
         else:
-            _swap(model, nn.Linear, lambda m: BF16Linear(to_bf16(m.weight), None if m.bias is None else to_bf16(m.bias)))
-        _swap(model, nn.Embedding, lambda m: BF16Embedding(to_bf16(m.weight)))
+            swap_modules(model, nn.Linear, lambda m: BF16Linear(to_bf16(m.weight), None if m.bias is None else to_bf16(m.bias)))
+        swap_modules(model, nn.Embedding, lambda m: BF16Embedding(to_bf16(m.weight)))
         return model
     if dtype == "int8":
         if calibration_ids is not None:
             assert isinstance(model, LlamaModel), "smoothing folds scales along the Llama layout"
             smooth_(model, collect_input_absmax(model, calibration_ids), alpha)
-        _swap(model, nn.Linear, lambda m: Int8Linear(m.weight, m.bias))
+        swap_modules(model, nn.Linear, lambda m: Int8Linear(m.weight, m.bias))
         return model
     raise InvalidRequestError(f"unknown weight dtype {dtype!r}; expected float32, bfloat16 or int8")
 
@@ -207,10 +207,10 @@ class _SharedCast:
         return self.done[id(source)][1]
 
 
-def _swap(module: nn.Module, kind: type[nn.Module], convert: Callable[[nn.Module], nn.Module]) -> None:
+def swap_modules(module: nn.Module, kind: type[nn.Module], convert: Callable[[nn.Module], nn.Module]) -> None:
     """Replace every submodule that is a `kind` with `convert(submodule)`, recursively."""
     for name, child in module.named_children():
         if isinstance(child, kind):
             setattr(module, name, convert(child))
         else:
-            _swap(child, kind, convert)
+            swap_modules(child, kind, convert)

@@ -17,12 +17,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from specserve.engine.config import LEARNED_METHODS
 from specserve.engine.model import LlamaModel
 from specserve.errors import DraftCheckpointError
 
 FORMAT = "specserve-draft"
 FORMAT_VERSION = 1
-KINDS = ("eagle", "medusa")
+KINDS = LEARNED_METHODS  # every learned drafter, by its --spec name
 
 
 @dataclass

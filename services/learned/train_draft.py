@@ -1,10 +1,17 @@
-"""`specserve train-draft`: distil a corpus from the target, choose the draft vocabulary, train an EAGLE head
-or Medusa heads (`kind`), score them on held-out sequences, and write the checkpoint (learned/checkpoint.py).
-Both kinds train on the same cached corpus.
+"""`specserve train-draft`: distil a corpus from the target, choose the draft vocabulary, train an EAGLE head,
+Medusa heads or a distilled draft model (`kind`), score it on held-out sequences, and write the checkpoint
+(learned/checkpoint.py). Every kind trains on the same cached corpus.
 
 Medusa heads (default recipe: 4 heads, soft loss, lr 1e-3, 4 epochs, batch 8), one run on the 800-prompt
 corpus below (OMP_NUM_THREADS=1, the 2 cores shared with tests for part of it): 15 min of training (~2 s a
 step); held-out top-1 agreement head 1 / head 2: 30.8% / 19.7%.
+
+Distilled draft model: which target layers to copy, one run each on 256 prompts (230 trained, 26 held out),
+1 epoch (29 steps, soft loss, lr 5e-4; OMP_NUM_THREADS=1 beside the corpus build, ~5.5 s a step), held-out
+step-1 / step-2 (given step 1 right) accuracy: layers 0,1,2,3 19.2% / 23.9%; 0,1,2,29 17.5% / 25.5%;
+0,10,20,29 14.7% / 17.4%; 0,29 15.4% / 25.4%; 0,1,2,29 at lr 2e-3 14.1% / 10.8%. Untrained, 0,1,2,3 (the
+target's untrained early exit after layer 4) agrees 4.2% of the time, the others ~0%. Default: layers
+0,1,2,3, lr 5e-4, 3 epochs.
 
 EAGLE head:
 
@@ -37,15 +44,18 @@ import torch
 from specserve.engine import loader
 from specserve.engine.model import LlamaModel
 from specserve.errors import DraftCheckpointError, InvalidRequestError
-from specserve.learned.checkpoint import DraftCheckpoint, save_checkpoint, target_fingerprint
+from specserve.learned.checkpoint import KINDS, DraftCheckpoint, save_checkpoint, target_fingerprint
+from specserve.learned.draft_model import DraftModelConfig
 from specserve.learned.distill_data import DistillConfig, DistillCorpus, build_corpus, choose_draft_vocab
 from specserve.learned.eagle_head import EagleHead, new_eagle_head
 from specserve.learned.fit import TrainConfig, load_training_state
 from specserve.learned.medusa_heads import new_medusa_heads
 
-KINDS = ("eagle", "medusa")
 # Each kind's default recipe (the CLI's flags override fields of it).
-TRAIN_DEFAULTS = {"eagle": TrainConfig(), "medusa": TrainConfig(epochs=4, lr=1e-3)}
+TRAIN_DEFAULTS = {"eagle": TrainConfig(), "medusa": TrainConfig(epochs=4, lr=1e-3),
+                  "draft-model": TrainConfig(epochs=3, lr=5e-4)}
+# The target layers a draft model starts from (SmolLM2-135M has 30): measured above.
+DRAFT_LAYERS = (0, 1, 2, 3)
 
 FC_INIT_STD = 0.02  # fc starts small: the copied layer first sees a faint mix of feature and embedding
 
@@ -62,13 +72,14 @@ class TrainDraftConfig:
     draft_vocab_size: int = 8192
     heldout_fraction: float = 0.05  # of the sequences, never trained on
     medusa_heads: int = 4  # K, for kind "medusa": head k guesses the token k past the root
+    draft_layers: tuple[int, ...] = DRAFT_LAYERS  # for kind "draft-model": target layers its layers start as
     resume: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise InvalidRequestError(f"unknown drafter kind {self.kind!r}; expected one of {', '.join(KINDS)}")
-        if self.kind == "medusa" and self.train.loss == "unroll":
-            raise InvalidRequestError("medusa heads train with --loss hard or soft (unroll is EAGLE's)")
+        if self.kind != "eagle" and self.train.loss == "unroll":
+            raise InvalidRequestError(f"{self.kind} trains with --loss hard or soft (unroll is EAGLE's)")
         if self.draft_vocab_size < 1 or not 0 < self.heldout_fraction < 1 or self.medusa_heads < 1:
             raise InvalidRequestError("draft_vocab_size and medusa_heads must be >= 1, heldout_fraction in (0, 1)")
 
@@ -127,6 +138,8 @@ def train_draft(config: TrainDraftConfig) -> TrainDraftReport:
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     target = load_float32_target(config.model_path)
+    if config.kind == "draft-model":  # its layers must exist in this target: tell before distilling
+        DraftModelConfig.for_target(target.config, config.draft_layers, config.draft_vocab_size)
     fingerprint = target_fingerprint(target)
     corpus = build_corpus(config.model_path, config.train_dir, config.cache_dir, config.distill, fingerprint)
     seconds["corpus"] = time.perf_counter() - start
@@ -138,7 +151,7 @@ def train_draft(config: TrainDraftConfig) -> TrainDraftReport:
         changed = sorted(k for k in recipe if state["recipe"].get(k) != recipe[k])
         raise DraftCheckpointError(f"training state {config.state_path} was made with another recipe "
                                    f"(differs in {', '.join(changed)}); drop --resume to start over")
-    train = train_eagle_kind if config.kind == "eagle" else train_medusa_kind
+    train = {"eagle": train_eagle_kind, "medusa": train_medusa_kind, "draft-model": train_draft_model_kind}[config.kind]
     losses, accuracy, tensors, head_config, seconds_taken = train(config, target, train_set, heldout, token_map,
                                                                   recipe, state)
     seconds.update(seconds_taken)
@@ -177,6 +190,17 @@ def train_medusa_kind(config: TrainDraftConfig, target: LlamaModel, train_set: D
     return _train_and_score(heads, train_heads, heldout_accuracy, config, train_set, heldout, recipe, state)
 
 
+def train_draft_model_kind(config: TrainDraftConfig, target: LlamaModel, train_set: DistillCorpus,
+                           heldout: DistillCorpus, token_map: torch.Tensor, recipe: dict[str, Any],
+                           state: dict[str, Any] | None) -> Trained:
+    """As `train_eagle_kind`, for the distilled draft model (accuracy of chain steps 1 and 2)."""
+    from specserve.learned.draft_model import new_draft_model
+    from specserve.learned.train_draft_model import heldout_accuracy, train_model
+
+    model = new_draft_model(target, token_map, config.draft_layers)
+    return _train_and_score(model, train_model, heldout_accuracy, config, train_set, heldout, recipe, state)
+
+
 def _train_and_score(module: Any, train: Callable[..., list[float]], score: Callable[..., Sequence[float]],
                      config: TrainDraftConfig, train_set: DistillCorpus, heldout: DistillCorpus,
                      recipe: dict[str, Any], state: dict[str, Any] | None) -> Trained:
@@ -196,6 +220,10 @@ def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def recipe_of(config: TrainDraftConfig, data_hash: str) -> dict[str, Any]:
     """Everything that decides the trained weights, as the checkpoint records it."""
     distill = {k: v for k, v in asdict(config.distill).items() if k != "in_flight"}
-    kind = {"kind": config.kind} | ({"medusa_heads": config.medusa_heads} if config.kind == "medusa" else {})
+    kind: dict[str, Any] = {"kind": config.kind}
+    if config.kind == "medusa":
+        kind["medusa_heads"] = config.medusa_heads
+    if config.kind == "draft-model":
+        kind["draft_layers"] = list(config.draft_layers)
     return {**config.train.recipe(), **kind, "distill": distill, "draft_vocab_size": config.draft_vocab_size,
             "heldout_fraction": config.heldout_fraction, "data_hash": data_hash}

@@ -70,7 +70,11 @@ def test_fixed_seed_gives_same_json(model_path, tmp_path):
         (("generate", "hi", "--spec", "early-exit", "--exit-layer", "30"), "exit_layer must be in [1, 29]"),
         (("generate", "hi", "--spec", "medusa", "--draft-checkpoint", "/nonexistent/m.safetensors"),
          "train-draft --kind medusa"),
+        (("generate", "hi", "--spec", "draft-model", "--draft-checkpoint", "/nonexistent/d.safetensors"),
+         "train-draft --kind draft-model"),
         (("serve", "--embedded", "--spec", "eagle,medusa"), "cannot be served together"),
+        (("train-draft", "--kind", "draft-model", "--draft-layers", "0,x"), "comma-separated layer numbers"),
+        (("train-draft", "--kind", "draft-model", "--draft-layers", "0,30"), "draft layers must be target layers"),
     ],
 )
 def test_bad_input_exits_with_one_line(args, needle, tmp_path):

@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from specserve.engine.config import CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, SpecConfig
+from specserve.engine.config import (
+    LEARNED_METHODS,
+    CacheConfig,
+    EngineConfig,
+    SamplingParams,
+    SchedulerConfig,
+    SpecConfig,
+)
 from specserve.engine.llm_engine import LLMEngine, build_model
 from specserve.errors import InvalidRequestError
 from specserve.kernels.paged_attention import build_attention_metadata
@@ -93,6 +100,11 @@ def medusa_checkpoint(distill_cache, data_dir, model_path) -> str:
     return train_small("medusa", distill_cache, data_dir, model_path, lr=1e-2)
 
 
+@pytest.fixture(scope="module")
+def draft_model_checkpoint(distill_cache, data_dir, model_path) -> str:
+    return train_small("draft-model", distill_cache, data_dir, model_path, lr=1e-3)
+
+
 def make_engine(
     model, tokenizer, dtype: str, spec: SpecConfig, max_num_seqs: int, batch_invariant: bool = False
 ) -> LLMEngine:
@@ -155,12 +167,12 @@ def count_ties(model, dtype: str, prompts, expected, actual, tie_eps: float) -> 
 # Every drafter x batch size x engine kind: float32 as shipped (near-ties allowed), and float32, int8 and
 # bfloat16 with batch-invariant attention (identical outputs). CI runs the cells in IN_CI, `make test-slow`
 # the rest.
-METHODS = ("ngram", "rest", "early-exit", "eagle", "medusa", "auto")
+METHODS = ("ngram", "rest", "early-exit", "eagle", "medusa", "draft-model", "auto")
 ENGINES = [("float32", False), ("float32", True), ("int8", True), ("bfloat16", True)]
 IN_CI = {
     ("ngram", "float32", 1, False), ("ngram", "float32", 8, False), ("rest", "float32", 8, False),
     ("auto", "float32", 1, False), ("early-exit", "float32", 1, False), ("eagle", "float32", 1, False),
-    ("medusa", "float32", 8, False),
+    ("medusa", "float32", 8, False), ("draft-model", "float32", 8, False),
     ("ngram", "int8", 1, True), ("ngram", "bfloat16", 8, True),
 }
 GRID = [
@@ -178,7 +190,8 @@ def test_greedy_speculation_equals_plain_greedy(
     expected = plain_greedy(model, tokenizer, dtype, batch_invariant, spread_prompts)
     # Each resource is built (once per module) only by the cells that need it.
     datastore = request.getfixturevalue("datastore_path") if method in ("rest", "auto") else None
-    checkpoint = request.getfixturevalue(f"{method}_checkpoint") if method in ("eagle", "medusa") else None
+    learned = method in LEARNED_METHODS
+    checkpoint = request.getfixturevalue(f"{method.replace('-', '_')}_checkpoint") if learned else None
     spec = SpecConfig(method=method, datastore_path=datastore, draft_checkpoint=checkpoint)
     engine = make_engine(model, tokenizer, dtype, spec, max_num_seqs, batch_invariant)
     actual = generate(engine, spread_prompts)

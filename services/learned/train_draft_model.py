@@ -1,0 +1,110 @@
+"""Training the distilled draft model (learned/draft_model.py) on a self-distillation corpus
+(learned/distill_data.py).
+
+A sequence t_0 .. t_{T-1} with prompt length P runs through the draft model teacher-forced (causal, one
+padded batch of sequences); its feature at row i gives q_i, the draft distribution of t_{i+1}. The loss is
+taken where it drafts at serving time, rows i = P-1 .. T-2 (the last prompt token predicts the first
+response token, the root of the first draft):
+  hard:  CE(q_i, t_{i+1})   (a token outside the draft vocabulary is ignored: it is never drafted)
+  soft:  KL(p_i || q_i), p_i = softmax(lm_rows h_i), the target's own distribution of t_{i+1} restricted to
+         the draft vocabulary, from the cached final-norm hidden state h_i (no target forward)
+Everything else (AdamW, schedule, resumable state) is learned/fit.py's. A step costs a forward and
+backward of the draft model's L layers over the batch plus the draft-vocabulary LM-head products at the
+loss rows: L / num_layers of the target's layer work, no target layer at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from specserve.errors import InvalidRequestError
+from specserve.learned import fit
+from specserve.learned.distill_data import DistillCorpus
+from specserve.learned.draft_model import DraftModel
+from specserve.learned.fit import TrainConfig, draft_index_of
+
+LOSSES = ("hard", "soft")
+
+
+@dataclass
+class TokenBatch:
+    """Sequences padded at the end to the longest (causal attention never lets a real row see a pad)."""
+
+    token_ids: torch.Tensor  # [batch, max_len] int64, 0 past a sequence's end
+    hidden: torch.Tensor  # [num_loss_rows, hidden] float32 the target's h_i at each loss row, in mask order
+    next_draft_ids: torch.Tensor  # [num_loss_rows] int64 draft id of t_{i+1}; -1 outside the draft vocabulary
+    loss_mask: torch.Tensor  # [batch, max_len] bool: row i is in P-1 .. T-2
+
+    def to(self, device: str) -> TokenBatch:
+        return TokenBatch(*(t.to(device) for t in self.__dict__.values()))
+
+
+def make_batch(corpus: DistillCorpus, indices: list[int], draft_index: torch.Tensor) -> TokenBatch:
+    """The sequences `indices`; `draft_index` `# [vocab]` maps a target id to its draft id or -1.
+
+    Example: prompt [5, 6], response [8, 2] (T 4, P 2): loss rows i = 1, 2, predicting 8 and 2.
+    """
+    max_len = max(int(corpus.lengths[k]) for k in indices)
+    token_ids = torch.zeros(len(indices), max_len, dtype=torch.int64)
+    loss_mask = torch.zeros(len(indices), max_len, dtype=torch.bool)
+    hidden, next_ids = [], []
+    for row, k in enumerate(indices):
+        ids, seq_hidden, prompt_len = corpus.sequence(k)
+        token_ids[row, : len(ids)] = ids
+        first = max(prompt_len - 1, 0)
+        loss_mask[row, first : len(ids) - 1] = True
+        hidden.append(seq_hidden[first:-1].float())
+        next_ids.append(draft_index[ids[first + 1 :]])
+    return TokenBatch(token_ids, torch.cat(hidden), torch.cat(next_ids), loss_mask)
+
+
+def batch_loss(model: DraftModel, batch: TokenBatch, loss: str) -> torch.Tensor:
+    logits = model.draft_logits(model(batch.token_ids)[batch.loss_mask])  # [num_loss_rows, draft_vocab]
+    if loss == "hard":
+        labels = batch.next_draft_ids
+        return F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / labels.ge(0).sum().clamp(min=1)
+    with torch.no_grad():
+        teacher = F.log_softmax(model.draft_logits(batch.hidden), dim=-1)
+    return F.kl_div(F.log_softmax(logits, dim=-1), teacher, log_target=True, reduction="batchmean")
+
+
+def train_model(model: DraftModel, corpus: DistillCorpus, config: TrainConfig, state_path: Path,
+                recipe: dict[str, Any], state: dict[str, Any] | None = None) -> list[float]:
+    """Train `model` in place (from `state` when resuming). Returns the loss of every step."""
+    if config.loss not in LOSSES:
+        raise InvalidRequestError(f"the draft model trains with a loss of {', '.join(LOSSES)}, not {config.loss!r}")
+    draft_index = draft_index_of(model.token_map, model.config.vocab_size)
+
+    def step_loss(indices: list[int]) -> torch.Tensor:
+        return batch_loss(model, make_batch(corpus, indices, draft_index).to(config.device), config.loss)
+
+    return fit.fit(model, corpus.lengths, config, state_path, recipe, state, step_loss)
+
+
+@torch.no_grad()
+def heldout_accuracy(model: DraftModel, corpus: DistillCorpus, batch_size: int, device: str) -> tuple[float, float]:
+    """Step 1: top-1 agreement of the draft argmax with the target's next token over the loss rows. Step 2:
+    the same at row i + 1 among the rows whose row i agreed (a greedy chain's second token is drafted only
+    after its first was right, and then sees the same history as here). A token outside the draft
+    vocabulary counts as a miss."""
+    model.to(device).eval()
+    draft_index = draft_index_of(model.token_map, model.config.vocab_size)
+    first_right = first_total = second_right = second_total = 0
+    for start in range(0, corpus.num_sequences, batch_size):
+        indices = list(range(start, min(start + batch_size, corpus.num_sequences)))
+        batch = make_batch(corpus, indices, draft_index).to(device)
+        right = model.draft_logits(model(batch.token_ids)[batch.loss_mask]).argmax(-1) == batch.next_draft_ids
+        # Consecutive loss rows of one sequence: row r and r + 1 of the flat order, both masked.
+        masked_right = torch.zeros_like(batch.loss_mask)
+        masked_right[batch.loss_mask] = right
+        after_right = batch.loss_mask[:, 1:] & masked_right[:, :-1]  # [batch, max_len - 1] row i+1 after a right i
+        first_right += int(right.sum())
+        first_total += len(right)
+        second_right += int((after_right & masked_right[:, 1:]).sum())
+        second_total += int(after_right.sum())
+    return first_right / max(first_total, 1), second_right / max(second_total, 1)
