@@ -187,7 +187,8 @@ def drafter_sources(args: argparse.Namespace, methods: Sequence[str]) -> dict[st
     """SpecConfig's drafter options for `methods` from --datastore / --draft-checkpoint / --exit-layer. Without
     a flag the cache's default datastore (rest, auto) and checkpoint of the learned drafter's kind (eagle,
     medusa, draft-model; auto reads the EAGLE one) are used: rest and the learned kinds report a missing
-    default (with the command that makes it), auto just drafts without it. One --draft-checkpoint serves one learned kind."""
+    default (with the command that makes it), auto just drafts without it. One --draft-checkpoint serves one
+    learned kind."""
     home = specserve_home(os.environ)
     datastore = args.datastore
     if datastore is None and {"rest", "auto"} & set(methods):
@@ -461,8 +462,8 @@ def add_drafter_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-layer", type=int, default=None,
                         help="decoder layers the early-exit drafter runs, 1 .. the model's layers - 1 "
                         "(default: the model's layers - 2)")
-    parser.add_argument("--draft-checkpoint", help="trained checkpoint for eagle, medusa or draft-model (default: the cache's "
-                        "drafters/KIND.safetensors, made by specserve train-draft --kind KIND)")
+    parser.add_argument("--draft-checkpoint", help="trained checkpoint for eagle, medusa or draft-model (default: "
+                        "the cache's drafters/KIND.safetensors, made by specserve train-draft --kind KIND)")
 
 
 def add_router_flags(parser: argparse.ArgumentParser) -> None:
@@ -528,7 +529,8 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every)),
         resume=args.resume,
         kind=args.kind,
-        **given(draft_vocab_size=args.draft_vocab, medusa_heads=args.medusa_heads, draft_layers=layer_list(args.draft_layers)),
+        **given(draft_vocab_size=args.draft_vocab, medusa_heads=args.medusa_heads,
+                draft_layers=layer_list(args.draft_layers)),
     )
     print(json.dumps(asdict(train_draft(config))))
     return 0
@@ -624,7 +626,7 @@ def cmd_bench_spec(args: argparse.Namespace) -> int:
     quick = {"per_category": 1, "max_tokens": 32} if args.quick else {}
     run_bench(SpecBenchConfig(**{**quick, **bench_fields(
         args, drafters=tuple(d for d in args.drafters.split(",") if d), per_category=args.per_category,
-        max_tokens=args.max_tokens, hf=not args.no_hf,
+        max_tokens=args.max_tokens, hf=not args.no_hf, temperature=args.temperature,
     )}))
     return 0
 
@@ -645,11 +647,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks: print markdown, rewrite their section of docs/benchmarks.md")
     kinds = bench.add_subparsers(dest="benchmark", required=True)
     spec = kinds.add_parser("spec", help="speculative decoding per Spec-Bench category (+ HumanEval, GSM8K) "
-                            "against plain decoding and transformers; greedy, batch 1")
+                            "against plain decoding and transformers; batch 1, greedy unless --temperature")
     spec.add_argument("--per-category", type=int, help="prompts per category (default 5)")
     spec.add_argument("--max-tokens", type=int, help="most new tokens per prompt (default 128)")
     spec.add_argument("--drafters", default="ngram,rest,auto", help=f"comma list of drafters to compare, of {drafters}")
     spec.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    spec.add_argument("--temperature", type=float, help="sample at this temperature with a fixed seed (default 0: "
+                      "greedy); a sampled run writes its own section and skips the transformers baselines")
     spec.add_argument("--quick", action="store_true",
                       help="smoke run: 1 prompt per category, 32 tokens (--per-category / --max-tokens still win)")
     add_bench_flags(spec)

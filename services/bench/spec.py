@@ -24,6 +24,9 @@ from specserve.engine.llm_engine import LLMEngine, build_model, load_tokenizer
 from specserve.engine.tokenizer import Tokenizer
 
 DOC_MARKERS = ("<!-- bench_spec:start -->", "<!-- bench_spec:end -->")
+# A sampled run (temperature > 0) has its own section, so it never replaces the greedy table.
+SAMPLED_DOC_MARKERS = ("<!-- bench_spec_sampled:start -->", "<!-- bench_spec_sampled:end -->")
+SAMPLING_SEED = 0  # every sampled request's seed: reruns draw the same tokens
 BLOCK_SIZE = 16
 HF_SYSTEMS = {"hf": "transformers", "hf-pld": "transformers prompt lookup"}
 PLAIN = "specserve plain"
@@ -42,6 +45,7 @@ class SpecBenchConfig:
     drafters: tuple[str, ...] = ("ngram", "rest", "auto")
     per_category: int = 5  # prompts of each Spec-Bench category, and of HumanEval and GSM8K
     max_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy; above: sampled with a fixed seed, transformers not run
     dtype: str = "float32"  # specserve weights; transformers always runs float32
     num_draft_tokens: int = SpecConfig.num_draft_tokens
     hf: bool = True  # the transformers baselines (skipped with a notice when transformers is missing)
@@ -51,6 +55,8 @@ class SpecBenchConfig:
     def __post_init__(self) -> None:
         require_run_values(self.drafters, self.dtype, per_category=self.per_category, max_tokens=self.max_tokens,
                            num_draft_tokens=self.num_draft_tokens)
+        if not self.temperature >= 0.0:
+            raise InvalidRequestError(f"--temperature must be >= 0, got {self.temperature}")
         require_files(self.data_dir, (SPEC_BENCH_FILE, HUMANEVAL_FILE, GSM8K_FILE))
         require_datastore(self.drafters, self.datastore)
         require_checkpoint(self.drafters, self.draft_checkpoints)
@@ -81,8 +87,10 @@ def load_prompts(data_dir: Path, per_category: int, tokenizer: Tokenizer) -> lis
     return [Prompt(category, chat_ids(tokenizer, text)) for category, text in texts]
 
 
-def specserve_runner(model, tokenizer: Tokenizer, model_path: Path, spec: SpecConfig, max_tokens: int) -> Callable:
-    params = SamplingParams(max_tokens=max_tokens)
+def specserve_runner(model, tokenizer: Tokenizer, model_path: Path, spec: SpecConfig, max_tokens: int,
+                     temperature: float = 0.0) -> Callable:
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                            seed=SAMPLING_SEED if temperature > 0 else None)
 
     def run(ids: list[int]) -> Run:
         num_blocks = -(-(len(ids) + max_tokens + spec.num_draft_tokens + 1) // BLOCK_SIZE) + 1
@@ -173,37 +181,49 @@ def targets_text(by_row: dict[str, dict[str, tuple[float, float]]]) -> str:
 
 def run_bench(config: SpecBenchConfig) -> None:
     load_average = os.getloadavg()[0]
-    hf = config.hf and importlib.util.find_spec("transformers") is not None
-    if config.hf and not hf:
+    hf = config.hf and importlib.util.find_spec("transformers") is not None and config.temperature == 0
+    if config.hf and config.temperature > 0:
+        log("sampled run: the transformers baselines (greedy only here) are skipped")
+    elif config.hf and not hf:
         log("transformers is not installed (the bench extra): skipping the transformers columns")
     tokenizer = load_tokenizer(str(config.model_path))
     prompts = load_prompts(config.data_dir, config.per_category, tokenizer)
     model = build_model(str(config.model_path), config.dtype)
-    runners = {PLAIN: specserve_runner(model, tokenizer, config.model_path, SpecConfig(), config.max_tokens)}
-    for drafter in config.drafters:
+    runners = {}
+    for drafter in ("off", *config.drafters):
         spec = spec_config(drafter, config.num_draft_tokens, config.datastore, checkpoints=config.draft_checkpoints)
-        runners[f"specserve {drafter}"] = specserve_runner(model, tokenizer, config.model_path, spec, config.max_tokens)
+        name = PLAIN if drafter == "off" else f"specserve {drafter}"
+        runners[name] = specserve_runner(model, tokenizer, config.model_path, spec, config.max_tokens,
+                                         config.temperature)
     if hf:
         for key, label in HF_SYSTEMS.items():
             runners[label] = hf_runner(config.model_path, config.max_tokens, key == "hf-pld", tokenizer.eos_token_ids)
     systems = {name: time_system(name, runner, prompts) for name, runner in runners.items()}
     by_row = rates(systems, prompts)
     result = f"{table(by_row)}\n\n{targets_text(by_row)}".rstrip()
-    publish(result, doc_section(config, hf, load_average, len(prompts), result), config.doc, DOC_MARKERS)
+    markers = DOC_MARKERS if config.temperature == 0 else SAMPLED_DOC_MARKERS
+    publish(result, doc_section(config, hf, load_average, len(prompts), result), config.doc, markers)
 
 
 def doc_section(config: SpecBenchConfig, hf: bool, load_average: float, num_prompts: int, result: str) -> str:
     n = config.per_category
     baselines = ("; transformers float32. transformers prompt lookup: `generate(prompt_lookup_num_tokens=10)`"
                  if hf else "; transformers not run")
-    return f"""## Speculative decoding, batch 1 (`specserve bench spec`)
+    if config.temperature == 0:
+        title, decoding = "", ("greedy, batch 1, up to {} new tokens, stopping at EOS (the same for every system:\n"
+                               "  speculation is lossless, so outputs match plain decoding)")
+    else:
+        title = f", sampled at temperature {config.temperature:g}"
+        decoding = (f"sampled at temperature {config.temperature:g} (seed {SAMPLING_SEED} per request), batch 1, "
+                    "up to {} new\n  tokens, stopping at EOS (speculation keeps the target's distribution, not its "
+                    "random stream: outputs\n  differ between systems)")
+    return f"""## Speculative decoding, batch 1{title} (`specserve bench spec`)
 
 {provenance_text(config.command, load_average)}
 - Model: SmolLM2-135M-Instruct (Q4_1 GGUF dequantized), specserve weights {config.dtype}{baselines}.
 - Prompts: the first {n} first-turn questions of each Spec-Bench category, the first {n} HumanEval tasks
   and GSM8K test questions ({num_prompts} in all), chat template applied.
-- Method: greedy, batch 1, up to {config.max_tokens} new tokens, stopping at EOS (the same for every system:
-  speculation is lossless, so outputs match plain decoding). tok/s = new tokens / wall time, prefill
+- Method: {decoding.format(config.max_tokens)}. tok/s = new tokens / wall time, prefill
   included; a fresh engine per prompt (no prefix cache carried over); one warm-up prompt per system.
   tau = tokens per target forward. Drafters verify up to {config.num_draft_tokens} drafted tokens a step;
   rest and auto retrieve from a datastore of the training corpora (`../shared/data/train/*.jsonl`, no

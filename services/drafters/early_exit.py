@@ -24,7 +24,8 @@ forward. The defaults (L = num_layers - EXIT_LAYERS_SKIPPED = 28, min_confidence
 least slow measured (0.8 to 0.95 is a wash): an untrained exit does not pay on this CPU. Its trained
 counterpart is the distilled draft model (drafters/draft_model.py: a few layers trained to predict the
 target's next token over a reduced vocabulary); a verifier that reuses the drafter's first-L-layer work
-instead of recomputing it is a later issue. A draft forward is the target's own `forward` given only the first L layers' caches.
+instead of recomputing it is a later issue. A draft forward is the target's own `forward` given only the
+first L layers' caches.
 """
 
 from __future__ import annotations

@@ -130,6 +130,7 @@ def test_speculative_json_reports_its_counters(model_path, tmp_path, spec_args):
         (("bench", "spec", "--drafters", "ngram,hydra"), "unknown drafter 'hydra'"),
         (("bench", "lossy", "--drafter", "off"), "unknown drafter 'off'"),
         (("bench", "spec", "--per-category", "0"), "--per-category must be > 0"),
+        (("bench", "spec", "--temperature", "-1"), "--temperature must be >= 0"),
         (("bench", "spec", "--data-dir", "/nonexistent/data"), "no data file /nonexistent/data/spec_bench"),
         (("bench", "lossy", "--data-dir", "/nonexistent/data"), "no data file /nonexistent/data/gsm8k"),
         (("bench", "spec", "--drafters", "rest", "--datastore", "/nonexistent/ds.npz"), "no datastore at"),

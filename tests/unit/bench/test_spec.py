@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from specserve.bench.spec import PLAIN, SPEC_BENCH_MIX, Prompt, Run, rates, table, targets_text
+from specserve.bench.spec import (
+    PLAIN,
+    SPEC_BENCH_MIX,
+    Prompt,
+    Run,
+    SpecBenchConfig,
+    doc_section,
+    rates,
+    table,
+    targets_text,
+)
 
 # Two Spec-Bench categories and GSM8K (reported, but not part of the mix).
 PROMPTS = [Prompt("qa", [1]), Prompt("rag", [1]), Prompt("gsm8k", [1])]
@@ -34,3 +44,18 @@ def test_targets_name_the_best_drafter():
     assert "best drafter >= 1.8x plain decoding on Spec-Bench mix: specserve ngram 2.67x, met" in text
     assert "on summarization: not measured in this run" in text
     assert "on rag: specserve ngram 4.00x, met" in text
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_doc_section_says_how_tokens_were_chosen(data_dir, tmp_path, temperature):
+    config = SpecBenchConfig(model_path=tmp_path / "m.gguf", data_dir=data_dir, datastore=tmp_path / "ds.npz",
+                             drafters=("ngram",), temperature=temperature)
+    text = doc_section(config, hf=False, load_average=0.0, num_prompts=3, result="TABLE")
+    title = text.splitlines()[0]
+    if temperature == 0:
+        assert title == "## Speculative decoding, batch 1 (`specserve bench spec`)"
+        assert "- Method: greedy, batch 1, up to 128 new tokens" in text
+    else:
+        assert title == "## Speculative decoding, batch 1, sampled at temperature 1 (`specserve bench spec`)"
+        assert "- Method: sampled at temperature 1 (seed 0 per request), batch 1, up to 128 new" in text
+    assert text.endswith("TABLE")
