@@ -530,7 +530,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         resume=args.resume,
         kind=args.kind,
         **given(draft_vocab_size=args.draft_vocab, medusa_heads=args.medusa_heads,
-                draft_layers=layer_list(args.draft_layers)),
+                draft_layers=layer_list(args.draft_layers), exit_layer=args.exit_layer),
     )
     print(json.dumps(asdict(train_draft(config))))
     return 0
@@ -558,14 +558,15 @@ def add_train_draft_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--medusa-heads", type=int, help="medusa: heads, each guessing one more token (default 4)")
     train.add_argument("--draft-layers", metavar="I,J,...",
                        help="draft-model: the target layers its layers start as, in order (default 0,1,2,3)")
+    train.add_argument("--exit-layer", type=int, help="exit-head: the target layers the head reads after (default 4)")
     train.add_argument("--prompts", type=int, help="training prompts the target answers (default 1200)")
     train.add_argument("--max-new-tokens", type=int, help="most tokens of each response (default 256)")
     train.add_argument("--draft-vocab", type=int, help="draft vocabulary: the most frequent tokens (default 8192)")
     train.add_argument("--epochs", type=int, help="passes over the corpus (default: eagle 12, medusa 4, "
-                       "draft-model 3)")
+                       "draft-model 3, exit-head 4)")
     train.add_argument("--batch-size", type=int, help="sequences per optimizer step (default 8)")
     train.add_argument("--lr", type=float, help="peak learning rate (default: eagle 5e-3, medusa 1e-3, "
-                       "draft-model 5e-4)")
+                       "draft-model 5e-4, exit-head 1e-2)")
     train.add_argument("--seed", type=int, help="prompt order, held-out split, init and batch order (default 0)")
     train.add_argument("--save-every", type=int, help="steps between training-state saves (default 100)")
     train.add_argument("--resume", action="store_true", help="continue from the training state beside --out")
@@ -593,7 +594,9 @@ def bench_fields(args: argparse.Namespace, **given: object) -> dict[str, object]
         "draft_checkpoints": {"eagle": Path(args.draft_checkpoint or default_checkpoint_path(home, "eagle")),
                               "medusa": Path(args.medusa_checkpoint or default_checkpoint_path(home, "medusa")),
                               "draft-model": Path(args.draft_model_checkpoint
-                                                  or default_checkpoint_path(home, "draft-model"))},
+                                                  or default_checkpoint_path(home, "draft-model")),
+                              "exit-head": Path(args.exit_head_checkpoint
+                                                or default_checkpoint_path(home, "exit-head"))},
         "dtype": args.dtype,
         "num_draft_tokens": args.num_draft_tokens,
         "doc": bench_doc(args),
@@ -684,8 +687,9 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
                         "drafters/eagle.safetensors, made by `specserve train-draft --kind eagle`)")
     parser.add_argument("--medusa-checkpoint", help="checkpoint for the medusa drafter (default: the cache's "
                         "drafters/medusa.safetensors, made by `specserve train-draft --kind medusa`)")
-    parser.add_argument("--draft-model-checkpoint", help="checkpoint for the draft-model drafter (default: the "
-                        "cache's drafters/draft-model.safetensors, made by `specserve train-draft --kind draft-model`)")
+    for kind in ("draft-model", "exit-head"):
+        parser.add_argument(f"--{kind}-checkpoint", help=f"checkpoint for the {kind} drafter (default: the cache's "
+                            f"drafters/{kind}.safetensors, made by `specserve train-draft --kind {kind}`)")
     parser.add_argument("--data-dir", help="prompt data (default: $SPECSERVE_DATA_DIR, else shared/data beside the "
                         "checkout)")
     parser.add_argument("--doc", help="results doc whose section to rewrite (default: the checkout's "

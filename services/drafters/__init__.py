@@ -19,8 +19,8 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
     "auto" merges the n-gram drafter with retrieval when `spec.datastore_path` is set and with the EAGLE
     head when `spec.draft_checkpoint` is (hypothesis reduction, drafters/auto.py); "rest" needs the
     datastore; "early-exit" drafts with the target's first `spec.exit_layer` layers (its weights, not a
-    copy); "eagle", "medusa" and "draft-model" load the drafter in `spec.draft_checkpoint`, trained for this
-    target (learned/).
+    copy); "eagle", "medusa", "draft-model" and "exit-head" load the drafter in `spec.draft_checkpoint`,
+    trained for this target (learned/).
     """
     from specserve.drafters.ngram import NgramDrafter
 
@@ -56,6 +56,14 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
         from specserve.learned.draft_model import load_draft_model
 
         return DraftModelDrafter(load_draft_model(spec.draft_checkpoint, model))
+    if spec.method == "exit-head":
+        if spec.draft_checkpoint is None:
+            raise InvalidRequestError("the exit-head drafter needs a checkpoint "
+                                      "(specserve train-draft --kind exit-head)")
+        from specserve.drafters.exit_head import ExitHeadDrafter
+        from specserve.learned.exit_head import load_exit_head
+
+        return ExitHeadDrafter(load_exit_head(spec.draft_checkpoint, model), model)
     if spec.method == "auto":
         from specserve.drafters.auto import MergedDrafter
 

@@ -43,6 +43,12 @@ class ChainConfig:
             raise InvalidRequestError(f"draft min_confidence must be in [0, 1], got {self.min_confidence}")
 
 
+# The trained chain drafters' settings (draft model, exit head): a trained drafter's confidence ranks its
+# guesses better than an untrained exit's, and short chains waste fewer draft forwards (drafters/draft_model.py
+# has the measurements).
+TRAINED_CHAIN = ChainConfig(min_confidence=0.4, max_depth=4)
+
+
 @dataclass
 class _DraftState:
     """One sequence in the drafter's cache."""

@@ -105,9 +105,9 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-SPEC_METHODS = ("off", "ngram", "rest", "early-exit", "eagle", "medusa", "draft-model", "auto")
+SPEC_METHODS = ("off", "ngram", "rest", "early-exit", "eagle", "medusa", "draft-model", "exit-head", "auto")
 # The drafters trained by `specserve train-draft --kind KIND`, each loading a checkpoint of its kind (learned/).
-LEARNED_METHODS = ("eagle", "medusa", "draft-model")
+LEARNED_METHODS = ("eagle", "medusa", "draft-model", "exit-head")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import hashlib
 import json
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -184,11 +184,13 @@ def generate_responses(engine: LLMEngine, prompts: list[list[int]], config: Dist
 
 
 @torch.inference_mode()
-def final_hidden_states(model: LlamaModel, token_ids: list[int]) -> torch.Tensor:
-    """The target's final-norm hidden states `# [len(token_ids), hidden]` from one prefill of the sequence."""
+def final_hidden_states(model: LlamaModel, token_ids: list[int], num_layers: int | None = None) -> torch.Tensor:
+    """The target's final-norm hidden states `# [len(token_ids), hidden]` from one prefill of the sequence;
+    with `num_layers`, of its early exit after that many layers (the final norm of layer L's output)."""
     n = len(token_ids)
     num_blocks = -(-n // BLOCK_SIZE)
-    kv_cache = allocate_kv_cache(model.config, CacheConfig(BLOCK_SIZE, num_blocks), torch.float32)
+    layers_config = replace(model.config, num_layers=num_layers or model.config.num_layers)
+    kv_cache = allocate_kv_cache(layers_config, CacheConfig(BLOCK_SIZE, num_blocks), torch.float32)
     meta = build_attention_metadata([n], [n], [list(range(num_blocks))], BLOCK_SIZE)
     _, hidden = model(torch.tensor(token_ids), torch.arange(n), kv_cache, meta, torch.tensor([n - 1]),
                       return_hidden=True)

@@ -75,6 +75,9 @@ def test_fixed_seed_gives_same_json(model_path, tmp_path):
         (("serve", "--embedded", "--spec", "eagle,medusa"), "cannot be served together"),
         (("train-draft", "--kind", "draft-model", "--draft-layers", "0,x"), "comma-separated layer numbers"),
         (("train-draft", "--kind", "draft-model", "--draft-layers", "0,30"), "draft layers must be target layers"),
+        (("generate", "hi", "--spec", "exit-head", "--draft-checkpoint", "/nonexistent/e.safetensors"),
+         "train-draft --kind exit-head"),
+        (("train-draft", "--kind", "exit-head", "--exit-layer", "30"), "exit_layer must be in [1, 29]"),
     ],
 )
 def test_bad_input_exits_with_one_line(args, needle, tmp_path):

@@ -105,6 +105,11 @@ def draft_model_checkpoint(distill_cache, data_dir, model_path) -> str:
     return train_small("draft-model", distill_cache, data_dir, model_path, lr=1e-3)
 
 
+@pytest.fixture(scope="module")
+def exit_head_checkpoint(distill_cache, data_dir, model_path) -> str:
+    return train_small("exit-head", distill_cache, data_dir, model_path, lr=1e-3)
+
+
 def make_engine(
     model, tokenizer, dtype: str, spec: SpecConfig, max_num_seqs: int, batch_invariant: bool = False
 ) -> LLMEngine:
@@ -167,12 +172,12 @@ def count_ties(model, dtype: str, prompts, expected, actual, tie_eps: float) -> 
 # Every drafter x batch size x engine kind: float32 as shipped (near-ties allowed), and float32, int8 and
 # bfloat16 with batch-invariant attention (identical outputs). CI runs the cells in IN_CI, `make test-slow`
 # the rest.
-METHODS = ("ngram", "rest", "early-exit", "eagle", "medusa", "draft-model", "auto")
+METHODS = ("ngram", "rest", "early-exit", "eagle", "medusa", "draft-model", "exit-head", "auto")
 ENGINES = [("float32", False), ("float32", True), ("int8", True), ("bfloat16", True)]
 IN_CI = {
     ("ngram", "float32", 1, False), ("ngram", "float32", 8, False), ("rest", "float32", 8, False),
     ("auto", "float32", 1, False), ("early-exit", "float32", 1, False), ("eagle", "float32", 1, False),
-    ("medusa", "float32", 8, False), ("draft-model", "float32", 8, False),
+    ("medusa", "float32", 8, False), ("draft-model", "float32", 8, False), ("exit-head", "float32", 1, False),
     ("ngram", "int8", 1, True), ("ngram", "bfloat16", 8, True),
 }
 GRID = [
