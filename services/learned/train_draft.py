@@ -17,7 +17,8 @@ Early-exit head: which layer, one run each on the same 256 prompts, 3 epochs (87
 step at 2 threads), held-out top-1 accuracy (untrained exit in brackets): lr 1e-3: L 6 17.8% (3.6%), L 10
 19.5% (4.9%), L 14 21.9% (9.7%); lr 1e-2: L 4 34.8% (4.2%), L 8 34.2% (4.1%), L 12 38.5% (7.6%); L 8 at lr
 3e-3 30.1%, at 3e-2 33.2%. The head, not the depth, is most of it: default L 4 (drafting costs 4 layers
-and the head's 8192 rows, ~0.14 of a target forward), lr 1e-2, 4 epochs.
+and the head's 8192 rows, ~0.14 of a target forward), lr 1e-2, 4 epochs. On the 800-prompt corpus (760
+sequences trained, 40 held out): soft 35.3% in 3.9 min, hard 35.7% (same steps).
 
 EAGLE head:
 
