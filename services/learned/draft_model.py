@@ -33,7 +33,7 @@ from specserve.engine.config import ModelConfig
 from specserve.engine.model import MLP, LlamaModel, RMSNorm, Rotary
 from specserve.errors import DraftCheckpointError, InvalidRequestError
 from specserve.learned.checkpoint import load_checkpoint, target_fingerprint
-from specserve.learned.eagle_head import HeadAttention, target_tables
+from specserve.learned.eagle_head import HeadAttention, register_target_tables, target_tables
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,7 @@ class DraftModel(nn.Module):
         self.layers = nn.ModuleList(TrainLayer(model_config) for _ in config.source_layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(model_config)
-        self.register_buffer("token_map", token_map.clone())  # [draft_vocab] target token id of each draft id
-        # Frozen target tensors: non-persistent, so `state_dict()` (the checkpoint) leaves them out.
-        self.register_buffer("embed_weight", embed_weight.detach().float(), persistent=False)  # [vocab, hidden]
-        self.register_buffer("lm_head_rows", lm_head_weight.detach().float()[token_map].contiguous(),
-                             persistent=False)  # [draft_vocab, hidden]
+        register_target_tables(self, token_map, lm_head_weight, embed_weight)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Final-norm features `# [batch, n, hidden]` of token rows `# [batch, n]` at positions 0 .. n-1

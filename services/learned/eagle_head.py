@@ -113,11 +113,7 @@ class EagleHead(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(layer_config)
         self.rotary = Rotary(layer_config)
-        self.register_buffer("token_map", token_map.clone())  # [draft_vocab] target token id of each draft id
-        # Frozen target tensors: non-persistent, so `state_dict()` (the checkpoint) leaves them out.
-        self.register_buffer("embed_weight", embed_weight.detach().float(), persistent=False)  # [vocab, hidden]
-        self.register_buffer("lm_head_rows", lm_head_weight.detach().float()[token_map].contiguous(),
-                             persistent=False)  # [draft_vocab, hidden]
+        register_target_tables(self, token_map, lm_head_weight, embed_weight)
 
     def forward(
         self,
@@ -137,6 +133,18 @@ class EagleHead(nn.Module):
     def draft_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary `# [..., draft_vocab]` (draft id d is target token token_map[d])."""
         return features @ self.lm_head_rows.T
+
+
+def register_target_tables(module: nn.Module, token_map: torch.Tensor, lm_head_weight: torch.Tensor,
+                           embed_weight: torch.Tensor | None = None) -> None:
+    """Give a drafter module its draft vocabulary and the frozen target tensors it reads:
+    `token_map` `# [draft_vocab]` (the target token id of each draft id; in the checkpoint), `lm_head_rows`
+    `# [draft_vocab, hidden]` and, if given, `embed_weight` `# [vocab, hidden]` (both float32 and
+    non-persistent: `state_dict()`, the checkpoint, leaves them out; they are rebuilt from the target)."""
+    module.register_buffer("token_map", token_map.clone())
+    module.register_buffer("lm_head_rows", lm_head_weight.detach().float()[token_map].contiguous(), persistent=False)
+    if embed_weight is not None:
+        module.register_buffer("embed_weight", embed_weight.detach().float(), persistent=False)
 
 
 def target_tables(target: LlamaModel) -> tuple[torch.Tensor, torch.Tensor]:

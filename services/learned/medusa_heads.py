@@ -24,7 +24,7 @@ from torch import nn
 from specserve.engine.model import LlamaModel
 from specserve.errors import DraftCheckpointError
 from specserve.learned.checkpoint import load_checkpoint, target_fingerprint
-from specserve.learned.eagle_head import target_tables
+from specserve.learned.eagle_head import register_target_tables, target_tables
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,7 @@ class MedusaHeads(nn.Module):
         shape = (config.num_heads, config.hidden_size, config.hidden_size)
         self.weight = nn.Parameter(torch.zeros(shape))  # [K, out, in]
         self.bias = nn.Parameter(torch.zeros(config.num_heads, config.hidden_size))  # [K, hidden]
-        self.register_buffer("token_map", token_map.clone())  # [draft_vocab] target token id of each draft id
-        # The target's rows: non-persistent, so `state_dict()` (the checkpoint) leaves them out.
-        self.register_buffer("lm_head_rows", lm_head_weight.detach().float()[token_map].contiguous(),
-                             persistent=False)  # [draft_vocab, hidden]
+        register_target_tables(self, token_map, lm_head_weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Every head's feature `# [rows, K, hidden]` from hidden rows `# [rows, hidden]`."""

@@ -90,24 +90,21 @@ def train_small(kind: str, cache: Path, data_dir: Path, model_path: Path, lr: fl
     return train_draft(config).checkpoint
 
 
-@pytest.fixture(scope="module")
-def eagle_checkpoint(distill_cache, data_dir, model_path) -> str:
-    return train_small("eagle", distill_cache, data_dir, model_path, lr=3e-3)
+# Learning rates that get each kind's small drafter some accepted drafts on the small corpus.
+SMALL_LR = {"eagle": 3e-3, "medusa": 1e-2, "draft-model": 1e-3, "exit-head": 1e-3}
 
 
 @pytest.fixture(scope="module")
-def medusa_checkpoint(distill_cache, data_dir, model_path) -> str:
-    return train_small("medusa", distill_cache, data_dir, model_path, lr=1e-2)
+def learned_checkpoint(distill_cache, data_dir, model_path):
+    """kind -> the checkpoint of a small drafter of that kind, trained once per module when first asked for."""
+    made: dict[str, str] = {}
 
+    def get(kind: str) -> str:
+        if kind not in made:
+            made[kind] = train_small(kind, distill_cache, data_dir, model_path, lr=SMALL_LR[kind])
+        return made[kind]
 
-@pytest.fixture(scope="module")
-def draft_model_checkpoint(distill_cache, data_dir, model_path) -> str:
-    return train_small("draft-model", distill_cache, data_dir, model_path, lr=1e-3)
-
-
-@pytest.fixture(scope="module")
-def exit_head_checkpoint(distill_cache, data_dir, model_path) -> str:
-    return train_small("exit-head", distill_cache, data_dir, model_path, lr=1e-3)
+    return get
 
 
 def make_engine(
@@ -195,8 +192,7 @@ def test_greedy_speculation_equals_plain_greedy(
     expected = plain_greedy(model, tokenizer, dtype, batch_invariant, spread_prompts)
     # Each resource is built (once per module) only by the cells that need it.
     datastore = request.getfixturevalue("datastore_path") if method in ("rest", "auto") else None
-    learned = method in LEARNED_METHODS
-    checkpoint = request.getfixturevalue(f"{method.replace('-', '_')}_checkpoint") if learned else None
+    checkpoint = request.getfixturevalue("learned_checkpoint")(method) if method in LEARNED_METHODS else None
     spec = SpecConfig(method=method, datastore_path=datastore, draft_checkpoint=checkpoint)
     engine = make_engine(model, tokenizer, dtype, spec, max_num_seqs, batch_invariant)
     actual = generate(engine, spread_prompts)
