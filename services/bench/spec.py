@@ -22,6 +22,7 @@ from specserve.bench.common import (
 from specserve.engine.config import CacheConfig, EngineConfig, SamplingParams, SpecConfig
 from specserve.engine.llm_engine import LLMEngine, build_model, load_tokenizer
 from specserve.engine.tokenizer import Tokenizer
+from specserve.errors import InvalidRequestError
 
 DOC_MARKERS = ("<!-- bench_spec:start -->", "<!-- bench_spec:end -->")
 # A sampled run (temperature > 0) has its own section, so it never replaces the greedy table.
