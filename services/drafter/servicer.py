@@ -86,4 +86,5 @@ def draft_request_from_proto(item: drafter_pb2.DraftItem, needs_hidden: bool) ->
         if hidden.dim() != 2 or hidden.shape[0] != rows:
             raise InvalidRequestError(f"{where}: hidden_states must have {rows} rows (one per token but the root) "
                                       f"from hidden_offset {item.hidden_offset}, got shape {tuple(hidden.shape)}")
-    return DraftRequest(item.seq_id, list(item.token_ids), item.num_prompt_tokens, item.budget, hidden)
+    sampling = convert.sampling_from_proto(item.sampling) if item.HasField("sampling") else None
+    return DraftRequest(item.seq_id, list(item.token_ids), item.num_prompt_tokens, item.budget, hidden, sampling)

@@ -11,6 +11,8 @@ engine does not call the drafters at all.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from specserve.drafters.base import DraftRequest, Drafter
 from specserve.engine.draft_tree import ROOT, DraftTree, tree_from_path_scores
 
@@ -25,6 +27,9 @@ class MergedDrafter:
         self.min_score = min_score  # nodes scoring below it are never verified, even with budget left
 
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
+        # The merge keeps nodes by score, which would bias sampled drafts' q (engine/draft_tree.py): every
+        # drafter guesses, and the merged nodes are point masses.
+        requests = [replace(r, sampling=None) for r in requests]
         proposals = [drafter.propose(requests) for drafter in self.drafters]
         return [self._reduce([trees[i] for trees in proposals], r.budget) for i, r in enumerate(requests)]
 

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from specserve.engine.config import SamplingParams
 from specserve.engine.draft_tree import DraftTree
 
 
@@ -26,6 +27,10 @@ class DraftRequest:
     # The target's final-norm hidden state of every token but the root, row i for token i
     # `# [num_tokens - 1, hidden]`; only for drafters with `needs_hidden` (feature drafters), else None.
     hidden_states: torch.Tensor | None = None
+    # The request's sampling settings. Drafters with a distribution of their own (the learned ones) draw
+    # sampled drafts from it when these are not greedy (drafters/sampling.py); None or greedy: the
+    # drafter's deterministic guesses. Guessing drafters (n-gram, retrieval) ignore it.
+    sampling: SamplingParams | None = None
 
 
 class Drafter(Protocol):

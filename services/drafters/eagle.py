@@ -11,8 +11,11 @@ newest depth are fed back as pairs (f_parent, token) in one tree-masked forward,
 `top_k` most likely children. A node's **path score** is the product of q along its path; the
 `budget` best-scored nodes are the draft (EAGLE-2's reranking). Tree K/V live for one call only.
 
-Drafts are top-k, deterministic given the history: the verifier treats drafted tokens as point masses,
-which keeps sampling lossless; `draft_probs` holds each node's q(token | path) and only ranks paths.
+For greedy requests drafts are top-k, deterministic given the history: the verifier treats drafted
+tokens as point masses; `draft_probs` holds each node's q(token | path) and only ranks paths. For
+sampling requests the draft is a chain, each token drawn from the head's q given its path at the
+request's settings, and q goes with the tree (drafters/sampling.py). A chain, because EAGLE-2's
+reranking keeps children by their values, which would bias what a sampled row stands for.
 v1 loops over the sequences of a call (one catch-up and up to max_depth - 1 tree forwards each).
 """
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specserve.drafters.base import DraftRequest, common_prefix_len
+from specserve.drafters.sampling import draft_generator, sample_children, samples
 from specserve.engine.draft_tree import ROOT, DraftTree
 from specserve.engine.quant import PackedLinear, apply_weight_dtype
 from specserve.errors import InvalidRequestError
@@ -145,6 +149,8 @@ class EagleDrafter:
         context = self.contexts.setdefault(request.seq_id, _Context())
         root_feature = self._catch_up(context, request.token_ids, hidden[:num_pairs])
         assert context.kv is not None
+        if samples(request.sampling):
+            return self._sampled_chain(context.kv, root_feature, num_pairs, request)
         return self._grow(context.kv, root_feature, num_pairs, request.budget)
 
     def _catch_up(self, context: _Context, token_ids: list[int], hidden: torch.Tensor) -> torch.Tensor:
@@ -197,6 +203,29 @@ class EagleDrafter:
                 tree_rows[node] = len(tree_rows)
                 newest += nodes.add_children(node, *children)
         return nodes.best_tree(budget)
+
+    def _sampled_chain(self, past: KV, root_feature: torch.Tensor, num_pairs: int, request: DraftRequest) -> DraftTree:
+        """A chain after the root whose feature is `root_feature` `# [hidden]`, each token drawn from q.
+
+        The depth-d token's pair (f of its parent, token) sits at position n + d and attends the context
+        and the chain's earlier pairs, as the tree forwards of `_grow` do for one branch.
+        """
+        params = request.sampling
+        generator = draft_generator(params, len(request.token_ids))
+        max_depth = min(self.config.max_depth, request.budget, self.head.config.max_position_embeddings - num_pairs)
+        tokens, probs, dists = [], [], {}
+        feature = root_feature
+        while True:
+            logits = self.draft_lm_head(feature[None])[0]  # [draft_vocab]
+            (token,), (prob,), dists[len(tokens)] = sample_children(logits, params, 1, generator, self.head.token_map)
+            tokens.append(token)
+            probs.append(prob)
+            if len(tokens) >= max_depth:
+                return DraftTree.chain(tokens, probs, dists)
+            position = torch.tensor([[num_pairs + len(tokens)]])
+            out, kv = self.head(feature[None, None], torch.tensor([[token]]), position, past, None)
+            past = (torch.cat([past[0], kv[0]], 2), torch.cat([past[1], kv[1]], 2))
+            feature = out[0, 0]
 
     def _top_children(self, features: torch.Tensor, k: int) -> list[tuple[list[int], list[float]]]:
         """Per row of `features` `# [rows, hidden]`: its k likeliest next target tokens and their q."""

@@ -5,10 +5,12 @@ shallow model, drafters/draft_model.py) share.
 Per sequence the drafter remembers which tokens have K/V in its cache; a call keeps the longest prefix the
 new history shares with them (rejected drafts are rolled back by forgetting them, their slots are
 overwritten later), runs one ragged forward over every sequence's missing tokens (the catch-up: accepted
-tokens and the root), then one batched forward per further draft token. Drafts are argmax, deterministic
-given the history: the verifier treats them as point masses, which keeps sampling lossless; `draft_probs`
-holds the drafter's softmax probability of each chosen token and only ranks paths. Its cache is not the
-engine's, so the drafter could run as a separate drafter service.
+tokens and the root), then one batched forward per further draft token. For greedy requests drafts are
+argmax, deterministic given the history: the verifier treats them as point masses; `draft_probs` holds
+the drafter's softmax probability of each chosen token and only ranks paths. For sampling requests each
+token is drawn from the drafter's own distribution at the request's settings and that distribution goes
+with the tree (drafters/sampling.py). Its cache is not the engine's, so the drafter could run as a
+separate drafter service.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from specserve.drafters.base import DraftRequest, common_prefix_len
+from specserve.drafters.sampling import draft_generator, sample_children, samples
 from specserve.engine.config import CacheConfig
-from specserve.engine.draft_tree import DraftTree
+from specserve.engine.draft_tree import DraftTree, SparseDist
 from specserve.engine.model import LlamaModel
 from specserve.engine.model_runner import allocate_kv_cache
 from specserve.errors import InvalidRequestError
@@ -58,7 +61,7 @@ class _DraftState:
 
 
 class LayerChainDrafter:
-    """Greedy chains of `model` run over its first `num_layers` layers (then its norm and LM head).
+    """Draft chains of `model` run over its first `num_layers` layers (then its norm and LM head).
 
     `token_map` `# [draft_vocab]`, when given, names the target token of each LM-head row (a model whose
     head covers a reduced draft vocabulary); without it, row i is token i.
@@ -85,7 +88,7 @@ class LayerChainDrafter:
         trees = [DraftTree() for _ in requests]
         if live:
             states = [self.states[requests[i].seq_id] for i in live]
-            chains = self._draft_chains(states, [requests[i].token_ids for i in live], [depths[i] for i in live])
+            chains = self._draft_chains(states, [requests[i] for i in live], [depths[i] for i in live])
             for i, chain in zip(live, chains):
                 trees[i] = chain
         return trees
@@ -117,25 +120,31 @@ class LayerChainDrafter:
         return depth
 
     def _draft_chains(
-        self, states: list[_DraftState], token_ids: list[list[int]], depths: list[int]
+        self, states: list[_DraftState], requests: list[DraftRequest], depths: list[int]
     ) -> list[DraftTree]:
-        """Greedy chains after each history `token_ids[k]`, of at most `depths[k]` tokens."""
+        """A chain after each request's history, of at most `depths[k]` tokens: argmax, or sampled."""
         # Catch-up: every token the cache lacks, root included, in one ragged forward.
-        logits = self._extend(states, [ids[len(state.token_ids):] for state, ids in zip(states, token_ids)])
+        logits = self._extend(states, [r.token_ids[len(state.token_ids):] for state, r in zip(states, requests)])
         tokens: list[list[int]] = [[] for _ in states]
         probs: list[list[float]] = [[] for _ in states]
+        dists: list[dict[int, SparseDist]] = [{} for _ in states]
+        generators = {k: draft_generator(r.sampling, len(r.token_ids))  # sampling requests only
+                      for k, r in enumerate(requests) if samples(r.sampling)}
         drafting = list(range(len(states)))
         while drafting:
             top_probs, top_rows = logits.softmax(dim=-1).max(dim=-1)
             top_tokens = top_rows if self.token_map is None else self.token_map[top_rows]
-            for k, token, prob in zip(drafting, top_tokens.tolist(), top_probs.tolist()):
+            for row, (k, token, prob) in enumerate(zip(drafting, top_tokens.tolist(), top_probs.tolist())):
+                if k in generators:  # drawn at row len(tokens[k]): the root's, then each drafted node's
+                    (token,), (prob,), dists[k][len(tokens[k])] = sample_children(
+                        logits[row], requests[k].sampling, 1, generators[k], self.token_map)
                 tokens[k].append(token)
                 probs[k].append(prob)
             confident = self.config.min_confidence
             drafting = [k for k in drafting if len(tokens[k]) < depths[k] and probs[k][-1] >= confident]
             if drafting:
                 logits = self._extend([states[k] for k in drafting], [[tokens[k][-1]] for k in drafting])
-        return [DraftTree.chain(t, p) for t, p in zip(tokens, probs)]
+        return [DraftTree.chain(t, p, d) for t, p, d in zip(tokens, probs, dists)]
 
     def _extend(self, states: list[_DraftState], new_token_ids: list[list[int]]) -> torch.Tensor:
         """Run each state's new tokens through the layers after its cached ones, writing their K/V, and

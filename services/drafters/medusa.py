@@ -9,9 +9,12 @@ its next sibling, both scoring at most itself, so nodes come out in score order 
 is Medusa's tree with its structure chosen per step from the heads' own confidence rather than a fixed
 calibrated tree.
 
-Drafts are top-k, deterministic given the hidden state: the verifier treats drafted tokens as point
-masses, which keeps sampling lossless; `draft_probs` holds each node's head probability and only ranks
-paths. One call runs every sequence's heads in one batched product. No per-sequence state is kept.
+For greedy requests drafts are top-k, deterministic given the hidden state: the verifier treats drafted
+tokens as point masses; `draft_probs` holds each node's head probability and only ranks paths. For
+sampling requests the draft is a chain, head k's token drawn from head k's own distribution at the
+request's settings, which goes with the tree (drafters/sampling.py): the heads ignore the tokens before
+theirs, so that distribution is still exactly the one each token was drawn from. One call runs every
+sequence's heads in one batched product. No per-sequence state is kept.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from specserve.drafters.base import DraftRequest
+from specserve.drafters.sampling import draft_generator, sample_children, samples
 from specserve.engine.draft_tree import ROOT, DraftTree
 from specserve.engine.quant import PackedLinear
 from specserve.errors import InvalidRequestError
@@ -104,21 +108,34 @@ class MedusaDrafter:
             assert hidden is not None and hidden.shape[0] >= len(requests[i].token_ids) - 1, \
                 "the engine sends h of every non-root token"
         last = torch.stack([requests[i].hidden_states[len(requests[i].token_ids) - 2] for i in live])  # [B, hidden]
+        logits = self._head_logits(last.to(self.dtype))  # [B, K, draft_vocab]
         top_k = min(self.config.top_k, self.heads.config.draft_vocab_size)
-        probs, ids = self._head_top(last.to(self.dtype), top_k)  # each [B, K, top_k]
-        token_ids = self.heads.token_map[ids].tolist()
-        probs_list = probs.clamp_min(_MIN_PROB).tolist()
+        top = logits.softmax(dim=-1).topk(top_k, dim=-1)  # each [B, K, top_k]
+        token_ids = self.heads.token_map[top.indices].tolist()
+        probs_list = top.values.clamp_min(_MIN_PROB).tolist()
         for row, i in enumerate(live):
-            trees[i] = best_paths(token_ids[row], probs_list[row], requests[i].budget)
+            if samples(requests[i].sampling):
+                trees[i] = self._sampled_chain(logits[row], requests[i])
+            else:
+                trees[i] = best_paths(token_ids[row], probs_list[row], requests[i].budget)
         return trees
+
+    def _sampled_chain(self, logits: torch.Tensor, request: DraftRequest) -> DraftTree:
+        """Head k's token drawn from head k's q, for the first `budget` heads (`logits` `# [K, draft_vocab]`)."""
+        generator = draft_generator(request.sampling, len(request.token_ids))
+        tokens, probs, dists = [], [], {}
+        for depth in range(min(logits.shape[0], request.budget)):  # drawn at row `depth`: the root, then nodes
+            (token,), (prob,), dists[depth] = sample_children(logits[depth], request.sampling, 1, generator,
+                                                              self.heads.token_map)
+            tokens.append(token)
+            probs.append(prob)
+        return DraftTree.chain(tokens, probs, dists)
 
     def release(self, seq_id: int) -> None:
         pass  # no per-sequence state
 
-    def _head_top(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each head's k likeliest draft ids and their probabilities, `# [B, K, k]` each, from `# [B, hidden]`."""
+    def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Every head's draft-vocabulary logits `# [B, K, draft_vocab]` float32, from `# [B, hidden]`."""
         features = head_features(hidden, self.weight, self.bias)  # [B, K, hidden]
         batch, num_heads, width = features.shape
-        logits = self.draft_lm_head(features.reshape(batch * num_heads, width))  # [B * K, draft_vocab]
-        top = logits.float().softmax(dim=-1).topk(k, dim=-1)
-        return top.values.view(batch, num_heads, k), top.indices.view(batch, num_heads, k)
+        return self.draft_lm_head(features.reshape(batch * num_heads, width)).float().view(batch, num_heads, -1)

@@ -8,7 +8,7 @@ Greedy matches the argmax; lossless is exact rejection sampling; lossy is an opt
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -17,6 +17,9 @@ import torch
 from specserve.engine.draft_tree import ROOT, DraftTree
 from specserve.engine.sampler import draw
 from specserve.errors import InvalidRequestError
+
+# Per row, the q its children were sampled from: {row: [vocab]} for some rows, or a dense [rows, vocab].
+DraftDists = Mapping[int, torch.Tensor] | torch.Tensor
 
 # A residual with less mass than this is rounding noise: p and q are equal up to float error, so the
 # rejection that led to it had (at most) this probability. See `_residual`.
@@ -140,16 +143,16 @@ def _greedy_rule(tree: DraftTree, target_argmax: Sequence[int]) -> _RowRule:
 def accept_lossless(
     tree: DraftTree,
     target_probs: torch.Tensor,  # [1 + num_nodes, vocab] float32, `probs_from_logits` of each row
-    draft_dists: torch.Tensor | None,  # [1 + num_nodes, vocab]: row r = q of row r's children; None = point masses
+    draft_dists: DraftDists | None,  # row r -> [vocab] q of row r's children; rows absent (or None): point masses
     generator: torch.Generator | None,  # the request's; None = torch's global RNG
 ) -> Acceptance:
     """Exact rejection sampling over the tree: the emitted tokens follow the target's distribution.
 
     Every accept/reject decision and every bonus/recovered draw takes one float64 uniform from
-    `generator`, so a seeded request emits the same tokens run after run. `draft_dists` is only
-    correct for children really sampled from it, without replacement, in node order; children chosen
+    `generator`, so a seeded request emits the same tokens run after run. A row's `draft_dists` entry is
+    only correct for children really sampled from it, without replacement, in node order; children chosen
     deterministically (n-gram or retrieval guesses, a draft model's top-k or argmax) are point masses:
-    pass `draft_dists=None`.
+    leave their row out. A dense `[1 + num_nodes, vocab]` tensor gives every row a q.
     """
     _check_rows(tree, target_probs, draft_dists)
     return _walk(tree, _lossless_rule(tree, target_probs, draft_dists, generator))
@@ -158,21 +161,34 @@ def accept_lossless(
 def _lossless_rule(
     tree: DraftTree,
     target_probs: torch.Tensor,  # [1 + num_nodes, vocab]
-    draft_dists: torch.Tensor | None,  # [1 + num_nodes, vocab] or None
+    draft_dists: DraftDists | None,
     generator: torch.Generator | None,
 ) -> _RowRule:
     def rule(row: int, children: list[int]) -> _RowOutcome:
-        q = None if draft_dists is None else draft_dists[row].double()
+        q = _draft_row(draft_dists, row)
         child, residual = _recursive_rejection(target_probs[row].double(), q, tree, children, generator)
         return _RowOutcome(child) if child is not None else _RowOutcome(None, _draw(residual, generator))
 
     return rule
 
 
-def _check_rows(tree: DraftTree, target_probs: torch.Tensor, draft_dists: torch.Tensor | None) -> None:
+def _draft_row(draft_dists: DraftDists | None, row: int) -> torch.Tensor | None:  # [vocab] float64 or None
+    if draft_dists is None:
+        return None
+    if isinstance(draft_dists, torch.Tensor):
+        return draft_dists[row].double()
+    q = draft_dists.get(row)
+    return None if q is None else q.double()
+
+
+def _check_rows(tree: DraftTree, target_probs: torch.Tensor, draft_dists: DraftDists | None) -> None:
     rows = 1 + tree.num_nodes
     assert target_probs.dim() == 2 and target_probs.shape[0] == rows, "target_probs: [1 + num_nodes, vocab]"
-    assert draft_dists is None or draft_dists.shape == target_probs.shape, "draft_dists: same shape as target_probs"
+    if isinstance(draft_dists, torch.Tensor):
+        assert draft_dists.shape == target_probs.shape, "draft_dists: same shape as target_probs"
+    elif draft_dists is not None:
+        assert all(0 <= r < rows and q.shape == target_probs.shape[1:] for r, q in draft_dists.items()), \
+            "draft_dists: rows of the tree, each [vocab]"
     assert bool(((target_probs.sum(dim=-1) - 1.0).abs() < 1e-4).all()), "target rows are distributions"
 
 
@@ -243,7 +259,7 @@ def accept_lossy(
     budget_left: float,  # nats this sequence may still spend (starts at config.budget); <= 0: none
     *,
     greedy: bool,
-    draft_dists: torch.Tensor | None = None,  # as in accept_lossless (sampling rows only)
+    draft_dists: DraftDists | None = None,  # as in accept_lossless (sampling rows only)
     generator: torch.Generator | None = None,  # as in accept_lossless (sampling rows only)
 ) -> Acceptance:
     """The exact rule, plus: where it accepts no child at a row, keep the relaxable child (see

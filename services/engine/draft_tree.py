@@ -10,6 +10,14 @@
 - **draft probability** (`draft_probs[i]`): the drafter's probability of node i's token given its path,
   q(token | path). 1.0 for a certain guess. The product along a path is the path's **draft score**,
   used to keep the best nodes when a budget is tight (hypothesis reduction).
+- **row**: a query row of the verify forward: row 0 is the root, row 1 + i is node i; a row's children
+  are the nodes whose parent it is.
+- **draft distribution** (`draft_dists[row]`): for a row whose children were *sampled* (drawn one after
+  another without replacement, in node order, from a distribution q fixed before the first draw), that
+  q as sparse (token ids, probabilities). Lossless acceptance then accepts a child with probability
+  min(1, p/q) instead of p alone, which is what lets sampled drafts keep up at temperature > 0. Rows not
+  listed hold guesses, treated as point masses; that is exact for any way of choosing them, so a row's
+  q may always be dropped, but never kept after its children were thinned by their values.
 - **accepted tokens**: the drafted tokens of the longest path the acceptance rule keeps. One more
   token then comes from the target at the last accepted node: the **bonus** token when that node has
   no drafted children (nothing was rejected there), the **recovered** token when its children were
@@ -25,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 ROOT = -1  # the parent index of depth-1 nodes
+SparseDist = tuple[list[int], list[float]]  # (token ids, their probabilities): absent ids have probability 0
 
 
 @dataclass
@@ -40,6 +49,8 @@ class DraftTree:
     tokens: list[int] = field(default_factory=list)  # [num_nodes] drafted token ids
     parents: list[int] = field(default_factory=list)  # [num_nodes] parent node index, ROOT for depth 1
     draft_probs: list[float] = field(default_factory=list)  # [num_nodes] q(token | path), in (0, 1]
+    # row -> (token ids, probabilities) of the q its children were sampled from; see the module docstring
+    draft_dists: dict[int, SparseDist] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         assert len(self.tokens) == len(self.parents) == len(self.draft_probs), "one parent and prob per node"
@@ -49,12 +60,20 @@ class DraftTree:
             assert (parent, token) not in seen, f"node {i}: sibling tokens must be distinct"
             seen.add((parent, token))
         assert all(0.0 < p <= 1.0 for p in self.draft_probs), "draft probabilities lie in (0, 1]"
+        for row, (ids, probs) in self.draft_dists.items():
+            assert 0 <= row <= self.num_nodes, f"draft distribution of row {row}: no such row"
+            assert len(ids) == len(probs) and len(set(ids)) == len(ids), f"row {row}: one probability per token id"
+            assert all(p >= 0.0 for p in probs) and abs(sum(probs) - 1.0) < 1e-3, f"row {row}: not a distribution"
+            support = {t for t, p in zip(ids, probs) if p > 0.0}
+            drafted = {token for token, parent in zip(self.tokens, self.parents) if parent + 1 == row}
+            assert drafted <= support, f"row {row}: a child outside its draft distribution cannot have been drawn"
 
     @classmethod
-    def chain(cls, tokens: Sequence[int], draft_probs: Sequence[float] | None = None) -> DraftTree:
-        """A single branch: tokens[i] follows tokens[i - 1]."""
+    def chain(cls, tokens: Sequence[int], draft_probs: Sequence[float] | None = None,
+              draft_dists: dict[int, SparseDist] | None = None) -> DraftTree:
+        """A single branch: tokens[i] follows tokens[i - 1] (and was drawn at row i, when sampled)."""
         probs = [1.0] * len(tokens) if draft_probs is None else list(draft_probs)
-        return cls(list(tokens), list(range(-1, len(tokens) - 1)), probs)
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), probs, dict(draft_dists or {}))
 
     @property
     def num_nodes(self) -> int:
@@ -121,17 +140,28 @@ class DraftTree:
                 tokens.append(self.tokens[i])
                 parents.append(below[parent])
                 probs.append(self.draft_probs[i])
-        return DraftTree(tokens, parents, probs)
+        # Every kept node keeps all its children, so its row's q stays valid (old row 1 + i -> new 1 + below[i]).
+        dists = {1 + below[row - 1]: dist for row, dist in self.draft_dists.items() if row > 0 and row - 1 in below}
+        return DraftTree(tokens, parents, probs, dists)
 
     def subtree(self, keep: Sequence[int]) -> DraftTree:
-        """The tree restricted to `keep` (node indices closed under taking parents), order preserved."""
+        """The tree restricted to `keep` (node indices closed under taking parents), order preserved.
+
+        A row keeps its draft distribution only when it keeps all its children: a cut that may depend on
+        the sampled tokens' values (a score ranking, a budget) would bias what the kept ones represent.
+        """
         kept = sorted(set(keep))
         new_index = {old: new for new, old in enumerate(kept)}
         assert all(self.parents[i] == ROOT or self.parents[i] in new_index for i in kept), "keep is not parent-closed"
+        row_of = {ROOT: 0, **{old: 1 + new for old, new in new_index.items()}}  # kept node (or root) -> new row
+        children = self.children()
+        dists = {row_of[row - 1]: dist for row, dist in self.draft_dists.items()
+                 if row - 1 in row_of and all(c in new_index for c in children[row - 1])}
         return DraftTree(
             [self.tokens[i] for i in kept],
             [ROOT if self.parents[i] == ROOT else new_index[self.parents[i]] for i in kept],
             [self.draft_probs[i] for i in kept],
+            dists,
         )
 
 

@@ -182,7 +182,8 @@ class LLMEngine:
                 hidden = None
                 if self.drafter.needs_hidden:
                     hidden = self.runner.hidden_states(seq.block_table, seq.num_computed_tokens)
-                requests.append(DraftRequest(seq.seq_id, seq.all_token_ids, seq.num_prompt_tokens, room, hidden))
+                requests.append(DraftRequest(seq.seq_id, seq.all_token_ids, seq.num_prompt_tokens, room, hidden,
+                                             seq.params))
         if not requests:
             return {}
         start = time.perf_counter()

@@ -21,6 +21,7 @@ from specserve.engine.acceptance import Acceptance, LossyConfig, accept_greedy, 
 from specserve.engine.config import SamplingParams
 from specserve.engine.draft_tree import DraftTree
 from specserve.engine.sampler import probs_from_logits
+from specserve.errors import InvalidRequestError
 
 
 @dataclass
@@ -124,11 +125,27 @@ def accept(
 ) -> Acceptance:
     """Apply the request's acceptance rule: greedy match, exact rejection sampling, or (opt-in) lossy."""
     assert logits.shape[0] == 1 + tree.num_nodes
+    dists = None if params.greedy else dense_draft_dists(tree, logits.shape[1])
     if lossy is not None and lossy_budget_left > 0:
         # Greedy rows are priced by the plain softmax (a one-hot would leave nothing to relax).
         probs = logits.softmax(dim=-1) if params.greedy else probs_from_logits(logits, [params] * logits.shape[0])
-        return accept_lossy(tree, probs, lossy, lossy_budget_left, greedy=params.greedy, generator=generator)
+        return accept_lossy(tree, probs, lossy, lossy_budget_left, greedy=params.greedy, draft_dists=dists,
+                            generator=generator)
     if params.greedy:
         return accept_greedy(tree, logits.argmax(dim=-1).tolist())
     probs = probs_from_logits(logits, [params] * logits.shape[0])
-    return accept_lossless(tree, probs, None, generator)
+    return accept_lossless(tree, probs, dists, generator)
+
+
+def dense_draft_dists(tree: DraftTree, vocab_size: int) -> dict[int, torch.Tensor] | None:
+    """The tree's sampled rows' q as full-vocabulary rows `{row: [vocab] float64}`; None when it has none."""
+    if not tree.draft_dists:
+        return None
+    dense = {}
+    for row, (ids, probs) in tree.draft_dists.items():
+        if not 0 <= min(ids) <= max(ids) < vocab_size:
+            raise InvalidRequestError(f"draft tree row {row}: its draft distribution names a token outside the vocabulary")
+        q = torch.zeros(vocab_size, dtype=torch.float64)
+        q[torch.tensor(ids)] = torch.tensor(probs, dtype=torch.float64)
+        dense[row] = q / q.sum()
+    return dense

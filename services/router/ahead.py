@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from specserve.engine.config import SamplingParams
 from specserve.engine.draft_tree import DraftTree
 from specserve.errors import SpecserveError
 from specserve.router.backends import Replica
@@ -48,14 +49,16 @@ class AheadDrafts:
         self.sent = 0
         self.used = 0
 
-    def send(self, work: list[tuple[Replica, int, list[int], int, DraftTree, int]]) -> None:
+    def send(self, work: list[tuple[Replica, int, list[int], int, DraftTree, int, SamplingParams]]) -> None:
         """Ask for drafts past each tree's first path: (replica, request id, history, prompt tokens, tree
-        being verified, budget) per request."""
+        being verified, budget, sampling settings) per request."""
         groups: dict[int, tuple[Replica, list[tuple[int, int, list[int]]], list[drafter_pb2.DraftItem]]] = {}
-        for replica, rid, history, num_prompt_tokens, tree, budget in work:
+        for replica, rid, history, num_prompt_tokens, tree, budget, params in work:
             path = tree.first_path()
             item = drafter_pb2.DraftItem(seq_id=rid, token_ids=history + path, num_prompt_tokens=num_prompt_tokens,
                                          budget=budget + 1)  # one more node: the guesses of the next token
+            if not params.greedy:
+                item.sampling.CopyFrom(convert.sampling_to_proto(params))
             group = groups.setdefault(id(replica), (replica, [], []))
             group[1].append((rid, len(history), path))
             group[2].append(item)

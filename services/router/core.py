@@ -429,6 +429,8 @@ class Router:
                 continue
             item = drafter_pb2.DraftItem(seq_id=request.rid, token_ids=seq.all_token_ids,
                                          num_prompt_tokens=seq.num_prompt_tokens, budget=budget)
+            if not seq.params.greedy:  # learned drafters sample their drafts at the request's settings
+                item.sampling.CopyFrom(convert.sampling_to_proto(seq.params))
             if replica.info.needs_hidden:
                 rows = sum(len(h) for h in request.hidden)
                 if rows != request.v_computed:  # the verifier keeps no hidden states: nothing to draft from
@@ -471,7 +473,7 @@ class Router:
             chance = acceptance_by_depth(request.recent, self.drafter_stats[request.drafter], depth)[-1]
             if chance >= AHEAD_MIN_CHANCE:
                 work.append((replica, request.rid, request.seq.all_token_ids, request.seq.num_prompt_tokens,
-                             tree, tree.num_nodes))
+                             tree, tree.num_nodes, request.seq.params))
         if work:
             self.ahead.send(work)
 

@@ -41,16 +41,21 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
 
 
 def tree_to_proto(tree: DraftTree) -> common_pb2.DraftTree:
-    return common_pb2.DraftTree(tokens=tree.tokens, parents=tree.parents, draft_probs=tree.draft_probs)
+    dists = [common_pb2.DraftDist(row=row, token_ids=ids, probs=probs)
+             for row, (ids, probs) in tree.draft_dists.items()]
+    return common_pb2.DraftTree(tokens=tree.tokens, parents=tree.parents, draft_probs=tree.draft_probs,
+                                draft_dists=dists)
 
 
 def tree_from_proto(msg: common_pb2.DraftTree) -> DraftTree:
-    """A malformed tree (parents out of order, duplicate siblings, probabilities outside (0, 1]) raises
-    InvalidRequestError."""
+    """A malformed tree (parents out of order, duplicate siblings, probabilities outside (0, 1], a draft
+    distribution that is none or misses a child of its row) raises InvalidRequestError."""
     from specserve.errors import InvalidRequestError
 
     try:
-        return DraftTree(list(msg.tokens), list(msg.parents), list(msg.draft_probs))
+        dists = {d.row: (list(d.token_ids), list(d.probs)) for d in msg.draft_dists}
+        assert len(dists) == len(msg.draft_dists), "one draft distribution per row"
+        return DraftTree(list(msg.tokens), list(msg.parents), list(msg.draft_probs), dists)
     except AssertionError as exc:
         raise InvalidRequestError(f"malformed draft tree: {exc}") from None
 

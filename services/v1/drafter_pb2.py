@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specserve.v1 import common_pb2 as specserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecserve/v1/drafter.proto\x12\x0cspecserve.v1\x1a\x19specserve/v1/common.proto\"\x9d\x01\n\tDraftItem\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\x12\x0e\n\x06\x62udget\x18\x04 \x01(\x05\x12+\n\rhidden_states\x18\x05 \x01(\x0b\x32\x14.specserve.v1.Tensor\x12\x15\n\rhidden_offset\x18\x06 \x01(\x05\"8\n\x0eProposeRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.specserve.v1.DraftItem\"R\n\x0fProposeResponse\x12&\n\x05trees\x18\x01 \x03(\x0b\x32\x17.specserve.v1.DraftTree\x12\x17\n\x0fneed_all_hidden\x18\x02 \x03(\x04\"\x14\n\x12\x44rafterInfoRequest\"L\n\x0b\x44rafterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cneeds_hidden\x18\x02 \x01(\x08\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t2\xde\x01\n\x07\x44rafter\x12\x46\n\x07Propose\x12\x1c.specserve.v1.ProposeRequest\x1a\x1d.specserve.v1.ProposeResponse\x12\x46\n\x07Release\x12\x1c.specserve.v1.ReleaseRequest\x1a\x1d.specserve.v1.ReleaseResponse\x12\x43\n\x04Info\x12 .specserve.v1.DrafterInfoRequest\x1a\x19.specserve.v1.DrafterInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecserve/v1/drafter.proto\x12\x0cspecserve.v1\x1a\x19specserve/v1/common.proto\"\xcd\x01\n\tDraftItem\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\x12\x0e\n\x06\x62udget\x18\x04 \x01(\x05\x12+\n\rhidden_states\x18\x05 \x01(\x0b\x32\x14.specserve.v1.Tensor\x12\x15\n\rhidden_offset\x18\x06 \x01(\x05\x12.\n\x08sampling\x18\x07 \x01(\x0b\x32\x1c.specserve.v1.SamplingParams\"8\n\x0eProposeRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.specserve.v1.DraftItem\"R\n\x0fProposeResponse\x12&\n\x05trees\x18\x01 \x03(\x0b\x32\x17.specserve.v1.DraftTree\x12\x17\n\x0fneed_all_hidden\x18\x02 \x03(\x04\"\x14\n\x12\x44rafterInfoRequest\"L\n\x0b\x44rafterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cneeds_hidden\x18\x02 \x01(\x08\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t2\xde\x01\n\x07\x44rafter\x12\x46\n\x07Propose\x12\x1c.specserve.v1.ProposeRequest\x1a\x1d.specserve.v1.ProposeResponse\x12\x46\n\x07Release\x12\x1c.specserve.v1.ReleaseRequest\x1a\x1d.specserve.v1.ReleaseResponse\x12\x43\n\x04Info\x12 .specserve.v1.DrafterInfoRequest\x1a\x19.specserve.v1.DrafterInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specserve.v1.drafter_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DRAFTITEM']._serialized_start=72
-  _globals['_DRAFTITEM']._serialized_end=229
-  _globals['_PROPOSEREQUEST']._serialized_start=231
-  _globals['_PROPOSEREQUEST']._serialized_end=287
-  _globals['_PROPOSERESPONSE']._serialized_start=289
-  _globals['_PROPOSERESPONSE']._serialized_end=371
-  _globals['_DRAFTERINFOREQUEST']._serialized_start=373
-  _globals['_DRAFTERINFOREQUEST']._serialized_end=393
-  _globals['_DRAFTERINFO']._serialized_start=395
-  _globals['_DRAFTERINFO']._serialized_end=471
-  _globals['_DRAFTER']._serialized_start=474
-  _globals['_DRAFTER']._serialized_end=696
+  _globals['_DRAFTITEM']._serialized_end=277
+  _globals['_PROPOSEREQUEST']._serialized_start=279
+  _globals['_PROPOSEREQUEST']._serialized_end=335
+  _globals['_PROPOSERESPONSE']._serialized_start=337
+  _globals['_PROPOSERESPONSE']._serialized_end=419
+  _globals['_DRAFTERINFOREQUEST']._serialized_start=421
+  _globals['_DRAFTERINFOREQUEST']._serialized_end=441
+  _globals['_DRAFTERINFO']._serialized_start=443
+  _globals['_DRAFTERINFO']._serialized_end=519
+  _globals['_DRAFTER']._serialized_start=522
+  _globals['_DRAFTER']._serialized_end=744
 # @@protoc_insertion_point(module_scope)

@@ -201,3 +201,23 @@ def test_release_forgets_and_ignores_unknown_ids():
     drafter.release(7)
     drafter.release(12345)
     assert drafter.contexts == {}
+
+
+def test_sampled_chain_rows_carry_the_heads_q_of_their_path():
+    """At T > 0 the draft is a chain whose row d holds q(. | history + the first d drafted tokens) at the
+    request's temperature, as uncached forwards compute it; a seed fixes the draws."""
+    from specserve.engine.config import SamplingParams
+
+    params = SamplingParams(temperature=0.7, seed=3)
+    drafter = make_drafter()
+    request = DraftRequest(0, HISTORY[:30], num_prompt_tokens=1, budget=4, hidden_states=HIDDEN[:29], sampling=params)
+    tree = drafter.propose([request])[0]
+    assert tree.parents == [ROOT, 0, 1, 2] and sorted(tree.draft_dists) == [0, 1, 2, 3]
+    for row in range(4):
+        q = reference_distribution(drafter.head, HISTORY[:30], HIDDEN[:29], tuple(tree.tokens[:row]))
+        tempered = torch.tensor(list(q.values())).log().div(0.7).softmax(-1)  # the request's temperature
+        want = dict(zip(q.keys(), tempered.tolist()))
+        ids, probs = tree.draft_dists[row]
+        assert len(ids) == len(want)  # 48 draft tokens, under SUPPORT: nothing cut
+        assert probs == pytest.approx([want[t] for t in ids], rel=1e-4, abs=1e-6)
+    assert make_drafter().propose([request])[0] == tree

@@ -131,3 +131,22 @@ def test_untrained_heads_start_as_the_lm_head():
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(InvalidRequestError):
         MedusaDraftConfig(**kwargs)
+
+
+def test_sampled_chain_draws_head_d_at_depth_d():
+    """At T > 0 each head draws one token from its own q at the request's settings: a chain, with q."""
+    from specserve.engine.config import SamplingParams
+
+    params = SamplingParams(temperature=1.0, top_k=5, seed=9)
+    heads = tiny_heads(3)
+    drafter = MedusaDrafter(heads, MedusaDraftConfig(dtype="float32"))
+    request = DraftRequest(0, HISTORY[:6], num_prompt_tokens=1, budget=2, hidden_states=HIDDEN[:5], sampling=params)
+    tree = drafter.propose([request])[0]
+    assert tree.parents == [ROOT, 0] and sorted(tree.draft_dists) == [0, 1]  # cut to the budget
+    probs = heads.draft_logits(heads(HIDDEN[4:5]))[0].softmax(-1)  # [K, draft_vocab] from h of the root's parent
+    for depth in range(2):
+        top = probs[depth].topk(5)
+        want = dict(zip(heads.token_map[top.indices].tolist(), (top.values / top.values.sum()).tolist()))
+        ids, q = tree.draft_dists[depth]
+        assert tree.tokens[depth] in ids and q == pytest.approx([want[t] for t in ids], rel=1e-5)
+    assert drafter.propose([request])[0] == tree

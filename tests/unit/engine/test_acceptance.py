@@ -393,3 +393,83 @@ def test_lossy_accepted_tokens_are_greedy_or_within_the_relaxation(seed: int):
     assert result.divergence == pytest.approx(spent, abs=1e-6) and result.divergence <= budget
     last_row = target[result.accepted_nodes[-1] + 1 if result.accepted_nodes else 0]
     assert result.next_token == int(last_row.argmax())
+
+
+# ---- sampled drafts through the engine's acceptance (verify.accept, sparse q from the tree) ---------
+
+
+def sampled_root_tree(draft_logits: torch.Tensor, params: SamplingParams, num_children: int,
+                      g: torch.Generator) -> DraftTree:
+    """A drafter's root children drawn by drafters/sampling.py, q carried sparse in the tree."""
+    from specserve.drafters.sampling import sample_children
+
+    tokens, probs, dist = sample_children(draft_logits, params, num_children, g)
+    return DraftTree(tokens, [ROOT] * len(tokens), probs, {0: dist})
+
+
+def emitted_first_tokens(target_logits: torch.Tensor, draft_logits: torch.Tensor, params: SamplingParams,
+                         num_children: int, num_trials: int = NUM_TRIALS) -> torch.Tensor:
+    """Counts of the first emitted token `# [vocab]` over seeded draft-and-verify trials."""
+    from specserve.engine.verify import accept
+
+    g = seeded(0)
+    counts = torch.zeros(target_logits.shape[0])
+    for _ in range(num_trials):
+        draft = sampled_root_tree(draft_logits, params, num_children, g)
+        logits = target_logits.expand(1 + draft.num_nodes, -1)  # every row: the same target row
+        counts[accept(draft, logits, params, g).emitted_tokens[0]] += 1
+    return counts
+
+
+def test_sampled_children_through_accept_follow_the_target(monkeypatch):
+    from specserve.engine import verify
+
+    target_logits, draft_logits = P.log(), Q.log()
+    assert chi_square_p_value(emitted_first_tokens(target_logits, draft_logits, T1, 2), P) > PASS_P
+    # A verifier that reads the wrong q (here: uniform) is caught.
+    monkeypatch.setattr(verify, "dense_draft_dists",
+                        lambda tree, vocab: {0: torch.full((vocab,), 1.0 / vocab, dtype=torch.float64)})
+    assert chi_square_p_value(emitted_first_tokens(target_logits, draft_logits, T1, 2), P) < FAIL_P
+
+
+def test_a_draft_distribution_equal_to_the_target_is_always_accepted():
+    """min(1, p/q) = 1: with its q the sampled child always stands; as a point mass it would not."""
+    from specserve.engine.verify import accept
+
+    g = seeded(1)
+    for _ in range(200):
+        draft = sampled_root_tree(P.log(), T1, 1, g)
+        assert accept(draft, P.log().expand(2, -1), T1, g).accepted_nodes == [0]
+    point_masses = [accept(DraftTree(d.tokens, d.parents, d.draft_probs), P.log().expand(2, -1), T1, g)
+                    for d in (sampled_root_tree(P.log(), T1, 1, g) for _ in range(200))]
+    assert sum(not a.accepted_nodes for a in point_masses) > 50  # rejected with probability 1 - p(x)
+
+
+T1 = SamplingParams(temperature=1.0)
+
+
+def test_real_drafter_sampled_drafts_keep_the_targets_first_token(llama_model, tokenizer, real_first_token_logits):
+    """A layer-chain drafter over all 30 layers is the model itself, so its q at the request's settings (T=1,
+    top-k 8) is the target's p up to float rounding: its sampled root children must follow p and be
+    accepted (min(1, p/q) = 1) nearly always. An argmax draft would be accepted with probability p(argmax)
+    only (0.5 here)."""
+    from specserve.drafters.base import DraftRequest
+    from specserve.drafters.layer_chain import ChainConfig, LayerChainDrafter
+    from specserve.engine.verify import accept
+
+    ids = tokenizer.render_prompt_ids([{"role": "user", "content": "Name one colour of the rainbow."}])
+    drafter = LayerChainDrafter(llama_model, llama_model.config.num_layers, ChainConfig(min_confidence=0.0))
+    p = probs_from_logits(real_first_token_logits[None], [SamplingParams(temperature=1.0, top_k=8)])[0]
+    g = seeded(2)
+    drafted = torch.zeros(p.shape[0])
+    accepted, num_trials = 0, 200
+    for trial in range(num_trials):
+        params = SamplingParams(temperature=1.0, top_k=8, seed=trial)
+        draft = drafter.propose([DraftRequest(0, ids, len(ids), 1, sampling=params)])[0]
+        assert draft.num_nodes == 1 and 0 in draft.draft_dists
+        accepted += len(accept(draft, real_first_token_logits.expand(2, -1), params, g).accepted_nodes)
+        drafted[draft.tokens[0]] += 1
+    support = p > 0
+    assert drafted[~support].sum() == 0
+    assert chi_square_p_value(drafted[support], p[support]) > PASS_P
+    assert accepted >= 0.98 * num_trials

@@ -89,3 +89,35 @@ def test_tree_from_continuations_respects_budget_and_stays_parent_closed(budget:
 
 def test_tree_from_continuations_of_nothing_is_empty():
     assert tree_from_continuations([], budget=8).num_nodes == 0
+
+
+# root ─ 5 ─ 9      row 0 (the root) sampled 5 then 7 from its q; row 1 (node 0) sampled 9
+#      └ 7
+SAMPLED = DraftTree(tokens=[5, 9, 7], parents=[ROOT, 0, ROOT], draft_probs=[0.5, 0.6, 0.25],
+                    draft_dists={0: ([5, 7, 8], [0.5, 0.25, 0.25]), 1: ([9, 4], [0.6, 0.4])})
+
+
+@pytest.mark.parametrize("dists,match", [
+    ({4: ([5], [1.0])}, "no such row"),  # rows 0 (the root) to 3 (node 2)
+    ({0: ([5, 7], [0.5, 0.6])}, "not a distribution"),
+    ({0: ([5, 5], [0.5, 0.5])}, "one probability per token id"),
+    ({0: ([5, 8], [0.5, 0.5])}, "a child outside its draft distribution"),  # child 7 has q = 0
+    ({0: ([5, 7], [1.0, 0.0])}, "a child outside its draft distribution"),
+])
+def test_draft_distributions_must_cover_their_rows_children(dists, match):
+    with pytest.raises(AssertionError, match=match):
+        DraftTree(tokens=[5, 9, 7], parents=[ROOT, 0, ROOT], draft_probs=[0.5, 0.6, 0.25], draft_dists=dists)
+
+
+def test_subtree_keeps_a_rows_distribution_only_with_all_its_children():
+    assert SAMPLED.subtree([0, 1, 2]).draft_dists == SAMPLED.draft_dists
+    # Dropping node 2 thins the root's sampled children: the root row falls back to point masses.
+    assert SAMPLED.subtree([0, 1]).draft_dists == {1: ([9, 4], [0.6, 0.4])}
+    # Dropping node 1 empties row 1; the root keeps both its children and its q.
+    assert SAMPLED.subtree([0, 2]).draft_dists == {0: ([5, 7, 8], [0.5, 0.25, 0.25])}
+
+
+def test_the_part_after_a_token_renumbers_the_rows_below_it():
+    below = SAMPLED.after(5)
+    assert below.tokens == [9] and below.draft_dists == {0: ([9, 4], [0.6, 0.4])}  # node 0's row is the new root
+    assert DraftTree.chain([4, 2], [0.5, 1.0], {1: ([2], [1.0])}).after(4).draft_dists == {0: ([2], [1.0])}

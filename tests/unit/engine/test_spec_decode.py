@@ -228,13 +228,21 @@ def test_budget_shrinks_as_the_batch_grows():
     assert SpecConfig().budget_per_sequence(1) == 0
 
 
-def test_seeded_sampling_with_speculation_is_reproducible(llama_model, tokenizer, spread_prompts):
-    params = SamplingParams(max_tokens=48, temperature=0.8, top_p=0.95, seed=11)
+@pytest.mark.parametrize("method", ["ngram", "early-exit"])
+def test_seeded_sampling_with_speculation_is_reproducible(llama_model, tokenizer, spread_prompts, method):
+    """n-gram guesses, early exit samples its drafts (drafters/sampling.py): the seed fixes both."""
+    params = SamplingParams(max_tokens=48 if method == "ngram" else 24, temperature=0.8, top_p=0.95, seed=11)
     runs = []
     for _ in range(2):
-        engine = make_engine(llama_model, tokenizer, "float32", SpecConfig(method="ngram"), 4)
+        engine = make_engine(llama_model, tokenizer, "float32", SpecConfig(method=method, exit_layer=20), 4)
+        trees = []
+        propose = engine.drafter.propose
+        engine.drafter.propose = lambda requests: trees.extend(propose(requests)) or trees[-len(requests):]
         runs.append([c.token_ids for c in engine.generate(spread_prompts[:3], params)])
-        assert engine.spec_stats.verify_steps > 0
+        assert engine.spec_stats.verify_steps > 0 and engine.spec_stats.accepted > 0
+        # Sampled drafts carry the q of every drafted row; guesses carry none.
+        assert all(sorted(t.draft_dists) == list(range(t.num_nodes)) if method == "early-exit" else not t.draft_dists
+                   for t in trees)
     assert runs[0] == runs[1]
 
 

@@ -220,3 +220,33 @@ def test_serve_drafter_prints_one_line_serves_and_drains_on_sigterm(model_path: 
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_sampled_drafts_and_their_distributions_cross_the_wire(llama_model, fingerprint, histories):
+    """A seeded sampling item drafts over gRPC what the drafter drafts in-process, q included."""
+    from specserve.drafters.early_exit import EarlyExitConfig, EarlyExitDrafter
+    from specserve.engine.config import SamplingParams
+
+    make = lambda: EarlyExitDrafter(llama_model, EarlyExitConfig(exit_layer=2, min_confidence=0.0))  # noqa: E731
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=5)
+    want = make().propose([DraftRequest(0, histories[0], len(histories[0]), 3, sampling=params)])[0]
+    assert want.num_nodes == 3 and sorted(want.draft_dists) == [0, 1, 2]
+    server = RpcServer([(DrafterServicer(make(), fingerprint), SERVICE)], "127.0.0.1:0").start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            request = drafter_pb2.ProposeRequest(items=[item(0, histories[0], budget=3,
+                                                             sampling=convert.sampling_to_proto(params))])
+            (message,) = drafter_pb2_grpc.DrafterStub(channel).Propose(request, timeout=60).trees
+    finally:
+        server.drain(0)
+    got = convert.tree_from_proto(message)
+    assert got.tokens == want.tokens and got.draft_dists.keys() == want.draft_dists.keys()
+    for row, (ids, probs) in want.draft_dists.items():
+        assert got.draft_dists[row][0] == ids and got.draft_dists[row][1] == pytest.approx(probs, rel=1e-6)
+
+
+def test_a_draft_distribution_missing_a_child_is_refused():
+    message = common_pb2.DraftTree(tokens=[5], parents=[-1], draft_probs=[0.5],
+                                   draft_dists=[common_pb2.DraftDist(row=0, token_ids=[6, 7], probs=[0.5, 0.5])])
+    with pytest.raises(InvalidRequestError, match="outside its draft distribution"):
+        convert.tree_from_proto(message)
