@@ -524,7 +524,8 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         train_dir=Path(args.train_data) if args.train_data else default_data_dir(os.environ) / "train",
         cache_dir=Path(args.data_dir) if args.data_dir else home / "distill",
         out=Path(args.out) if args.out else default_checkpoint_path(home, args.kind),
-        distill=DistillConfig(**given(num_prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed)),
+        distill=DistillConfig(**given(num_prompts=args.prompts, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                      temperature=args.distill_temperature)),
         train=replace(TRAIN_DEFAULTS[args.kind], loss=args.loss, device=args.device, **given(
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every)),
         resume=args.resume,
@@ -561,6 +562,8 @@ def add_train_draft_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--exit-layer", type=int, help="exit-head: the target layers the head reads after (default 4)")
     train.add_argument("--prompts", type=int, help="training prompts the target answers (default 1200)")
     train.add_argument("--max-new-tokens", type=int, help="most tokens of each response (default 256)")
+    train.add_argument("--distill-temperature", type=float, help="the target's responses sampled at this "
+                       "temperature, for drafters that serve sampling requests (default 0: greedy)")
     train.add_argument("--draft-vocab", type=int, help="draft vocabulary: the most frequent tokens (default 8192)")
     train.add_argument("--epochs", type=int, help="passes over the corpus (default: eagle 12, medusa 4, "
                        "draft-model 3, exit-head 4)")

@@ -1,8 +1,9 @@
 """The self-distillation corpus a learned drafter trains on: training-set prompts, the target's own
 responses to them, and the target's final-norm hidden state at every token of prompt + response.
 
-The responses are the target's (greedy), so the drafter learns what the target says, not what a dataset
-says (EAGLE-style self-distillation). Hidden states come from one fresh prefill of each whole sequence
+The responses are the target's, so the drafter learns what the target says, not what a dataset says
+(EAGLE-style self-distillation): greedy by default, or sampled at `temperature` (seeded per prompt), so a
+drafter that serves sampling requests trains on the kind of text it will then see. Hidden states come from one fresh prefill of each whole sequence
 with the target in float32, stored in bfloat16 (half the memory; the regression target loses ~3 digits).
 The corpus is cached as safetensors shards of SHARD_SIZE prompts under a directory named by the settings,
 so a rerun with the same settings, an interrupted run, or a run asking for more prompts reuses what exists.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -39,17 +41,27 @@ BLOCK_SIZE = 16  # of the scratch KV cache the hidden-state prefill writes
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Which prompts, and how the target answers them (greedy)."""
+    """Which prompts, and how the target answers them."""
 
     num_prompts: int = 1200
     max_new_tokens: int = 256
     max_prompt_tokens: int = 384  # longer prompts (chat template included) are skipped
-    seed: int = 0  # shuffles each source's prompts before they are interleaved
+    seed: int = 0  # shuffles each source's prompts before they are interleaved; seeds sampled responses
     in_flight: int = 16  # requests the engine batches at once
+    temperature: float = 0.0  # of the target's responses: 0 = greedy, else sampled (no other filter)
 
     def __post_init__(self) -> None:
         if min(self.num_prompts, self.max_new_tokens, self.max_prompt_tokens, self.in_flight) < 1:
             raise InvalidRequestError(f"prompts, max_new_tokens, max_prompt_tokens and in_flight must be >= 1: {self}")
+        if not 0.0 <= self.temperature < math.inf:
+            raise InvalidRequestError(f"distillation temperature must be >= 0, got {self.temperature}")
+
+    def response_params(self, index: int) -> SamplingParams:
+        """How the target answers prompt `index` of the corpus order (a sampled answer has its own seed)."""
+        if self.temperature == 0.0:
+            return SamplingParams(max_tokens=self.max_new_tokens)
+        return SamplingParams(max_tokens=self.max_new_tokens, temperature=self.temperature,
+                              seed=self.seed * 1_000_003 + index)
 
 
 @dataclass
@@ -158,9 +170,9 @@ def select_prompts(texts: list[str], tokenizer: Tokenizer, config: DistillConfig
 # ---- the target's responses and hidden states ---------------------------------------------------
 
 def generate_responses(engine: LLMEngine, prompts: list[list[int]], config: DistillConfig,
-                       progress: tqdm) -> list[list[int]]:
-    """Greedy responses (EOS included when reached), `in_flight` requests batched at a time."""
-    params = SamplingParams(max_tokens=config.max_new_tokens)
+                       progress: tqdm, first_index: int = 0) -> list[list[int]]:
+    """The target's responses (EOS included when reached), `in_flight` requests batched at a time;
+    `prompts[i]` is prompt `first_index + i` of the corpus order."""
     responses: list[list[int]] = [[] for _ in prompts]
     waiting = list(range(len(prompts)))[::-1]
     running = 0
@@ -177,7 +189,7 @@ def generate_responses(engine: LLMEngine, prompts: list[list[int]], config: Dist
     while waiting or engine.has_unfinished():
         while waiting and running < config.in_flight:
             index = waiting.pop()
-            engine.add_request(prompts[index], params, collect(index))
+            engine.add_request(prompts[index], config.response_params(first_index + index), collect(index))
             running += 1
         engine.step()
     return responses
@@ -199,8 +211,8 @@ def final_hidden_states(model: LlamaModel, token_ids: list[int], num_layers: int
 
 
 def distill_shard(engine: LLMEngine, prompts: list[list[int]], config: DistillConfig,
-                  progress: tqdm) -> DistillCorpus:
-    responses = generate_responses(engine, prompts, config, progress)
+                  progress: tqdm, first_index: int = 0) -> DistillCorpus:
+    responses = generate_responses(engine, prompts, config, progress, first_index)
     parts = []
     for prompt, response in zip(prompts, responses):
         token_ids = prompt + response
@@ -217,6 +229,8 @@ def corpus_dir(cache_dir: Path, train_dir: Path, config: DistillConfig, fingerpr
     files = [(p.name, p.stat().st_size) for p in sorted(Path(train_dir).glob("*.jsonl"))]
     settings = {**asdict(config), "num_prompts": None, "in_flight": None, "target": fingerprint,
                 "files": files, "shard_size": SHARD_SIZE, "version": FORMAT_VERSION}
+    if config.temperature == 0.0:
+        del settings["temperature"]  # greedy corpora keep the folder they had before sampling existed
     return Path(cache_dir) / f"corpus-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]}"
 
 
@@ -252,7 +266,8 @@ def build_corpus(model_path: str, train_dir: Path, cache_dir: Path, config: Dist
         engine = LLMEngine.from_config(EngineConfig(model_path=model_path, dtype="float32"))
         with tqdm(total=sum(sizes[i] for i in missing), desc="distilling", unit="prompt", disable=None) as progress:
             for i in missing:
-                shards[i] = distill_shard(engine, prompts[i * SHARD_SIZE : i * SHARD_SIZE + sizes[i]], config, progress)
+                start = i * SHARD_SIZE
+                shards[i] = distill_shard(engine, prompts[start : start + sizes[i]], config, progress, start)
                 save_shard(folder / f"shard-{i:05d}.safetensors", shards[i])
     return concat_corpora(shards)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from specserve.engine.llm_engine import LLMEngine
+from specserve.errors import InvalidRequestError
 from specserve.learned.distill_data import (
     DistillConfig,
     DistillCorpus,
@@ -75,3 +76,19 @@ def test_corpus_is_the_targets_and_is_cached(model_path, data_dir, llama_model, 
     monkeypatch.setattr(LLMEngine, "from_config", no_engine)
     again = build_corpus(str(model_path), data_dir / "train", tmp_path, config, fingerprint="test")
     assert again.data_hash() == corpus.data_hash()
+
+
+def test_sampled_corpus_has_its_own_folder_and_reproduces(model_path, data_dir, tmp_path):
+    """Responses sampled at a temperature (seeded per prompt) differ from the greedy ones, are the same
+    on a rebuild, and live in their own cache folder; a greedy corpus keeps its folder."""
+    from specserve.learned.distill_data import corpus_dir
+
+    greedy, sampled = DistillConfig(num_prompts=2, max_new_tokens=8), DistillConfig(num_prompts=2, max_new_tokens=8,
+                                                                                     temperature=1.0)
+    folders = {corpus_dir(tmp_path, data_dir / "train", c, "test") for c in (greedy, sampled)}
+    assert len(folders) == 2
+    build = lambda c, where: build_corpus(str(model_path), data_dir / "train", where, c, fingerprint="test")  # noqa: E731
+    first, again = build(sampled, tmp_path / "a"), build(sampled, tmp_path / "b")
+    assert first.data_hash() == again.data_hash() != build(greedy, tmp_path / "c").data_hash()
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        DistillConfig(temperature=-1.0)
