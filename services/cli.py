@@ -656,7 +656,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                             "against plain decoding and transformers; batch 1, greedy unless --temperature")
     spec.add_argument("--per-category", type=int, help="prompts per category (default 5)")
     spec.add_argument("--max-tokens", type=int, help="most new tokens per prompt (default 128)")
-    spec.add_argument("--drafters", default="ngram,rest,auto", help=f"comma list of drafters to compare, of {drafters}")
+    spec.add_argument("--drafters", default="ngram,rest,auto", help=f"comma list of drafters to compare, of "
+                      f"{drafters}; at --temperature > 0 a learned one as NAME:guess guesses instead of sampling")
     spec.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     spec.add_argument("--temperature", type=float, help="sample at this temperature with a fixed seed (default 0: "
                       "greedy); a sampled run writes its own section and skips the transformers baselines")

@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 
 from specserve.bench.common import (
-    GSM8K_FILE, HUMANEVAL_FILE, SPEC_BENCH_FILE, chat_ids, log, md_table, provenance_text, publish, read_jsonl,
-    require_checkpoint, require_datastore, require_files, require_run_values, spec_config,
+    GSM8K_FILE, HUMANEVAL_FILE, LEARNED_DRAFTERS, SPEC_BENCH_FILE, chat_ids, log, md_table, provenance_text, publish,
+    read_jsonl, require_checkpoint, require_datastore, require_files, require_run_values, spec_config,
 )
+from specserve.drafters import build_drafter
+from specserve.drafters.sampling import GuessingDrafter
 from specserve.engine.config import CacheConfig, EngineConfig, SamplingParams, SpecConfig
 from specserve.engine.llm_engine import LLMEngine, build_model, load_tokenizer
 from specserve.engine.tokenizer import Tokenizer
@@ -31,6 +33,7 @@ SAMPLING_SEED = 0  # every sampled request's seed: reruns draw the same tokens
 BLOCK_SIZE = 16
 HF_SYSTEMS = {"hf": "transformers", "hf-pld": "transformers prompt lookup"}
 PLAIN = "specserve plain"
+GUESS = ":guess"  # `--drafters eagle:guess`: the learned drafter guessing at T > 0 instead of sampling
 SPEC_BENCH_MIX = "Spec-Bench mix"
 EXTRA_SETS = ("humaneval", "gsm8k")  # not Spec-Bench categories: reported, but left out of the mix
 
@@ -54,13 +57,19 @@ class SpecBenchConfig:
     command: str = "specserve bench spec"  # as run, for the doc
 
     def __post_init__(self) -> None:
-        require_run_values(self.drafters, self.dtype, per_category=self.per_category, max_tokens=self.max_tokens,
+        methods = [d.removesuffix(GUESS) for d in self.drafters]
+        require_run_values(methods, self.dtype, per_category=self.per_category, max_tokens=self.max_tokens,
                            num_draft_tokens=self.num_draft_tokens)
         if not self.temperature >= 0.0:
             raise InvalidRequestError(f"--temperature must be >= 0, got {self.temperature}")
+        for drafter in self.drafters:
+            guessing = drafter.removesuffix(GUESS)
+            if drafter != guessing and (guessing not in LEARNED_DRAFTERS or not self.temperature):
+                raise InvalidRequestError(f"{drafter}: the {GUESS} variant is for learned drafters (which sample their "
+                                          "drafts at --temperature > 0), compared at --temperature > 0")
         require_files(self.data_dir, (SPEC_BENCH_FILE, HUMANEVAL_FILE, GSM8K_FILE))
-        require_datastore(self.drafters, self.datastore)
-        require_checkpoint(self.drafters, self.draft_checkpoints)
+        require_datastore(methods, self.datastore)
+        require_checkpoint(methods, self.draft_checkpoints)
 
 
 @dataclass
@@ -89,14 +98,16 @@ def load_prompts(data_dir: Path, per_category: int, tokenizer: Tokenizer) -> lis
 
 
 def specserve_runner(model, tokenizer: Tokenizer, model_path: Path, spec: SpecConfig, max_tokens: int,
-                     temperature: float = 0.0) -> Callable:
+                     temperature: float = 0.0, guess: bool = False) -> Callable:
+    """`guess`: the drafter guesses even for sampling requests (drafters/sampling.py, GuessingDrafter)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
                             seed=SAMPLING_SEED if temperature > 0 else None)
 
     def run(ids: list[int]) -> Run:
         num_blocks = -(-(len(ids) + max_tokens + spec.num_draft_tokens + 1) // BLOCK_SIZE) + 1
         config = EngineConfig(model_path=str(model_path), spec=spec, cache=CacheConfig(BLOCK_SIZE, num_blocks))
-        engine = LLMEngine(config, model, tokenizer)
+        drafter = GuessingDrafter(build_drafter(spec, model, tokenizer)) if guess else None
+        engine = LLMEngine(config, model, tokenizer, drafter)
         start = time.perf_counter()
         completion = engine.generate([ids], params)[0]
         seconds = time.perf_counter() - start
@@ -192,10 +203,11 @@ def run_bench(config: SpecBenchConfig) -> None:
     model = build_model(str(config.model_path), config.dtype)
     runners = {}
     for drafter in ("off", *config.drafters):
-        spec = spec_config(drafter, config.num_draft_tokens, config.datastore, checkpoints=config.draft_checkpoints)
+        method = drafter.removesuffix(GUESS)
+        spec = spec_config(method, config.num_draft_tokens, config.datastore, checkpoints=config.draft_checkpoints)
         name = PLAIN if drafter == "off" else f"specserve {drafter}"
         runners[name] = specserve_runner(model, tokenizer, config.model_path, spec, config.max_tokens,
-                                         config.temperature)
+                                         config.temperature, guess=drafter != method)
     if hf:
         for key, label in HF_SYSTEMS.items():
             runners[label] = hf_runner(config.model_path, config.max_tokens, key == "hf-pld", tokenizer.eos_token_ids)
@@ -218,6 +230,8 @@ def doc_section(config: SpecBenchConfig, hf: bool, load_average: float, num_prom
         decoding = (f"sampled at temperature {config.temperature:g} (seed {SAMPLING_SEED} per request), batch 1, "
                     "up to {} new\n  tokens, stopping at EOS (speculation keeps the target's distribution, not its "
                     "random stream: outputs\n  differ between systems)")
+    sampled = ("" if config.temperature == 0 else "\n  learned drafters sample their drafts from their own "
+               f"distribution (`NAME{GUESS}`: the same drafter\n  guessing, its drafts verified as point masses);")
     return f"""## Speculative decoding, batch 1{title} (`specserve bench spec`)
 
 {provenance_text(config.command, load_average)}
@@ -226,7 +240,7 @@ def doc_section(config: SpecBenchConfig, hf: bool, load_average: float, num_prom
   and GSM8K test questions ({num_prompts} in all), chat template applied.
 - Method: {decoding.format(config.max_tokens)}. tok/s = new tokens / wall time, prefill
   included; a fresh engine per prompt (no prefix cache carried over); one warm-up prompt per system.
-  tau = tokens per target forward. Drafters verify up to {config.num_draft_tokens} drafted tokens a step;
+  tau = tokens per target forward. Drafters verify up to {config.num_draft_tokens} drafted tokens a step;{sampled}
   rest and auto retrieve from a datastore of the training corpora (`../shared/data/train/*.jsonl`, no
   benchmark prompt), built with `specserve datastore build`.
 

@@ -22,10 +22,13 @@ replica is lost and its state rebuilt; unseeded requests draw from torch's globa
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from specserve.drafters.base import DraftRequest, Drafter
 from specserve.engine.config import SamplingParams
-from specserve.engine.draft_tree import SparseDist
+from specserve.engine.draft_tree import DraftTree, SparseDist
 from specserve.engine.sampler import probs_from_logits
 
 # q keeps this many of the drafter's likeliest tokens (after the request's filters).
@@ -64,3 +67,20 @@ def sample_children(
     drawn = torch.multinomial(values, min(num_children, values.shape[0]), replacement=False, generator=generator)
     ids = rows if token_map is None else token_map[rows]
     return ids[drawn].tolist(), values[drawn].tolist(), (ids.tolist(), values.tolist())
+
+
+class GuessingDrafter:
+    """`inner` made to guess (argmax / top-k drafts, point masses) even for sampling requests: what the
+    learned drafters did before they sampled, kept as the comparison point (`bench spec --drafters
+    eagle:guess`)."""
+
+    def __init__(self, inner: Drafter) -> None:
+        self.inner = inner
+        self.name = f"{inner.name}:guess"
+        self.needs_hidden = inner.needs_hidden
+
+    def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
+        return self.inner.propose([replace(r, sampling=None) for r in requests])
+
+    def release(self, seq_id: int) -> None:
+        self.inner.release(seq_id)

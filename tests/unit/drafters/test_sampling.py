@@ -74,3 +74,29 @@ def test_only_sampling_requests_get_sampled_drafts():
     with pytest.raises(AssertionError):
         sample_children(LOGITS, SamplingParams(), 1, None)
     assert sampling.SUPPORT >= 1
+
+
+def test_a_guessing_drafter_hides_the_sampling_settings():
+    from specserve.drafters.base import DraftRequest
+    from specserve.drafters.sampling import GuessingDrafter
+    from specserve.engine.draft_tree import DraftTree
+
+    class Recorder:
+        name, needs_hidden = "rec", True
+
+        def __init__(self) -> None:
+            self.seen, self.released = [], []
+
+        def propose(self, requests):
+            self.seen += [r.sampling for r in requests]
+            return [DraftTree() for _ in requests]
+
+        def release(self, seq_id):
+            self.released.append(seq_id)
+
+    inner = Recorder()
+    drafter = GuessingDrafter(inner)
+    drafter.propose([DraftRequest(3, [1, 2], 1, 4, sampling=T1)])
+    drafter.release(3)
+    assert inner.seen == [None] and inner.released == [3]
+    assert drafter.name == "rec:guess" and drafter.needs_hidden
