@@ -203,21 +203,24 @@ def test_release_forgets_and_ignores_unknown_ids():
     assert drafter.contexts == {}
 
 
-def test_sampled_chain_rows_carry_the_heads_q_of_their_path():
-    """At T > 0 the draft is a chain whose row d holds q(. | history + the first d drafted tokens) at the
-    request's temperature, as uncached forwards compute it; a seed fixes the draws."""
+@pytest.mark.parametrize("width,parents", [(1, [ROOT, 0, 1, 2]), (2, [ROOT, ROOT, 0, 2]), (4, [ROOT] * 4)])
+def test_sampled_tree_rows_carry_the_heads_q_of_their_path(width, parents):
+    """At T > 0: `width` root children drawn without replacement, then a chain under the first; each
+    sampled row holds q(. | history + its path) at the request's temperature, as uncached forwards
+    compute it; a seed fixes the draws."""
     from specserve.engine.config import SamplingParams
 
     params = SamplingParams(temperature=0.7, seed=3)
-    drafter = make_drafter()
+    drafter = make_drafter(sample_width=width)
     request = DraftRequest(0, HISTORY[:30], num_prompt_tokens=1, budget=4, hidden_states=HIDDEN[:29], sampling=params)
     tree = drafter.propose([request])[0]
-    assert tree.parents == [ROOT, 0, 1, 2] and sorted(tree.draft_dists) == [0, 1, 2, 3]
-    for row in range(4):
-        q = reference_distribution(drafter.head, HISTORY[:30], HIDDEN[:29], tuple(tree.tokens[:row]))
+    assert tree.parents == parents
+    assert sorted(tree.draft_dists) == sorted({parent + 1 for parent in parents})  # every row with children
+    for row, (ids, probs) in tree.draft_dists.items():
+        path = tuple(tree.tokens[i] for i in tree.path_to(row - 1))
+        q = reference_distribution(drafter.head, HISTORY[:30], HIDDEN[:29], path)
         tempered = torch.tensor(list(q.values())).log().div(0.7).softmax(-1)  # the request's temperature
         want = dict(zip(q.keys(), tempered.tolist()))
-        ids, probs = tree.draft_dists[row]
         assert len(ids) == len(want)  # 48 draft tokens, under SUPPORT: nothing cut
         assert probs == pytest.approx([want[t] for t in ids], rel=1e-4, abs=1e-6)
-    assert make_drafter().propose([request])[0] == tree
+    assert make_drafter(sample_width=width).propose([request])[0] == tree
