@@ -5,6 +5,7 @@ reused from its cache."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -78,17 +79,23 @@ def test_corpus_is_the_targets_and_is_cached(model_path, data_dir, llama_model, 
     assert again.data_hash() == corpus.data_hash()
 
 
-def test_sampled_corpus_has_its_own_folder_and_reproduces(model_path, data_dir, tmp_path):
-    """Responses sampled at a temperature (seeded per prompt) differ from the greedy ones, are the same
-    on a rebuild, and live in their own cache folder; a greedy corpus keeps its folder."""
+def test_sampled_corpus_has_its_own_folder_and_reproduces(model_path, data_dir, llama_model, tmp_path):
+    """Responses sampled at a temperature (seeded per prompt) are not all the target's argmax, are the
+    same on a rebuild, and live in their own cache folder."""
     from specserve.learned.distill_data import corpus_dir
 
-    greedy, sampled = DistillConfig(num_prompts=2, max_new_tokens=8), DistillConfig(num_prompts=2, max_new_tokens=8,
-                                                                                     temperature=1.0)
-    folders = {corpus_dir(tmp_path, data_dir / "train", c, "test") for c in (greedy, sampled)}
-    assert len(folders) == 2
-    build = lambda c, where: build_corpus(str(model_path), data_dir / "train", where, c, fingerprint="test")  # noqa: E731
-    first, again = build(sampled, tmp_path / "a"), build(sampled, tmp_path / "b")
-    assert first.data_hash() == again.data_hash() != build(greedy, tmp_path / "c").data_hash()
+    greedy = DistillConfig(num_prompts=2, max_new_tokens=12)
+    sampled = replace(greedy, temperature=1.0)
+    train = data_dir / "train"
+    assert corpus_dir(tmp_path, train, greedy, "t") != corpus_dir(tmp_path, train, sampled, "t")
+    build = lambda where: build_corpus(str(model_path), train, where, sampled, fingerprint="t")  # noqa: E731
+    first, again = build(tmp_path / "a"), build(tmp_path / "b")
+    assert first.data_hash() == again.data_hash()
+    off_argmax = 0
+    for k in range(first.num_sequences):
+        token_ids, hidden, prompt_len = first.sequence(k)
+        argmax = llama_model.lm_head(hidden[prompt_len - 1 : -1].float()).argmax(-1)
+        off_argmax += int((argmax != token_ids[prompt_len:]).sum())
+    assert off_argmax > 0  # greedy answers would have none (test above)
     with pytest.raises(InvalidRequestError, match="temperature"):
         DistillConfig(temperature=-1.0)
