@@ -156,7 +156,7 @@ class EagleDrafter:
         root_feature = self._catch_up(context, request.token_ids, hidden[:num_pairs])
         assert context.kv is not None
         if samples(request.sampling):
-            return self._sampled_chain(context.kv, root_feature, num_pairs, request)
+            return self._sampled_tree(context.kv, root_feature, num_pairs, request)
         return self._grow(context.kv, root_feature, num_pairs, request.budget)
 
     def _catch_up(self, context: _Context, token_ids: list[int], hidden: torch.Tensor) -> torch.Tensor:
@@ -210,7 +210,8 @@ class EagleDrafter:
                 newest += nodes.add_children(node, *children)
         return nodes.best_tree(budget)
 
-    def _sampled_chain(self, past: KV, root_feature: torch.Tensor, num_pairs: int, request: DraftRequest) -> DraftTree:
+    def _sampled_tree(self, past: KV, root_feature: torch.Tensor, num_pairs: int,
+                      request: DraftRequest) -> DraftTree:
         """After the root whose feature is `root_feature` `# [hidden]`: `sample_width` root children drawn
         from q without replacement, then a chain under the first of them, each token drawn from q given
         its path. How many children a row gets never depends on what they turn out to be.
