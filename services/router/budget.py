@@ -70,6 +70,15 @@ class StepCost:
         # the fastest one seen.
         return max(t0 + t_seq * seqs + t_row * rows, min(t for _, _, t in self.samples))
 
+    def bound(self, seqs: int, rows: int) -> float | None:
+        """A time a forward should take, for deadlines: predict(), or while there is no fit (too few
+        forwards, or sequences and rows never varied apart, as with a static draft length) the slowest
+        forward seen; None before any."""
+        predicted = self.predict(seqs, rows)
+        if predicted is None and self.samples:
+            return max(t for _, _, t in self.samples)
+        return predicted
+
     def ratios(self, seqs: int, rows: int) -> tuple[float, float]:
         """(t_row, t_draft) as fractions of the predicted time of a forward over `seqs` sequences and
         `rows` rows; the prior (PRIOR_COST_RATIO, 0) until the fit exists."""

@@ -381,9 +381,10 @@ class Router:
 
     def _hang_timeout(self, items: list[verifier_pb2.VerifyItem]) -> float | None:
         """How long to wait for a Verify before calling its replica hung; None (the RPC's own timeout) for
-        one with prefill chunks, whose time the step-cost fit does not predict, or before the fit."""
+        one with prefill chunks, whose time the step-cost fit does not predict, or before any decode forward
+        was timed."""
         shape = _decode_shape(items)
-        predicted = None if shape is None else self.step_cost.predict(*shape)
+        predicted = None if shape is None else self.step_cost.bound(*shape)
         if predicted is None:
             return None
         return min(max(self.config.hang_factor * predicted, self.config.hang_floor_s), self.config.rpc_timeout_s)

@@ -49,6 +49,17 @@ def test_step_cost_waits_until_sequences_and_rows_vary_apart() -> None:
         n = 1 + i % 4
         cost.observe(n, n, 0.03 + 0.01 * n)  # plain decoding only: rows == sequences
     assert cost.coef is None and cost.ratios(2, 2) == (PRIOR_COST_RATIO, 0.0)
+    # Deadlines (the router's hang detection) still get a time: the slowest forward seen.
+    assert cost.bound(2, 2) == pytest.approx(0.07)
+
+
+def test_step_cost_bound_follows_the_fit_and_is_none_before_any_forward() -> None:
+    cost = StepCost(refit_every=4)
+    assert cost.bound(1, 1) is None
+    for i in range(32):
+        rows = 1 + (i * 5) % 9
+        cost.observe(1, rows, 0.028 + 0.0005 * rows)
+    assert cost.bound(1, 3) == pytest.approx(cost.predict(1, 3)) == pytest.approx(0.0295)
 
 
 def test_one_batch_size_still_prices_a_row() -> None:

@@ -232,9 +232,12 @@ class _HangingStub(InProcessStub):
         return call
 
 
-def test_a_hung_verifier_costs_a_reprefill_not_a_stall(llama_model, tokenizer, engine, prompts) -> None:
+@pytest.mark.parametrize("mode", ["lossless", "off"])
+def test_a_hung_verifier_costs_a_reprefill_not_a_stall(llama_model, tokenizer, engine, prompts, mode) -> None:
     """A replica that stops answering decode steps (the call never returns) is given hang_factor x the
-    predicted step time, at least hang_floor_s, not the 30 s RPC timeout; its sequences go on elsewhere."""
+    predicted step time, at least hang_floor_s, not the 30 s RPC timeout; its sequences go on elsewhere.
+    "off": plain decoding, one sequence per replica, so the step-cost fit never exists (rows never vary
+    apart from sequences) and the slowest decode forward seen stands in for the prediction."""
     fingerprint = target_fingerprint(llama_model)
     servicers = [VerifierServicer(VerifierCore(llama_model, CACHE), fingerprint, "float32") for _ in range(2)]
     hanging = _HangingStub(servicers[0], hang_at=16)
@@ -242,16 +245,21 @@ def test_a_hung_verifier_costs_a_reprefill_not_a_stall(llama_model, tokenizer, e
     drafters = {"ngram": [Replica("ngram", InProcessStub(DrafterServicer(drafter, fingerprint)))]}
     router = Router(tokenizer, [Replica("hanging", hanging), Replica("healthy", InProcessStub(servicers[1]))],
                     drafters, RouterConfig(affinity_slack=0, speculation_budget="static", hang_floor_s=0.5)).start()
+    watchdog = threading.Timer(15, hanging.release.set)  # a failure costs 15 s, not 20 s per hung call
     try:
         params = SamplingParams(max_tokens=40, ignore_eos=True)
         ids = [router.encode(p) for p in prompts[:2]]
         expected = [c.token_ids for c in engine.generate(ids, params)]
         start = time.monotonic()
-        handles = [router.submit(i, params) for i in ids]
+        watchdog.start()
+        handles = [router.submit(i, params, mode=mode) for i in ids]
         assert [tokens(h) for h in handles] == expected
         assert hanging.calls >= hanging.hang_at  # it did hang mid-generation
+        if mode == "off":
+            assert router.step_cost.coef is None  # the deadline came from the no-fit stand-in
         assert time.monotonic() - start < 15  # not the 20 s hang
     finally:
+        watchdog.cancel()
         hanging.release.set()
         router.stop()
 
