@@ -14,6 +14,10 @@ CPU (AMX) with torch 2.13, for the 135M model's shapes and M = 1..512:
   * oneDNN's prepacked linear (AMD EPYC Zen 4, M = 1..512): float32 and bfloat16 both invariant for
     every M >= 2, but M=1 differs from M>=2 for the down projection (K=1536). `PackedLinear` therefore
     pads fewer than MIN_ROWS rows up to MIN_ROWS, which makes it invariant at every M (and faster).
+    On an Intel Xeon with AMX (bf16/int8 tiles), float32 is invariant at every M = 1..300 too, and
+    bfloat16 at every M <= 32 (padded as above), but some larger M take another kernel (every M >= 33
+    for the LM head; M = 33, 65, 76, ... for the down projection), with other sums. bfloat16 calls are
+    therefore cut into pieces of at most BF16_MAX_ROWS rows.
   * `Int8Linear`: invariant at every M tried (1..2048) and across thread counts: integer accumulation
     is exact and its float epilogue is per element. tests/unit/engine/test_quant.py checks it. Smoothing
     (engine/smoothing.py) changes only the weights, so it keeps this.
@@ -45,6 +49,7 @@ def can_pack() -> bool:
 # float32 32.0 / 34.0 / 29.1 / 27.3 / 26.6 / 27.2 / 30.3, bfloat16 18.8 / 20.1 / 17.2 / 16.1 / 16.9 / 16.7 / 19.0.
 # oneDNN's kernels for 4-6 rows beat its 1-row and 2-row ones, so short inputs are padded to 4 rows.
 MIN_ROWS = 4
+BF16_MAX_ROWS = 32  # the largest M whose bfloat16 kernel matches every smaller M's on an AMX Xeon (see above)
 
 
 class PackedLinear(nn.Module):
@@ -55,7 +60,8 @@ class PackedLinear(nn.Module):
     30.8, packed 14.0 / 15.3 / 20.0. MKL's GEMV reads a row-major [out, in] weight at about half the
     memory bandwidth; oneDNN's layout reaches ~20 GB/s, and M=8 costs no more than M=1.
     float32 accumulates in float32 (max error vs float64 ~2x `F.linear`'s, both at rounding level).
-    Batch-invariant on the machines measured (module docstring), with short inputs padded to MIN_ROWS.
+    Batch-invariant on the machines measured (module docstring), with short inputs padded to MIN_ROWS and
+    bfloat16 inputs cut into pieces of at most BF16_MAX_ROWS rows.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
@@ -68,11 +74,17 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] float32 -> [..., out] float32
         rows = x.reshape(-1, self.in_features).to(self.dtype)  # [M, in]
+        if self.dtype == torch.bfloat16 and len(rows) > BF16_MAX_ROWS:
+            out = torch.cat([self._linear(piece) for piece in rows.split(BF16_MAX_ROWS)])
+        else:
+            out = self._linear(rows)
+        return out.float().view(*x.shape[:-1], self.out_features)
+
+    def _linear(self, rows: torch.Tensor) -> torch.Tensor:  # [M, in] self.dtype -> [M, out] self.dtype
         num_rows = rows.shape[0]
         if 0 < num_rows < MIN_ROWS:  # copies of the last row; a contiguous input (an expanded one is slow)
             rows = torch.cat([rows, rows[-1:].expand(MIN_ROWS - num_rows, -1)])
-        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
-        return out[:num_rows].float().view(*x.shape[:-1], self.out_features)
+        return torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")[:num_rows]
 
 
 class BF16Linear(nn.Module):

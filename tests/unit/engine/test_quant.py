@@ -112,7 +112,7 @@ def test_packed_bfloat16_close_to_float32(in_features: int, out_features: int):
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("in_features,out_features", SHAPES)
-@pytest.mark.parametrize("batch", [2, 3, 9, 72, 300])
+@pytest.mark.parametrize("batch", [2, 3, 9, 33, 65, 72, 300])  # 33+: other AMX kernels
 def test_packed_is_batch_invariant(in_features: int, out_features: int, batch: int, dtype: torch.dtype):
     # A lone row (a plain decode) is padded to MIN_ROWS rows, so it takes the kernel every M >= 2 takes.
     layer = PackedLinear(torch.randn(out_features, in_features) * 0.02, None, dtype)
