@@ -102,7 +102,7 @@ class DistillCorpus:
         return self.token_ids[keep]
 
     def subset(self, indices: list[int]) -> DistillCorpus:
-        return concat_corpora([_one(*self.sequence(k)) for k in indices])
+        return concat_corpora([one_sequence(*self.sequence(k)) for k in indices])
 
     def data_hash(self) -> str:
         """sha256 of the token ids and sequence boundaries (int64 little-endian): names the training data."""
@@ -111,7 +111,8 @@ class DistillCorpus:
         return digest.hexdigest()
 
 
-def _one(token_ids: torch.Tensor, hidden: torch.Tensor, prompt_len: int) -> DistillCorpus:
+def one_sequence(token_ids: torch.Tensor, hidden: torch.Tensor, prompt_len: int) -> DistillCorpus:
+    """A corpus of the one sequence `token_ids` `# [T]` with the target's `hidden` `# [T, hidden]`."""
     return DistillCorpus(token_ids, torch.tensor([0, len(token_ids)]), torch.tensor([prompt_len]), hidden)
 
 
@@ -217,7 +218,7 @@ def distill_shard(engine: LLMEngine, prompts: list[list[int]], config: DistillCo
     for prompt, response in zip(prompts, responses):
         token_ids = prompt + response
         hidden = final_hidden_states(engine.model, token_ids).to(torch.bfloat16)
-        parts.append(_one(torch.tensor(token_ids), hidden, len(prompt)))
+        parts.append(one_sequence(torch.tensor(token_ids), hidden, len(prompt)))
     return concat_corpora(parts)
 
 

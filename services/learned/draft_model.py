@@ -33,7 +33,7 @@ from specserve.engine.config import ModelConfig
 from specserve.engine.model import MLP, LlamaModel, RMSNorm, Rotary
 from specserve.errors import DraftCheckpointError, InvalidRequestError
 from specserve.learned.checkpoint import load_checkpoint, target_fingerprint
-from specserve.learned.eagle_head import HeadAttention, register_target_tables, target_tables
+from specserve.learned.eagle_head import KV, HeadAttention, register_target_tables, target_tables
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,15 @@ class TrainLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:  # [batch, n, hidden] -> same
-        x = x + self.self_attn(self.input_layernorm(x), rope, None, None)[0]
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return self.extend(x, rope, None)[0]
+
+    def extend(self, x: torch.Tensor, rope: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+        """`forward` of new rows after the cached keys and values `past` (one new row when there are any):
+        the rows, and every key and value so far."""
+        out, (k, v) = self.self_attn(self.input_layernorm(x), rope, past, None)
+        x = x + out
+        kv = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 class DraftModel(nn.Module):
@@ -126,6 +133,27 @@ class DraftModel(nn.Module):
     def draft_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary `# [..., draft_vocab]` (draft id d is target token token_map[d])."""
         return features @ self.lm_head_rows.T
+
+    @torch.no_grad()
+    def sample(self, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...],
+               generator: torch.Generator) -> list[int]:
+        """A response the draft model writes itself: each token drawn from its own q at temperature 1 and fed
+        back (keys and values cached), up to `max_new_tokens` or a stop id (kept). Target token ids."""
+        past: list[KV | None] = [None] * len(self.layers)
+        ids, start, response = torch.tensor([prompt]), 0, []
+        for _ in range(max_new_tokens):
+            n = ids.shape[1]
+            rope = self.rotary.tables(torch.arange(start, start + n)).view(1, n, 1, -1)
+            x = F.embedding(ids, self.embed_weight)
+            for i, layer in enumerate(self.layers):
+                x, past[i] = layer.extend(x, rope, past[i])
+            probs = torch.softmax(self.draft_logits(self.norm(x[0, -1])), dim=-1)
+            token = int(self.token_map[torch.multinomial(probs, 1, generator=generator)])
+            response.append(token)
+            if token in stop_ids:
+                break
+            ids, start = torch.tensor([[token]]), start + n
+        return response
 
 
 def new_draft_model(target: LlamaModel, token_map: torch.Tensor, source_layers: tuple[int, ...]) -> DraftModel:

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from specserve.errors import DraftCheckpointError, InvalidRequestError
 
-LOSSES = ("hard", "soft", "unroll")  # each drafter accepts its own subset (train_eagle.py, train_medusa.py)
+# Each drafter accepts its own subset (train_eagle.py: unroll, train_draft_model.py: on-policy).
+LOSSES = ("hard", "soft", "unroll", "on-policy")
 WINDOW_BATCHES = 16  # batches whose sequences are sorted by length together (less padding)
 
 

@@ -90,6 +90,8 @@ class TrainDraftConfig:
             raise InvalidRequestError(f"unknown drafter kind {self.kind!r}; expected one of {', '.join(KINDS)}")
         if self.kind != "eagle" and self.train.loss == "unroll":
             raise InvalidRequestError(f"{self.kind} trains with --loss hard or soft (unroll is EAGLE's)")
+        if self.kind != "draft-model" and self.train.loss == "on-policy":
+            raise InvalidRequestError(f"{self.kind} trains with --loss hard or soft (on-policy is the draft model's)")
         if self.draft_vocab_size < 1 or not 0 < self.heldout_fraction < 1 or self.medusa_heads < 1:
             raise InvalidRequestError("draft_vocab_size and medusa_heads must be >= 1, heldout_fraction in (0, 1)")
 
@@ -207,11 +209,17 @@ def train_draft_model_kind(config: TrainDraftConfig, target: LlamaModel, train_s
                            heldout: DistillCorpus, token_map: torch.Tensor, recipe: dict[str, Any],
                            state: dict[str, Any] | None) -> Trained:
     """As `train_eagle_kind`, for the distilled draft model (accuracy of chain steps 1 and 2)."""
+    from specserve.engine.llm_engine import load_tokenizer
     from specserve.learned.draft_model import new_draft_model
     from specserve.learned.train_draft_model import heldout_accuracy, train_model
 
     model = new_draft_model(target, token_map, config.draft_layers)
-    return _train_and_score(model, train_model, heldout_accuracy, config, train_set, heldout, recipe, state)
+    stop_ids = load_tokenizer(config.model_path).eos_token_ids
+
+    def train(model, corpus, *rest):  # on-policy steps sample from the model and score with the target
+        return train_model(model, corpus, *rest, target=target, stop_ids=stop_ids)
+
+    return _train_and_score(model, train, heldout_accuracy, config, train_set, heldout, recipe, state)
 
 
 def train_exit_head_kind(config: TrainDraftConfig, target: LlamaModel, train_set: DistillCorpus,

@@ -8,9 +8,15 @@ response token, the root of the first draft):
   hard:  CE(q_i, t_{i+1})   (a token outside the draft vocabulary is ignored: it is never drafted)
   soft:  KL(p_i || q_i), p_i = softmax(lm_rows h_i), the target's own distribution of t_{i+1} restricted to
          the draft vocabulary, from the cached final-norm hidden state h_i (no target forward)
+  on-policy (DistillSpec): soft, but every ON_POLICY_EVERY-th step the batch's responses are not the
+         target's but the draft model's own, sampled at temperature 1 by its current weights (as long as
+         the corpus response at most), and h_i comes from a target prefill of each new sequence. The
+         drafter learns the target's distribution on the text it drafts itself, where its drafts are judged,
+         not only on the target's text; the other steps (the corpus) keep it anchored while it is poor.
 Everything else (AdamW, schedule, resumable state) is learned/fit.py's. A step costs a forward and
 backward of the draft model's L layers over the batch plus the draft-vocabulary LM-head products at the
-loss rows: L / num_layers of the target's layer work, no target layer at all.
+loss rows: L / num_layers of the target's layer work, no target layer at all. An on-policy step adds the
+draft model's token-by-token sampling and a target prefill of the batch.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ import torch.nn.functional as F
 
 from specserve.errors import InvalidRequestError
 from specserve.learned import fit
-from specserve.learned.distill_data import DistillCorpus
+from specserve.engine.model import LlamaModel
+from specserve.learned.distill_data import DistillCorpus, concat_corpora, final_hidden_states, one_sequence
 from specserve.learned.draft_model import DraftModel
 from specserve.learned.fit import TrainConfig, draft_index_of
 
-LOSSES = ("hard", "soft")
+LOSSES = ("hard", "soft", "on-policy")
+ON_POLICY_EVERY = 2  # on-policy: steps 2, 4, ... train on the draft model's own responses (DistillSpec's lambda 1/2)
 
 
 @dataclass
@@ -63,6 +71,19 @@ def make_batch(corpus: DistillCorpus, indices: list[int], draft_index: torch.Ten
     return TokenBatch(token_ids, torch.cat(hidden), torch.cat(next_ids), loss_mask)
 
 
+def on_policy_batch(model: DraftModel, target: LlamaModel, corpus: DistillCorpus, indices: list[int],
+                    draft_index: torch.Tensor, stop_ids: tuple[int, ...], generator: torch.Generator) -> TokenBatch:
+    """The prompts of sequences `indices`, each answered by the draft model itself (no longer than the
+    corpus's response), with the target's hidden states over prompt + that response."""
+    parts = []
+    for k in indices:
+        ids, _, prompt_len = corpus.sequence(k)
+        prompt = ids[:prompt_len].tolist()
+        token_ids = prompt + model.sample(prompt, len(ids) - prompt_len, stop_ids, generator)
+        parts.append(one_sequence(torch.tensor(token_ids), final_hidden_states(target, token_ids), prompt_len))
+    return make_batch(concat_corpora(parts), list(range(len(parts))), draft_index)
+
+
 def batch_loss(model: DraftModel, batch: TokenBatch, loss: str) -> torch.Tensor:
     logits = model.draft_logits(model(batch.token_ids)[batch.loss_mask])  # [num_loss_rows, draft_vocab]
     if loss == "hard":
@@ -74,14 +95,25 @@ def batch_loss(model: DraftModel, batch: TokenBatch, loss: str) -> torch.Tensor:
 
 
 def train_model(model: DraftModel, corpus: DistillCorpus, config: TrainConfig, state_path: Path,
-                recipe: dict[str, Any], state: dict[str, Any] | None = None) -> list[float]:
-    """Train `model` in place (from `state` when resuming). Returns the loss of every step."""
+                recipe: dict[str, Any], state: dict[str, Any] | None = None, target: LlamaModel | None = None,
+                stop_ids: tuple[int, ...] = ()) -> list[float]:
+    """Train `model` in place (from `state` when resuming). Returns the loss of every step. On-policy needs
+    the float32 `target` (it scores the draft model's responses) and the ids that end a response."""
     if config.loss not in LOSSES:
         raise InvalidRequestError(f"the draft model trains with a loss of {', '.join(LOSSES)}, not {config.loss!r}")
+    assert config.loss != "on-policy" or target is not None, "on-policy distillation needs the target"
     draft_index = draft_index_of(model.token_map, model.config.vocab_size)
+    step = len(state["losses"]) if state is not None else 0
 
     def step_loss(indices: list[int]) -> torch.Tensor:
-        return batch_loss(model, make_batch(corpus, indices, draft_index).to(config.device), config.loss)
+        nonlocal step
+        step += 1
+        if config.loss == "on-policy" and step % ON_POLICY_EVERY == 0:
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # same draws on resume
+            batch = on_policy_batch(model, target, corpus, indices, draft_index, stop_ids, generator)
+        else:
+            batch = make_batch(corpus, indices, draft_index)
+        return batch_loss(model, batch.to(config.device), "hard" if config.loss == "hard" else "soft")
 
     return fit.fit(model, corpus.lengths, config, state_path, recipe, state, step_loss)
 

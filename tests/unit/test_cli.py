@@ -78,6 +78,7 @@ def test_fixed_seed_gives_same_json(model_path, tmp_path):
         (("generate", "hi", "--spec", "exit-head", "--draft-checkpoint", "/nonexistent/e.safetensors"),
          "train-draft --kind exit-head"),
         (("train-draft", "--kind", "exit-head", "--exit-layer", "30"), "exit_layer must be in [1, 29]"),
+        (("train-draft", "--kind", "eagle", "--loss", "on-policy"), "on-policy is the draft model's"),
     ],
 )
 def test_bad_input_exits_with_one_line(args, needle, tmp_path):

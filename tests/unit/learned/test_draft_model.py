@@ -17,7 +17,7 @@ from specserve.learned.distill_data import DistillCorpus, choose_draft_vocab, fi
 from specserve.learned.draft_model import load_draft_model, new_draft_model
 from specserve.learned.fit import TrainConfig
 from specserve.learned.medusa_heads import load_medusa_heads
-from specserve.learned.train_draft_model import heldout_accuracy, make_batch, train_model
+from specserve.learned.train_draft_model import heldout_accuracy, make_batch, on_policy_batch, train_model
 
 CONFIG = TrainConfig(epochs=8, batch_size=4, lr=1e-2, save_every=1000)
 
@@ -80,7 +80,54 @@ def test_batch_layout():
     assert batch.hidden[:, 0].tolist() == [1, 2, 0, 1]  # h_i of each loss row, in mask order
 
 
-@pytest.mark.parametrize("loss", ["hard", "soft"])
+@torch.no_grad()
+def sampled_chain(model, token_ids: list[int], steps: int, generator: torch.Generator) -> list[int]:
+    """Sampling at temperature 1 from the training form, recomputing the whole history each step."""
+    ids = list(token_ids)
+    for _ in range(steps):
+        probs = torch.softmax(model.draft_logits(model(torch.tensor([ids]))[0, -1]), dim=-1)
+        ids.append(int(model.token_map[torch.multinomial(probs, 1, generator=generator)]))
+    return ids[len(token_ids):]
+
+
+def test_sample_with_cached_keys_draws_what_the_full_forward_would(tiny_target, tiny_corpus):
+    token_map, _ = choose_draft_vocab(tiny_corpus, 40, 96)
+    model = new_draft_model(tiny_target, token_map, source_layers=(1, 0)).eval()
+    torch.nn.init.normal_(model.layers[0].mlp.down_proj.weight, std=0.3, generator=torch.Generator().manual_seed(0))
+    prompt = tiny_corpus.sequence(0)[0].tolist()[:6]
+    # Same seed, same probabilities at every step (up to float rounding): the same 10 draws.
+    drawn = model.sample(prompt, 10, (), torch.Generator().manual_seed(3))
+    assert drawn == sampled_chain(model, prompt, 10, torch.Generator().manual_seed(3))
+    assert len(set(drawn)) > 1 and set(drawn) <= set(token_map.tolist())
+    # A stop id ends the response and is kept.
+    stop = drawn[3]
+    assert model.sample(prompt, 10, (stop,), torch.Generator().manual_seed(3)) == drawn[: drawn.index(stop) + 1]
+
+
+def test_on_policy_batch_is_the_models_text_scored_by_the_target(tiny_target, tiny_corpus):
+    token_map, _ = choose_draft_vocab(tiny_corpus, 64, 96)
+    model = new_draft_model(tiny_target, token_map, source_layers=(0,))
+    torch.nn.init.normal_(model.layers[0].mlp.down_proj.weight, std=1.0, generator=torch.Generator().manual_seed(0))
+    draft_index = torch.full((96,), -1)
+    draft_index[token_map] = torch.arange(64)
+    batch = on_policy_batch(model, tiny_target, tiny_corpus, [0, 1], draft_index, (), torch.Generator().manual_seed(0))
+    rows = 0
+    for row, k in enumerate([0, 1]):
+        ids, _, prompt_len = tiny_corpus.sequence(k)
+        seq = batch.token_ids[row]
+        assert seq[:prompt_len].tolist() == ids[:prompt_len].tolist() and len(seq) == len(ids)  # same length here
+        mask = batch.loss_mask[row]
+        assert mask.nonzero().flatten().tolist() == list(range(prompt_len - 1, len(ids) - 1))
+        n = int(mask.sum())
+        hidden = final_hidden_states(tiny_target, seq.tolist())[prompt_len - 1 : -1]
+        torch.testing.assert_close(batch.hidden[rows : rows + n], hidden)
+        assert batch.next_draft_ids[rows : rows + n].tolist() == draft_index[seq[prompt_len:]].tolist()
+        rows += n
+    # The responses are the scrambled model's, not the target's greedy ones in the corpus.
+    assert batch.token_ids[0].tolist() != tiny_corpus.sequence(0)[0].tolist()
+
+
+@pytest.mark.parametrize("loss", ["hard", "soft", "on-policy"])
 def test_loss_falls_and_accuracy_rises(tiny_target, tiny_corpus, tmp_path, loss):
     token_map, _ = choose_draft_vocab(tiny_corpus, 64, 96)
     model = new_draft_model(tiny_target, token_map, source_layers=(0,))
@@ -90,7 +137,8 @@ def test_loss_falls_and_accuracy_rises(tiny_target, tiny_corpus, tmp_path, loss)
     for linear in (model.layers[0].self_attn.o_proj, model.layers[0].mlp.down_proj):
         torch.nn.init.normal_(linear.weight, std=1.0, generator=generator)
     before = heldout_accuracy(model, tiny_corpus, 4, "cpu")
-    losses = train_model(model, tiny_corpus, TrainConfig(**{**CONFIG.__dict__, "loss": loss}), tmp_path / "s.pt", {})
+    losses = train_model(model, tiny_corpus, TrainConfig(**{**CONFIG.__dict__, "loss": loss}), tmp_path / "s.pt", {},
+                         target=tiny_target)
     assert len(losses) == 8 * 3
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
     after = heldout_accuracy(model, tiny_corpus, 4, "cpu")  # on its own training data: it must fit it
