@@ -8,11 +8,13 @@ response token, the root of the first draft):
   hard:  CE(q_i, t_{i+1})   (a token outside the draft vocabulary is ignored: it is never drafted)
   soft:  KL(p_i || q_i), p_i = softmax(lm_rows h_i), the target's own distribution of t_{i+1} restricted to
          the draft vocabulary, from the cached final-norm hidden state h_i (no target forward)
-  on-policy (DistillSpec): soft, but every ON_POLICY_EVERY-th step the batch's responses are not the
-         target's but the draft model's own, sampled at temperature 1 by its current weights (as long as
-         the corpus response at most), and h_i comes from a target prefill of each new sequence. The
-         drafter learns the target's distribution on the text it drafts itself, where its drafts are judged,
-         not only on the target's text; the other steps (the corpus) keep it anchored while it is poor.
+  on-policy (DistillSpec): soft, but in the second half of training every ON_POLICY_EVERY-th step the
+         batch's responses are not the target's but the draft model's own, sampled at temperature 1 by its
+         current weights (as long as the corpus response at most), and h_i comes from a target prefill of
+         each new sequence. The drafter learns the target's distribution on the text it drafts itself, not
+         only on the target's. The first half (the corpus only) makes that text worth scoring: from the
+         copied layers, on-policy steps from the start cost held-out accuracy (measured in
+         docs/benchmarks.md); the corpus steps after it keep the model anchored.
 Everything else (AdamW, schedule, resumable state) is learned/fit.py's. A step costs a forward and
 backward of the draft model's L layers over the batch plus the draft-vocabulary LM-head products at the
 loss rows: L / num_layers of the target's layer work, no target layer at all. An on-policy step adds the
@@ -36,7 +38,8 @@ from specserve.learned.draft_model import DraftModel
 from specserve.learned.fit import TrainConfig, draft_index_of
 
 LOSSES = ("hard", "soft", "on-policy")
-ON_POLICY_EVERY = 2  # on-policy: steps 2, 4, ... train on the draft model's own responses (DistillSpec's lambda 1/2)
+ON_POLICY_EVERY = 2  # on-policy: every other step of the second half trains on the draft model's own responses
+ON_POLICY_FROM = 0.5  # of the training steps: before it, the corpus only
 
 
 @dataclass
@@ -104,11 +107,12 @@ def train_model(model: DraftModel, corpus: DistillCorpus, config: TrainConfig, s
     assert config.loss != "on-policy" or target is not None, "on-policy distillation needs the target"
     draft_index = draft_index_of(model.token_map, model.config.vocab_size)
     step = len(state["losses"]) if state is not None else 0
+    first_on_policy = ON_POLICY_FROM * config.epochs * -(-corpus.num_sequences // config.batch_size)
 
     def step_loss(indices: list[int]) -> torch.Tensor:
         nonlocal step
         step += 1
-        if config.loss == "on-policy" and step % ON_POLICY_EVERY == 0:
+        if config.loss == "on-policy" and step > first_on_policy and step % ON_POLICY_EVERY == 0:
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # same draws on resume
             batch = on_policy_batch(model, target, corpus, indices, draft_index, stop_ids, generator)
         else:

@@ -137,9 +137,14 @@ def test_loss_falls_and_accuracy_rises(tiny_target, tiny_corpus, tmp_path, loss)
     for linear in (model.layers[0].self_attn.o_proj, model.layers[0].mlp.down_proj):
         torch.nn.init.normal_(linear.weight, std=1.0, generator=generator)
     before = heldout_accuracy(model, tiny_corpus, 4, "cpu")
+    sampled = []
+    sample = model.sample
+    model.sample = lambda *args: sampled.append(1) or sample(*args)
     losses = train_model(model, tiny_corpus, TrainConfig(**{**CONFIG.__dict__, "loss": loss}), tmp_path / "s.pt", {},
                          target=tiny_target)
     assert len(losses) == 8 * 3
+    # on-policy: the draft model answered every prompt of steps 14, 16, ..., 24 (the second half's even steps).
+    assert len(sampled) == (6 * 4 if loss == "on-policy" else 0)
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
     after = heldout_accuracy(model, tiny_corpus, 4, "cpu")  # on its own training data: it must fit it
     assert after[0] > before[0] + 0.2, (before, after)
