@@ -556,8 +556,8 @@ def add_train_draft_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--loss", choices=("hard", "soft", "unroll", "on-policy"), default="soft",
                        help="hard: CE on the target's tokens; soft: KL to the target's distribution; unroll (eagle "
                        "only): soft plus a second step on the head's own features (eagle adds feature regression); "
-                       "on-policy (draft-model only): soft, every other step on the draft model's own responses "
-                       "scored by the target (DistillSpec)")
+                       "on-policy (draft-model only): soft, and in the second half every other step on the draft "
+                       "model's own responses scored by the target (DistillSpec)")
     train.add_argument("--medusa-heads", type=int, help="medusa: heads, each guessing one more token (default 4)")
     train.add_argument("--draft-layers", metavar="I,J,...",
                        help="draft-model: the target layers its layers start as, in order (default 0,1,2,3)")

@@ -214,7 +214,7 @@ def train_draft_model_kind(config: TrainDraftConfig, target: LlamaModel, train_s
     from specserve.learned.train_draft_model import heldout_accuracy, train_model
 
     model = new_draft_model(target, token_map, config.draft_layers)
-    stop_ids = load_tokenizer(config.model_path).eos_token_ids
+    stop_ids = load_tokenizer(config.model_path).eos_token_ids if config.train.loss == "on-policy" else ()
 
     def train(model, corpus, *rest):  # on-policy steps sample from the model and score with the target
         return train_model(model, corpus, *rest, target=target, stop_ids=stop_ids)

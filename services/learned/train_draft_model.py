@@ -30,9 +30,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from specserve.engine.model import LlamaModel
 from specserve.errors import InvalidRequestError
 from specserve.learned import fit
-from specserve.engine.model import LlamaModel
 from specserve.learned.distill_data import DistillCorpus, concat_corpora, final_hidden_states, one_sequence
 from specserve.learned.draft_model import DraftModel
 from specserve.learned.fit import TrainConfig, draft_index_of
