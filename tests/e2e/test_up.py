@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from specserve.client import Client, Generation
 from specserve.errors import DeadlineExceededError, OverloadedError, SpecserveError
@@ -85,10 +86,10 @@ def run_concurrently(call: Callable[[str], object], prompts: list[str]) -> list[
     return results
 
 
-def stream(address: str, prompt: str, max_tokens: int = MAX_TOKENS) -> Generation:
-    """One greedy streaming request from its own client, its chunks gathered."""
+def stream(address: str, prompt: str, max_tokens: int = MAX_TOKENS, **options) -> Generation:
+    """One streaming request (greedy unless `options` say otherwise) from its own client, its chunks gathered."""
     with Client(address) as client:
-        chunks = list(client.stream(prompt, max_tokens=max_tokens))
+        chunks = list(client.stream(prompt, max_tokens=max_tokens, **options))
     assert chunks[-1].finished and not any(c.finished for c in chunks[:-1])
     return Generation("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids],
                       chunks[0].prompt_token_ids, chunks[-1].finish_reason, chunks[-1].spec, chunks[-1].usage, 0.0)
@@ -259,8 +260,6 @@ def test_up_with_a_feature_drafter_equals_plain_greedy(launch, model_path, workd
     """`up --spec eagle`: the verifier keeps hidden states, returns them with each Verify, and the router
     passes each drafter replica only the rows it has not had. An untrained head (drafts are mostly
     rejected) still drafts, and every output equals plain greedy decoding."""
-    import torch
-
     from specserve.learned.checkpoint import DraftCheckpoint, save_checkpoint, target_fingerprint
     from specserve.learned.eagle_head import new_eagle_head
 
@@ -278,6 +277,51 @@ def test_up_with_a_feature_drafter_equals_plain_greedy(launch, model_path, workd
     assert [o.token_ids for o in outputs] == greedy_reference(prompts, MAX_TOKENS)
     assert sum(o.spec["drafted"] for o in outputs) > 0
     assert_kv_free(replicas(up, "verifier"))
+
+
+def test_up_with_a_draft_model_samples_its_drafts_like_one_process(launch, model_path, workdir, short_prompts,
+                                                                   llama_model, tokenizer):
+    """`up --spec draft-model` at temperature 1: the router sends each draft item the request's sampling
+    settings, the drafter replica samples its chains from its own distribution and returns that
+    distribution with the tree, and the verifier accepts by rejection sampling against it. Seeded requests
+    give the tokens the same router, drafter and verifier give in one process (every draw is keyed by seed
+    and position, so nothing may be lost between processes), every time, and every block comes back."""
+    from specserve.engine.config import CacheConfig, SamplingParams, SpecConfig
+    from specserve.learned.checkpoint import DraftCheckpoint, save_checkpoint, target_fingerprint
+    from specserve.learned.draft_model import new_draft_model
+    from specserve.learned.train_draft import load_float32_target
+    from specserve.router.core import RouterConfig
+    from specserve.router.server import embedded_router
+
+    target = load_float32_target(str(model_path))
+    model = new_draft_model(target, torch.arange(4096), (0, 1, 2, 3))  # the target's untrained early exit
+    checkpoint = workdir / "draft-model-untrained.safetensors"
+    save_checkpoint(checkpoint, DraftCheckpoint("draft-model", model.state_dict(), model.config.to_dict(),
+                                                target_fingerprint(target), {}, "untrained"))
+    up = launch(["up", "--verifiers", "1", "--drafters", "1", "--spec", "draft-model", "--draft-checkpoint",
+                 str(checkpoint), "--speculation-budget", "static", "--num-blocks", str(NUM_BLOCKS), "--port", "0",
+                 "--model", str(model_path)], last="router")
+    prompts = short_prompts[:4]
+
+    def sampled(prompt: str) -> Generation:
+        return stream(up.addresses["router"], prompt, temperature=1.0, seed=prompts.index(prompt))
+
+    first, again = run_concurrently(sampled, prompts), run_concurrently(sampled, prompts)
+    assert all(isinstance(o, Generation) for o in first + again), first + again
+    assert [o.token_ids for o in first] == [o.token_ids for o in again]
+    assert len({tuple(o.token_ids) for o in first}) == len(prompts)
+    assert sum(o.spec["drafted"] for o in first) > 0
+    assert_kv_free(replicas(up, "verifier"))
+
+    spec = SpecConfig(method="draft-model", draft_checkpoint=str(checkpoint))
+    router = embedded_router(llama_model, tokenizer, "float32", ["draft-model"], CacheConfig(num_blocks=NUM_BLOCKS),
+                             RouterConfig(speculation_budget="static"), spec=spec).start()
+    try:
+        handles = [router.submit(o.prompt_token_ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=k))
+                   for k, o in enumerate(first)]
+        assert [[t for out in h for t in out.token_ids] for h in handles] == [o.token_ids for o in first]
+    finally:
+        router.stop()
 
 
 def test_up_stops_everything_when_a_child_dies(launch, model_path):
