@@ -255,22 +255,31 @@ def alive(pid: int) -> bool:
         return False
 
 
+def up_with_untrained(launch, model_path, workdir, kind: str, drafter: torch.nn.Module, fingerprint: str):
+    """`up` with one verifier and one drafter replica serving `drafter` (untrained) from a checkpoint, at a
+    static draft budget; and the checkpoint's path."""
+    from specserve.learned.checkpoint import DraftCheckpoint, save_checkpoint
+
+    checkpoint = workdir / f"{kind}-untrained.safetensors"
+    save_checkpoint(checkpoint, DraftCheckpoint(kind, drafter.state_dict(), drafter.config.to_dict(), fingerprint,
+                                                {}, "untrained"))
+    up = launch(["up", "--verifiers", "1", "--drafters", "1", "--spec", kind, "--draft-checkpoint", str(checkpoint),
+                 "--speculation-budget", "static", "--num-blocks", str(NUM_BLOCKS), "--port", "0",
+                 "--model", str(model_path)], last="router")
+    return up, checkpoint
+
+
 def test_up_with_a_feature_drafter_equals_plain_greedy(launch, model_path, workdir, llama_model, short_prompts,
                                                       greedy_reference):
     """`up --spec eagle`: the verifier keeps hidden states, returns them with each Verify, and the router
     passes each drafter replica only the rows it has not had. An untrained head (drafts are mostly
     rejected) still drafts, and every output equals plain greedy decoding."""
-    from specserve.learned.checkpoint import DraftCheckpoint, save_checkpoint, target_fingerprint
+    from specserve.learned.checkpoint import target_fingerprint
     from specserve.learned.eagle_head import new_eagle_head
 
     torch.manual_seed(0)
     head = new_eagle_head(llama_model, torch.arange(4096))
-    checkpoint = workdir / "eagle-untrained.safetensors"
-    save_checkpoint(checkpoint, DraftCheckpoint("eagle", head.state_dict(), head.config.to_dict(),
-                                                target_fingerprint(llama_model), {}, "untrained"))
-    up = launch(["up", "--verifiers", "1", "--drafters", "1", "--spec", "eagle", "--draft-checkpoint",
-                 str(checkpoint), "--speculation-budget", "static", "--num-blocks", str(NUM_BLOCKS), "--port", "0",
-                 "--model", str(model_path)], last="router")
+    up, _ = up_with_untrained(launch, model_path, workdir, "eagle", head, target_fingerprint(llama_model))
     prompts = short_prompts[:4]
     outputs = run_concurrently(lambda p: stream(up.addresses["router"], p), prompts)
     assert all(isinstance(o, Generation) for o in outputs), outputs
@@ -287,7 +296,7 @@ def test_up_with_a_draft_model_samples_its_drafts_like_one_process(launch, model
     give the tokens the same router, drafter and verifier give in one process (every draw is keyed by seed
     and position, so nothing may be lost between processes), every time, and every block comes back."""
     from specserve.engine.config import CacheConfig, SamplingParams, SpecConfig
-    from specserve.learned.checkpoint import DraftCheckpoint, save_checkpoint, target_fingerprint
+    from specserve.learned.checkpoint import target_fingerprint
     from specserve.learned.draft_model import new_draft_model
     from specserve.learned.train_draft import load_float32_target
     from specserve.router.core import RouterConfig
@@ -295,12 +304,7 @@ def test_up_with_a_draft_model_samples_its_drafts_like_one_process(launch, model
 
     target = load_float32_target(str(model_path))
     model = new_draft_model(target, torch.arange(4096), (0, 1, 2, 3))  # the target's untrained early exit
-    checkpoint = workdir / "draft-model-untrained.safetensors"
-    save_checkpoint(checkpoint, DraftCheckpoint("draft-model", model.state_dict(), model.config.to_dict(),
-                                                target_fingerprint(target), {}, "untrained"))
-    up = launch(["up", "--verifiers", "1", "--drafters", "1", "--spec", "draft-model", "--draft-checkpoint",
-                 str(checkpoint), "--speculation-budget", "static", "--num-blocks", str(NUM_BLOCKS), "--port", "0",
-                 "--model", str(model_path)], last="router")
+    up, checkpoint = up_with_untrained(launch, model_path, workdir, "draft-model", model, target_fingerprint(target))
     prompts = short_prompts[:4]
 
     def sampled(prompt: str) -> Generation:
