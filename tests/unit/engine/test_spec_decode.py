@@ -175,7 +175,8 @@ METHODS = ("ngram", "rest", "early-exit", "eagle", "medusa", "draft-model", "exi
 ENGINES = [("float32", False), ("float32", True), ("int8", True), ("bfloat16", True)]
 IN_CI = {
     ("rest", "float32", 8, False), ("auto", "float32", 1, False), ("early-exit", "float32", 8, False),
-    ("eagle", "float32", 8, False), ("medusa", "float32", 8, False), ("draft-model", "float32", 8, False), ("exit-head", "float32", 8, False),
+    ("eagle", "float32", 8, False), ("medusa", "float32", 8, False), ("draft-model", "float32", 8, False),
+    ("exit-head", "float32", 8, False),
     ("ngram", "int8", 8, True), ("ngram", "bfloat16", 8, True),
 }
 GRID = [
