@@ -33,7 +33,7 @@ from specserve.engine.config import CacheConfig, EngineConfig, SamplingParams
 from specserve.engine.llm_engine import LLMEngine, build_model, load_tokenizer
 from specserve.engine.model import Attention, LlamaModel
 from specserve.engine.model_runner import allocate_kv_cache
-from specserve.engine.quant import BF16Linear, Int8Linear, PackedLinear
+from specserve.engine.quant import BF16Linear, Float32Linear, Int8Linear, PackedLinear
 from specserve.engine.tokenizer import Tokenizer
 from specserve.kernels.paged_attention import build_attention_metadata, resolve_attention_backend
 from specserve.model_fetch import ensure_default_model, specserve_home
@@ -54,7 +54,7 @@ WARMUP_QUESTION = "Write two sentences about the sea."  # warms up the batched s
 BLOCK_SIZE = 16
 PPL_TOKENS, PPL_CHUNK = 2048, 512
 PROFILE_WARMUP_STEPS, PROFILE_STEPS = 8, 32
-LINEAR_TYPES = (nn.Linear, BF16Linear, Int8Linear, PackedLinear)
+LINEAR_TYPES = (nn.Linear, BF16Linear, Float32Linear, Int8Linear, PackedLinear)
 
 
 @dataclass

@@ -7,12 +7,12 @@ machine or torch is rebuilt rather than loaded. Builds write to a temporary name
 that start together (a test cluster) never load a half-written file. Building takes ~15 s on 2 cores.
 
 The ops, in the `torch.ops.specserve_cpu` namespace: `tree_attention` (tree_attention_cpu.cpp, used by
-kernels/paged_attention.py), and from rowwise_cpu.cpp `rms_norm` and `rope_write_kv` (engine/model.py)
-and `quantize_rows` (engine/quant.py).
+kernels/paged_attention.py), `linear` (linear_cpu.cpp, the float32 linears of engine/quant.py), and from
+rowwise_cpu.cpp `rms_norm` and `rope_write_kv` (engine/model.py) and `quantize_rows` (engine/quant.py).
 
 Without a compiler, or when the build fails, `load()` returns False once with a warning and callers use
-their plain-torch paths (the "torch" attention backend, F.rms_norm, the torch RoPE and quantization
-expressions); nothing else changes. `SPECSERVE_CPU_KERNELS=0`
+their plain-torch paths (the "torch" attention backend, oneDNN's prepacked float32 linear, F.rms_norm,
+the torch RoPE and quantization expressions); nothing else changes. `SPECSERVE_CPU_KERNELS=0`
 forces that fallback.
 """
 

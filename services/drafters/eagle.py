@@ -29,7 +29,7 @@ import torch
 from specserve.drafters.base import DraftRequest, common_prefix_len
 from specserve.drafters.sampling import draft_generator, sample_children, samples
 from specserve.engine.draft_tree import ROOT, DraftTree
-from specserve.engine.quant import PackedLinear, apply_weight_dtype
+from specserve.engine.quant import apply_weight_dtype, decode_linear
 from specserve.errors import InvalidRequestError
 from specserve.learned.eagle_head import KV, EagleHead
 
@@ -129,12 +129,12 @@ class EagleDrafter:
     needs_hidden = True
 
     def __init__(self, head: EagleHead, config: EagleDraftConfig = EagleDraftConfig()) -> None:
-        # PackedLinear (oneDNN's blocked layout) is about twice as fast as nn.Linear at the few rows a
-        # draft forward has, and pads them to a batch-invariant size; the swap is in place, on `head`.
-        # The draft LM head (a buffer of the target's rows, kept out of the checkpoint) is packed too:
-        # 8192 x 576, it was ~70% of a call as a plain float32 matmul.
+        # The target's decode linears (engine/quant.py) are about twice as fast as nn.Linear at the few
+        # rows a draft forward has, and batch-invariant; the swap is in place, on `head`. The draft LM
+        # head (a buffer of the target's rows, kept out of the checkpoint) gets one too: 8192 x 576, it
+        # was ~70% of a call as a plain float32 matmul.
         self.head = apply_weight_dtype(head.eval(), config.dtype)
-        self.draft_lm_head = PackedLinear(head.lm_head_rows, None, getattr(torch, config.dtype))
+        self.draft_lm_head = decode_linear(head.lm_head_rows, None, getattr(torch, config.dtype))
         self.config = config
         self.contexts: dict[int, _Context] = {}
 

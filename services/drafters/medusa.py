@@ -27,7 +27,7 @@ import torch
 from specserve.drafters.base import DraftRequest
 from specserve.drafters.sampling import draft_generator, sample_children, samples
 from specserve.engine.draft_tree import ROOT, DraftTree
-from specserve.engine.quant import PackedLinear
+from specserve.engine.quant import decode_linear
 from specserve.errors import InvalidRequestError
 from specserve.learned.medusa_heads import MedusaHeads, head_features
 
@@ -92,7 +92,7 @@ class MedusaDrafter:
         dtype = getattr(torch, config.dtype)
         self.weight = heads.weight.detach().to(dtype)  # [K, out, in]
         self.bias = heads.bias.detach().to(dtype)  # [K, hidden]
-        self.draft_lm_head = PackedLinear(heads.lm_head_rows, None, dtype)
+        self.draft_lm_head = decode_linear(heads.lm_head_rows, None, dtype)
         self.dtype = dtype
         self.config = config
 

@@ -1,7 +1,8 @@
 """Weight precision as a module swap (gpt-fast style): `apply_weight_dtype` replaces a loaded model's
 `nn.Linear` (and, for bfloat16, `nn.Embedding`) modules in place; the model file never branches on dtype.
-float32 is swapped too: `PackedLinear` holds the weight in oneDNN's blocked layout, which streams from
-memory far better than `F.linear` (MKL) at the small M of decoding.
+float32 is swapped too: `Float32Linear` runs specserve's own batch-invariant kernel
+(kernels/csrc/linear_cpu.cpp), as fast as MKL's GEMV at M=1 and faster than oneDNN at the small M of
+decoding; where the C++ kernels did not build, `PackedLinear` holds the weight in oneDNN's blocked layout.
 Activations stay float32 between modules in every mode, so RMSNorm, RoPE, attention and the KV cache
 are untouched.
 
@@ -18,6 +19,8 @@ CPU (AMX) with torch 2.13, for the 135M model's shapes and M = 1..512:
     bfloat16 at every M <= 32 (padded as above), but some larger M take another kernel (every M >= 33
     for the LM head; M = 33, 65, 76, ... for the down projection), with other sums. bfloat16 calls are
     therefore cut into pieces of at most BF16_MAX_ROWS rows.
+  * `Float32Linear`: invariant by construction, at every M, thread count and CPU (one fixed summation
+    order per output element; kernels/linear.py reproduces its bits in torch).
   * `Int8Linear`: invariant at every M tried (1..2048) and across thread counts: integer accumulation
     is exact and its float epilogue is per element. tests/unit/engine/test_quant.py checks it. Smoothing
     (engine/smoothing.py) changes only the weights, so it keeps this.
@@ -85,6 +88,34 @@ class PackedLinear(nn.Module):
         if 0 < num_rows < MIN_ROWS:  # copies of the last row; a contiguous input (an expanded one is slow)
             rows = torch.cat([rows, rows[-1:].expand(MIN_ROWS - num_rows, -1)])
         return torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")[:num_rows]
+
+
+class Float32Linear(nn.Module):
+    """float32 weights as loaded (row-major, sharing the loaded tensor, so a tied head adds no copy of the
+    embedding table), multiplied by the batch-invariant C++ kernel; `F.linear` where the kernels did not
+    build (`apply_weight_dtype` then picks `PackedLinear` instead) or for another device or dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.detach().float().contiguous(), requires_grad=False)  # [out, in]
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)  # [out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] float32 -> [..., out] float32
+        rows = x.reshape(-1, self.in_features)  # [M, in]
+        if cpu_ops.applies(rows):
+            out = torch.ops.specserve_cpu.linear(rows.contiguous(), self.weight, self.bias)
+        else:
+            out = F.linear(rows, self.weight, self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def decode_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
+    """The fastest batch-invariant linear for `dtype` (float32 or bfloat16) on this machine: float32 in
+    specserve's kernel when it built, else (and for bfloat16) oneDNN's prepacked one."""
+    if dtype == torch.float32 and cpu_ops.load():
+        return Float32Linear(weight, bias)
+    return PackedLinear(weight, bias, dtype)
 
 
 class BF16Linear(nn.Module):
@@ -176,8 +207,8 @@ def apply_weight_dtype(
     """Swap `model`'s modules in place for `dtype` in {"float32", "bfloat16", "int8"}; returns `model`.
 
     Every matmul of the model must be an `nn.Linear` (a tied LM head is an `nn.Linear` sharing the
-    embedding's Parameter). A packed or int8 head is its own copy; the embedding keeps its table
-    (float32, or bfloat16 for bfloat16).
+    embedding's Parameter). A oneDNN-packed or int8 head is its own copy (`Float32Linear` shares the
+    table); the embedding keeps its table (float32, or bfloat16 for bfloat16).
     int8 loses accuracy on models whose residual stream has outlier channels. Given `calibration_ids`
     (a `LlamaModel` and, say, the tokenized `smoothing.calibration_text()`), it first folds SmoothQuant
     scales into the float32 weights (engine/smoothing.py). On SmolLM2-135M, over 512 tokens of
@@ -185,8 +216,8 @@ def apply_weight_dtype(
     93.6% / 0.018, bfloat16 98.8% / 0.0007; alpha 0.4 and 0.65 are slightly worse, 0.3 and 0.8 clearly.
     """
     if dtype == "float32":
-        if can_pack():
-            swap_modules(model, nn.Linear, lambda m: PackedLinear(m.weight, m.bias, torch.float32))
+        if cpu_ops.load() or can_pack():
+            swap_modules(model, nn.Linear, lambda m: decode_linear(m.weight, m.bias, torch.float32))
         return model
     if dtype == "bfloat16":
         to_bf16 = _SharedCast(torch.bfloat16)

@@ -15,7 +15,10 @@ from torch import nn
 from specserve.engine.config import CacheConfig, ModelConfig
 from specserve.engine.model import LlamaModel
 from specserve.engine.model_runner import allocate_kv_cache
-from specserve.engine.quant import BF16Embedding, BF16Linear, Int8Linear, PackedLinear, apply_weight_dtype, can_pack
+from specserve.engine.quant import (
+    BF16Embedding, BF16Linear, Float32Linear, Int8Linear, PackedLinear, apply_weight_dtype, can_pack,
+)
+from specserve.kernels import cpu_ops
 from specserve.engine.smoothing import collect_input_absmax, smooth_
 from specserve.errors import InvalidRequestError
 from specserve.kernels.paged_attention import build_attention_metadata
@@ -185,12 +188,14 @@ PROMPT = [3, 17, 42, 5, 88, 60, 1, 9]
 
 
 PACKED_OR_PLAIN = PackedLinear if can_pack() else BF16Linear
+FLOAT32_SWAP = Float32Linear if cpu_ops.load() else PackedLinear
+needs_a_float32_swap = pytest.mark.skipif(not (cpu_ops.load() or can_pack()), reason="no C++ kernels, no oneDNN")
 
 
 @pytest.mark.parametrize("tie_word_embeddings", [False, True])
 @pytest.mark.parametrize("dtype,swapped,tolerance", [
     ("int8", Int8Linear, 0.05), ("bfloat16", PACKED_OR_PLAIN, 0.02),
-    pytest.param("float32", PackedLinear, 1e-5, marks=needs_onednn),
+    pytest.param("float32", FLOAT32_SWAP, 1e-5, marks=needs_a_float32_swap),
 ])
 def test_swap_replaces_every_linear(tie_word_embeddings: bool, dtype: str, swapped: type, tolerance: float):
     model = tiny_llama(tie_word_embeddings)
@@ -213,12 +218,19 @@ def test_bf16_tied_head_matches_its_embedding():
     torch.testing.assert_close(model.lm_head(hidden), expected, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.skipif(can_pack(), reason="without oneDNN float32 is the plain model")
-def test_float32_without_onednn_is_a_no_op():
+@pytest.mark.skipif(cpu_ops.load() or can_pack(), reason="float32 is swapped where either kernel exists")
+def test_float32_without_a_kernel_is_a_no_op():
     model = tiny_llama(tie_word_embeddings=False)
     before = prefill_logits(model, PROMPT)
     assert apply_weight_dtype(model, "float32") is model
     assert torch.equal(prefill_logits(model, PROMPT), before)
+
+
+@pytest.mark.skipif(not cpu_ops.load(), reason="the C++ CPU kernels did not build here (no compiler)")
+def test_float32_tied_head_is_the_embedding_table():
+    model = apply_weight_dtype(tiny_llama(tie_word_embeddings=True), "float32")
+    assert isinstance(model.lm_head, Float32Linear)
+    assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
 
 
 def test_unknown_dtype_is_rejected():

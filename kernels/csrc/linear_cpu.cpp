@@ -1,0 +1,181 @@
+// Batch-invariant float32 linear for the CPU: out[m, n] = sum_k x[m, k] * weight[n, k] (+ bias[n]).
+//
+// Every output element is computed by the same sequence of float operations whatever M, the other rows
+// of the call, the tiling or the thread count: 16 lane accumulators, lane j fused-multiply-adds the
+// products at k = j, j + 16, j + 32, ... in k order; the 16 lanes are summed in a fixed pairwise tree
+// (lane j + 8 onto j, then + 4, then (0 + 2) + (1 + 3)); a K that is not a multiple of 16 adds its last
+// products one by one after that; the bias is added last. So a decode row (M = 1) equals the same token's
+// row in a verify or prefill call bit for bit, which lossless speculative decoding needs. The lanes are
+// one AVX-512 register, two AVX2 ones, or a plain array: all three give the same bits.
+//
+// Speed: torch's float32 linears are not batch-invariant (MKL's GEMV at M = 1 and its GEMM at M > 1 sum
+// in other orders) and oneDNN's prepacked one is, but streams the weights at M = 1 a quarter slower than
+// MKL's GEMV on an AMX Xeon. All 121 linears of the 135M model, 2 cores, ms at M = 1 / 4 / 8 / 16 / 64 /
+// 256: MKL 20.5 / 38.1 / 49.4 / 52.1 / 88.9 / 270; oneDNN prepacked 25.2 / 27.4 / 31.3 / 38.6 / 85 / 250;
+// this kernel 19.3 / 21.7 / 26.8 / 35.5 / 90 / 322. Decoding (small M) streams the row-major weight once,
+// M rows at a time, with software prefetch of the next tile; a register tile of kRows x kCols outputs
+// reuses each loaded weight vector kRows times and each input vector kCols times. Large M (prefill) stays
+// compute-bound and slower than oneDNN's blocked GEMM: the price of one kernel for every M.
+// Reference: linear_ref in kernels/linear.py reproduces these bits in plain torch
+// (tests/unit/kernels/test_linear_cpu.py).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <utility>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int kLanes = 16;
+
+#if defined(__AVX512F__)
+struct Lanes {
+  __m512 v;
+};
+inline Lanes lanes_zero() { return {_mm512_setzero_ps()}; }
+inline Lanes lanes_load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline Lanes lanes_fma(Lanes a, Lanes b, Lanes acc) { return {_mm512_fmadd_ps(a.v, b.v, acc.v)}; }
+inline __m256 lanes_fold(Lanes a) {  // lane j + 8 onto lane j
+  return _mm256_add_ps(_mm512_castps512_ps256(a.v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a.v), 1)));
+}
+inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+constexpr int kRows = 6, kCols = 4;  // 24 accumulators + 4 weight vectors + 1 input vector of 32 registers
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Lanes {
+  __m256 lo, hi;
+};
+inline Lanes lanes_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline Lanes lanes_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline Lanes lanes_fma(Lanes a, Lanes b, Lanes acc) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, acc.lo), _mm256_fmadd_ps(a.hi, b.hi, acc.hi)};
+}
+inline __m256 lanes_fold(Lanes a) { return _mm256_add_ps(a.lo, a.hi); }
+inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+constexpr int kRows = 2, kCols = 2;  // 8 accumulators + 2 weight + 1 input, two registers each, of 16
+#else
+struct Lanes {
+  float v[kLanes];
+};
+inline Lanes lanes_zero() { return {}; }
+inline Lanes lanes_load(const float* p) {
+  Lanes a;
+  std::copy(p, p + kLanes, a.v);
+  return a;
+}
+inline Lanes lanes_fma(Lanes a, Lanes b, Lanes acc) {
+  for (int j = 0; j < kLanes; ++j) acc.v[j] = std::fma(a.v[j], b.v[j], acc.v[j]);
+  return acc;
+}
+inline void prefetch(const float* p) { __builtin_prefetch(p); }
+constexpr int kRows = 2, kCols = 2;
+#endif
+
+// The fixed pairwise sum of the 16 lanes (see the top of the file).
+inline float lanes_sum(Lanes a) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  const __m256 h = lanes_fold(a);                                                       // h[j] = a[j] + a[j + 8]
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));  // q[j] = h[j] + h[j + 4]
+  const __m128 t = _mm_add_ps(q, _mm_movehl_ps(q, q));                                  // t[j] = q[j] + q[j + 2]
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));                              // t[0] + t[1]
+#else
+  float q[4];
+  for (int j = 0; j < 4; ++j) q[j] = (a.v[j] + a.v[j + 8]) + (a.v[j + 4] + a.v[j + 12]);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+#endif
+}
+
+// Outputs [R rows of x] x [C rows of weight]; `next` (or nullptr) is the next tile's weight, prefetched
+// while this one streams.
+template <int R, int C>
+void tile(const float* x, const float* w, int64_t K, float* out, int64_t N, const float* bias, const float* next) {
+  Lanes acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = lanes_zero();
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    Lanes wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = lanes_load(w + c * K + k);
+    if (next != nullptr)
+      for (int c = 0; c < C; ++c) prefetch(next + c * K + k);
+    for (int r = 0; r < R; ++r) {
+      const Lanes xv = lanes_load(x + r * K + k);
+      for (int c = 0; c < C; ++c) acc[r][c] = lanes_fma(wv[c], xv, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float s = lanes_sum(acc[r][c]);
+      for (int64_t j = k; j < K; ++j) s = std::fma(w[c * K + j], x[r * K + j], s);
+      out[r * N + c] = bias != nullptr ? s + bias[c] : s;
+    }
+}
+
+using TileFn = void (*)(const float*, const float*, int64_t, float*, int64_t, const float*, const float*);
+
+// kTiles[r - 1][c - 1] = tile<r, c>: full tiles and the ragged ones at the bottom and right edges.
+template <int R, int... Cs>
+constexpr std::array<TileFn, kCols> tile_row(std::integer_sequence<int, Cs...>) {
+  return {&tile<R, Cs + 1>...};
+}
+template <int... Rs>
+constexpr std::array<std::array<TileFn, kCols>, kRows> tile_table(std::integer_sequence<int, Rs...>) {
+  return {tile_row<Rs + 1>(std::make_integer_sequence<int, kCols>())...};
+}
+constexpr auto kTiles = tile_table(std::make_integer_sequence<int, kRows>());
+
+// A thread walks its weight rows in chunks of about this many bytes (kept in L2) and runs all rows of
+// x over each chunk before the next, so large M reads the weight from memory once per thread.
+constexpr int64_t kChunkBytes = 256 * 1024;
+// Weight tiles per parallel task: fewer and a second thread costs more than it saves.
+constexpr int64_t kTilesPerTask = 8;
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "linear: contiguous [M, K] float32 input");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.dim() == 2 &&
+                  weight.size(1) == x.size(1),
+              "linear: contiguous [N, K] float32 weight with the input's K");
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(!has_bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == weight.size(0)),
+              "linear: contiguous float32 bias [N]");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t col_tiles = (N + kCols - 1) / kCols;
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (kCols * std::max<int64_t>(K, 1) * int64_t(sizeof(float))));
+  at::parallel_for(0, col_tiles, kTilesPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t t0 = begin; t0 < end; t0 += chunk) {
+      const int64_t t1 = std::min(end, t0 + chunk);
+      for (int64_t m = 0; m < M; m += kRows) {
+        const int rows = int(std::min<int64_t>(kRows, M - m));
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t n0 = t * kCols;
+          const int cols = int(std::min<int64_t>(kCols, N - n0));
+          // Only the first pass over a chunk reads it from memory; later row groups find it in cache.
+          const float* next = m == 0 && t + 1 < end ? wp + (n0 + kCols) * K : nullptr;
+          kTiles[rows - 1][cols - 1](xp + m * K, wp + n0 * K, K, op + m * N + n0, N, bp ? bp + n0 : nullptr, next);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(specserve_cpu, m) { m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(specserve_cpu, CPU, m) { m.impl("linear", &linear); }
