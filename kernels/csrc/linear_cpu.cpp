@@ -12,7 +12,7 @@
 // in other orders) and oneDNN's prepacked one is, but streams the weights at M = 1 a quarter slower than
 // MKL's GEMV on an AMX Xeon. All 121 linears of the 135M model, 2 cores, ms at M = 1 / 4 / 8 / 16 / 64 /
 // 256: MKL 20.5 / 38.1 / 49.4 / 52.1 / 88.9 / 270; oneDNN prepacked 25.2 / 27.4 / 31.3 / 38.6 / 85 / 250;
-// this kernel 19.3 / 21.7 / 26.8 / 35.5 / 90 / 322. Decoding (small M) streams the row-major weight once,
+// this kernel 19.3 / 21.6 / 27.4 / 35.9 / 85 / 299. Decoding (small M) streams the row-major weight once,
 // M rows at a time, with software prefetch of the next tile; a register tile of kRows x kCols outputs
 // reuses each loaded weight vector kRows times and each input vector kCols times. Large M (prefill) stays
 // compute-bound and slower than oneDNN's blocked GEMM: the price of one kernel for every M.
@@ -94,6 +94,21 @@ inline float lanes_sum(Lanes a) {
 #endif
 }
 
+#if defined(__AVX512F__)
+// lanes_sum of four accumulators, [sum a, sum b, sum c, sum d], with the same additions in the same
+// order, but shared shuffles: the epilogue of a tile is ~15% of its time at K = 576 one output at a time.
+inline __m128 lanes_sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // [a[j] + a[j + 8] | b[j] + b[j + 8]], and the same for c, d
+  const __m512 hab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 hcd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  // 128-bit lane i holds q[j] = h[j] + h[j + 4] of accumulator i
+  const __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(hab, hcd, 0x88), _mm512_shuffle_f32x4(hab, hcd, 0xDD));
+  const __m512 t = _mm512_add_ps(q, _mm512_permute_ps(q, 0x4E));  // q[0] + q[2], q[1] + q[3]
+  const __m512 s = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));  // (q[0] + q[2]) + (q[1] + q[3])
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), s));
+}
+#endif
+
 // Outputs [R rows of x] x [C rows of weight]; `next` (or nullptr) is the next tile's weight, prefetched
 // while this one streams.
 template <int R, int C>
@@ -112,6 +127,18 @@ void tile(const float* x, const float* w, int64_t K, float* out, int64_t N, cons
       for (int c = 0; c < C; ++c) acc[r][c] = lanes_fma(wv[c], xv, acc[r][c]);
     }
   }
+#if defined(__AVX512F__)
+  if constexpr (C == 4) {
+    if (k == K) {  // no tail: one tree for four outputs at once
+      for (int r = 0; r < R; ++r) {
+        __m128 s = lanes_sum4(acc[r][0].v, acc[r][1].v, acc[r][2].v, acc[r][3].v);
+        if (bias != nullptr) s = _mm_add_ps(s, _mm_loadu_ps(bias));
+        _mm_storeu_ps(out + r * N, s);
+      }
+      return;
+    }
+  }
+#endif
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
       float s = lanes_sum(acc[r][c]);
