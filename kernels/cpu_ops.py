@@ -7,12 +7,13 @@ machine or torch is rebuilt rather than loaded. Builds write to a temporary name
 that start together (a test cluster) never load a half-written file. Building takes ~15 s on 2 cores.
 
 The ops, in the `torch.ops.specserve_cpu` namespace: `tree_attention` (tree_attention_cpu.cpp, used by
-kernels/paged_attention.py), `linear` (linear_cpu.cpp, the float32 linears of engine/quant.py), and from
-rowwise_cpu.cpp `rms_norm` and `rope_write_kv` (engine/model.py) and `quantize_rows` (engine/quant.py).
+kernels/paged_attention.py), `linear` (linear_cpu.cpp, the float32 linears of engine/quant.py),
+`int8_linear` and `int8_linear_fast` (int8_linear_cpu.cpp, the int8 ones), and from rowwise_cpu.cpp
+`rms_norm` and `rope_write_kv` (engine/model.py) and `quantize_rows` (engine/quant.py).
 
 Without a compiler, or when the build fails, `load()` returns False once with a warning and callers use
-their plain-torch paths (the "torch" attention backend, oneDNN's prepacked float32 linear, F.rms_norm,
-the torch RoPE and quantization expressions); nothing else changes. `SPECSERVE_CPU_KERNELS=0`
+their plain-torch paths (the "torch" attention backend, oneDNN's prepacked float32 linear, fbgemm's int8
+linear, F.rms_norm, the torch RoPE and quantization expressions); nothing else changes. `SPECSERVE_CPU_KERNELS=0`
 forces that fallback.
 """
 
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))  # in the build key, not on the command line
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
 
@@ -102,7 +104,8 @@ def _build(compiler: str) -> Path:
     flags = _flags()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join(
-        [*(source.read_text() for source in SOURCES), torch.__version__, version, _cpu_identity(), sys.version, *flags]
+        [*(path.read_text() for path in [*SOURCES, *HEADERS]), torch.__version__, version, _cpu_identity(), sys.version,
+         *flags]
     ).encode()).hexdigest()[:16]
     directory = specserve_home(os.environ) / "kernels" / key
     library = directory / "specserve_cpu.so"

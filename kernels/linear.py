@@ -1,5 +1,8 @@
-"""The batch-invariant float32 linear of kernels/csrc/linear_cpu.cpp, rewritten in plain torch: the same
-summation order, so it gives the kernel's bits (tests/unit/kernels/test_linear_cpu.py).
+"""The batch-invariant linears of kernels/csrc/ rewritten in plain torch, with the same bits: the float32
+one of linear_cpu.cpp (tests/unit/kernels/test_linear_cpu.py) and the W8A8 one of int8_linear_cpu.cpp,
+with its weight packing (tests/unit/kernels/test_int8_linear_cpu.py).
+
+float32 (linear_cpu.cpp): the same summation order, so it gives the kernel's bits.
 
 Output element (m, n), with K = 16 * chunks + tail:
     lane[j] = fma(w[n, 16 i + j], x[m, 16 i + j], lane[j])   for i = 0 .. chunks - 1, lane[j] starting at 0
@@ -17,6 +20,10 @@ from __future__ import annotations
 import torch
 
 LANES = 16
+INT8_MAX = 127
+INT8_BLOCK = 16  # output channels per packed block of int8_linear_cpu.cpp
+INT8_GROUP = 4  # consecutive k per 32-bit lane of a block
+INT8_OFFSET = 128  # inputs are offset to unsigned bytes
 
 
 def _fma(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
@@ -45,3 +52,38 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     for k in range(chunks * LANES, width):
         out = _fma(weight[None, :, k], x[:, None, k], out)
     return out if bias is None else out + bias
+
+
+def quantize_rows_ref(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 quantization of `rows` `# [M, in]`: the integers `# [M, in]` (as float32, in
+    [-127, 127]) and the scales `# [M, 1]`, absmax / 127; `tiny` keeps an all-zero row at 0, not 0/0."""
+    row_scale = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True)  # [M, 1]
+    row_scale = row_scale.clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX
+    return rows.div(row_scale).round_(), row_scale
+
+
+def pack_int8_weight(w_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weights `# [N, K]` in int8_linear_cpu.cpp's layout: blocks of 16 output channels (N padded with
+    zero rows), each block's K (padded with zeros to a multiple of 4) as groups of 4 k x 16 channels x
+    4 bytes. Returns the flat packed bytes `# [ceil(N / 16) * 16 * ceil(K / 4) * 4]` and the compensation
+    `# [ceil(N / 16) * 16]` int32, 128 * sum_k w[n, k], that takes the inputs' +128 offset back out."""
+    out_features, in_features = w_int.shape
+    rows = -(-out_features // INT8_BLOCK) * INT8_BLOCK
+    width = -(-in_features // INT8_GROUP) * INT8_GROUP
+    padded = torch.zeros(rows, width, dtype=torch.int8)  # [N', K']
+    padded[:out_features, :in_features] = w_int
+    packed = padded.view(rows // INT8_BLOCK, INT8_BLOCK, width // INT8_GROUP, INT8_GROUP).transpose(1, 2)
+    compensation = padded.sum(dim=1, dtype=torch.int32) * INT8_OFFSET  # [N']
+    return packed.contiguous().view(-1), compensation
+
+
+def int8_linear_ref(
+    x: torch.Tensor, w_int: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`x` `# [M, K]` float32, int8 weights `w_int` `# [N, K]` with scales `w_scale` `# [N]`, `bias` `# [N]`
+    -> `# [M, N]` float32: rows quantized as quantize_rows_ref, the integer dot products exact (float64
+    holds them: 127 * 127 * K < 2^53), then float(acc) * w_scale, * row scale, + bias, each rounded."""
+    x_int, row_scale = quantize_rows_ref(x)
+    acc = x_int.double() @ w_int.double().T  # [M, N], exact integers
+    out = acc.float().mul_(w_scale).mul_(row_scale)
+    return out if bias is None else out.add_(bias)

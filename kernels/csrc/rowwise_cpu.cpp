@@ -17,6 +17,8 @@
 #include <limits>
 #include <tuple>
 
+#include "quantize_row.h"
+
 namespace {
 
 // Rows per parallel task: below this a second thread costs more than it saves.
@@ -50,9 +52,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return out;
 }
 
-// Per-row symmetric int8 quantization: scale = max(absmax(row), tiny) / 127 and q = round(x / scale)
-// (half to even), returned as float32 integers in [-127, 127] with the scales `[rows, 1]`. Bit for bit
-// the torch expression in Int8Linear.quantize_rows_ref.
+// Per-row symmetric int8 quantization (quantize_row.h), returned as float32 integers in [-127, 127] with
+// the scales `[rows, 1]`.
 std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   check_rows(x, "quantize_rows");
   TORCH_CHECK(x.dim() == 2, "quantize_rows: a [rows, width] input");
@@ -62,16 +63,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   const float* xp = x.data_ptr<float>();
   float* qp = q.data_ptr<float>();
   float* sp = scales.data_ptr<float>();
-  const float tiny = std::numeric_limits<float>::min();
   at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float* row = xp + r * width;
-      float top = 0.0f;
-      for (int64_t i = 0; i < width; ++i) top = std::max(top, std::fabs(row[i]));
-      const float scale = std::max(top, tiny) / 127.0f;
-      sp[r] = scale;
       float* o = qp + r * width;
-      for (int64_t i = 0; i < width; ++i) o[i] = std::nearbyint(row[i] / scale);
+      sp[r] = specserve_cpu::quantize_row(xp + r * width, width, [o](int64_t i, float v) { o[i] = v; });
     }
   });
   return {q, scales};

@@ -38,9 +38,8 @@ from torch import nn
 from specserve.engine.model import LlamaModel
 from specserve.engine.smoothing import DEFAULT_ALPHA, collect_input_absmax, smooth_
 from specserve.kernels import cpu_ops
+from specserve.kernels.linear import INT8_MAX as _INT8_MAX, pack_int8_weight, quantize_rows_ref
 from specserve.errors import InvalidRequestError
-
-_INT8_MAX = 127
 
 
 def can_pack() -> bool:
@@ -152,12 +151,16 @@ class Int8Linear(nn.Module):
     token alone (batch-invariant), unlike `quantized::linear_dynamic`, which picks one scale per call.
     The int32 accumulation is exact, and the float epilogue is per element:
         y[m, n] = (sum_k xq[m, k] * wq[n, k]) * w_scale[n] * s[m]        (+ bias[n])
-    The kernel is fbgemm's fixed-input-scale linear: the row is pre-scaled and rounded here, so the op's
-    own quantization (scale 1, zero point 128) is exact. On the 135M model (Sapphire Rapids, AMX) a whole
-    forward takes ~18 ms at M=1 against ~22 ms with oneDNN's `qlinear_pointwise`, and the two tie at M=8-16;
-    one kernel for every M, because switching by M would break batch invariance. fbgemm needs a
-    deprecated quantized tensor to prepack the weight; that happens once here, with its warning silenced.
-    This class is the only place specserve touches torch's quantization ops.
+    Two kernels give these same bits (kernels/linear.py, int8_linear_ref, is the reference):
+      * specserve's own (kernels/csrc/int8_linear_cpu.cpp), where the CPU has AVX-512 VNNI: AMX tiles
+        where the CPU has them and K is a multiple of 64, else VNNI vectors. All 121 linears of the 135M
+        model, 2 cores of an AMX Xeon, ms at M = 1 / 4 / 8 / 16 / 64 / 256: 5.2 / 6.3 / 7.1 / 9.1 / 18.2 /
+        66.4, against fbgemm's 9.6 / 12.6 / 14.9 / 18.9 / 40.8 / 148 (the VNNI vectors alone: 5.2 / 6.6 /
+        9.4 / 15.4 / 45.5 / 182). One op for every M: the exact integer sums make AMX and VNNI agree.
+      * elsewhere fbgemm's fixed-input-scale linear: the row is pre-scaled and rounded here, so the op's own
+        quantization (scale 1, zero point 128) is exact. fbgemm needs a deprecated quantized tensor to
+        prepack the weight; that happens once here, with its warning silenced. This class is the only
+        place specserve touches torch's quantization ops.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -166,6 +169,15 @@ class Int8Linear(nn.Module):
         w_scale = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / _INT8_MAX  # [out]
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         w_int = torch.round(weight / w_scale[:, None]).clamp(-_INT8_MAX, _INT8_MAX)  # [out, in]
+        self.register_buffer("bias", None if bias is None else bias.detach().float())  # [out]
+        # Kernel operands, not state: kept out of state_dict like fbgemm's opaque packed weight.
+        self.register_buffer("w_scale", w_scale, persistent=False)  # [out]
+        self.packed_weight = None  # fbgemm's, where specserve's kernel has no fast path
+        if cpu_ops.load() and torch.ops.specserve_cpu.int8_linear_fast():
+            packed, compensation = pack_int8_weight(w_int.to(torch.int8))
+            self.register_buffer("packed", packed, persistent=False)  # int8_linear_cpu.cpp's layout
+            self.register_buffer("compensation", compensation, persistent=False)  # [ceil(out / 16) * 16]
+            return
         # quantize_per_channel rounds w * (1 / scale), which can land on the other side of a .5 than
         # w / scale; handing it w_int * scale (integers within an ulp) makes it reproduce w_int exactly.
         with warnings.catch_warnings():
@@ -173,12 +185,15 @@ class Int8Linear(nn.Module):
             w_int8 = torch.quantize_per_channel(
                 w_int * w_scale[:, None], w_scale, torch.zeros(self.out_features, dtype=torch.int64), 0, torch.qint8
             )
-        # An opaque fbgemm object, not a tensor: kept out of state_dict.
         self.packed_weight = torch.ops.quantized.linear_prepack(w_int8, None)
-        self.register_buffer("bias", None if bias is None else bias.detach().float())  # [out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] float32 -> [..., out] float32
         rows = x.reshape(-1, self.in_features)  # [M, in]
+        if self.packed_weight is None:  # quantizes each row itself
+            out = torch.ops.specserve_cpu.int8_linear(
+                rows.contiguous().float(), self.packed, self.compensation, self.w_scale, self.bias
+            )
+            return out.view(*x.shape[:-1], self.out_features)
         if cpu_ops.applies(rows):  # the same values in one fused C++ call (kernels/csrc/rowwise_cpu.cpp)
             rows_int, row_scale = torch.ops.specserve_cpu.quantize_rows(rows.contiguous())
         else:
@@ -191,14 +206,6 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             out = out.add_(self.bias)
         return out.view(*x.shape[:-1], self.out_features)
-
-
-def quantize_rows_ref(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8 quantization of `rows` `# [M, in]`: the integers `# [M, in]` (as float32, in
-    [-127, 127]) and the scales `# [M, 1]`, absmax / 127; `tiny` keeps an all-zero row at 0, not 0/0."""
-    row_scale = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True)  # [M, 1]
-    row_scale = row_scale.clamp_min(torch.finfo(torch.float32).tiny) / _INT8_MAX
-    return rows.div(row_scale).round_(), row_scale
 
 
 def apply_weight_dtype(
