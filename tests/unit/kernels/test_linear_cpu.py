@@ -30,8 +30,8 @@ def inputs(rows: int, in_features: int, out_features: int, seed: int) -> tuple[t
 
 
 # K = 0 (no products), 3 (tail only), 16 (one lane chunk, no tail), 100 (chunks + tail of 4); N and M
-# around the register tile's sizes (up to 6 x 4) so ragged edge tiles are covered.
-@pytest.mark.parametrize("rows", [1, 2, 5, 7, 13])
+# around the register tiles' sizes (6 x 4, and 8 x 3 at M = 7-8) so ragged edge tiles are covered.
+@pytest.mark.parametrize("rows", [1, 2, 5, 7, 8, 13])
 @pytest.mark.parametrize("in_features", [0, 3, 16, 100])
 @pytest.mark.parametrize("out_features", [1, 3, 5, 9])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -63,7 +63,7 @@ def test_rows_do_not_depend_on_the_batch(in_features: int, out_features: int):
     # give a token the same bits: what lossless speculative decoding stands on.
     x, weight, _ = inputs(300, in_features, out_features, seed=3)
     together = linear(x, weight)
-    for start, count in [(0, 1), (299, 1), (5, 2), (17, 9), (40, 37), (100, 64)]:
+    for start, count in [(0, 1), (299, 1), (5, 2), (17, 9), (60, 7), (70, 8), (40, 37), (100, 64)]:
         part = linear(x[start : start + count].contiguous(), weight)
         assert torch.equal(part, together[start : start + count]), (start, count)
 
