@@ -15,9 +15,10 @@
 // instruction) where the CPU has them, Linux grants them and K is a multiple of 64; else AVX-512 VNNI
 // vectors, a register tile of kRows rows x kBlocks blocks reusing each weight vector kRows times. Both
 // stream a thread's weights in L2-sized chunks, running every row of x over a chunk before the next.
-// All 121 linears of the 135M model, 2 cores of an AMX Xeon, ms at M = 1 / 4 / 8 / 16 / 64 / 256:
-// AMX 5.2 / 6.3 / 7.1 / 9.1 / 18.2 / 66.4; VNNI 5.2 / 6.6 / 9.4 / 15.4 / 45.5 / 182; fbgemm's W8A8
-// linear (Int8Linear's before) 9.6 / 12.6 / 14.9 / 18.9 / 40.8 / 148. M = 1 moves ~26 GB/s of weights.
+// All 121 linears of the 135M model, 2 cores of an AMX Xeon, ms at M = 1 / 4 / 8 / 16 / 64 / 256 (two
+// runs): AMX 5.7 / 6.3 / 6.6 / 7.3-7.5 / 15.0-15.5 / 57-59; fbgemm's W8A8 linear (Int8Linear's before)
+// 10.0 / 13.6-14.6 / 16.1-16.5 / 19.0-19.3 / 40.5 / 141; the VNNI path alone, measured before the row
+// quantization was vectorized, 5.2 / 6.6 / 9.4 / 15.4 / 45.5 / 182. M = 1 moves ~24 GB/s of weights.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -241,9 +242,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, M, kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      uint8_t* q = xq.data() + m * kp;
-      row_scale[m] = specserve_cpu::quantize_row(xp + m * K, K,
-                                                 [q](int64_t i, float v) { q[i] = uint8_t(int(v) + kOffset); });
+      row_scale[m] = specserve_cpu::quantize_row(xp + m * K, K, xq.data() + m * kp, kOffset);
     }
   });
 

@@ -1,6 +1,9 @@
 // Per-row symmetric int8 quantization, shared by rowwise_cpu.cpp (quantize_rows) and int8_linear_cpu.cpp:
 // scale = max(absmax(row), tiny) / 127 and q[i] = round(row[i] / scale), half to even, in [-127, 127].
-// Bit for bit the torch expression in engine/quant.py's quantize_rows_ref.
+// Bit for bit the torch expression in kernels/linear.py's quantize_rows_ref: the maximum is exact in any
+// order, the division is IEEE in both, and the AVX-512 rounding is the same half-to-even nearbyint.
+// Vectorized because a verify or prefill call quantizes every row of every linear's input: scalar, 8
+// rows of the 135M model's linears took ~1.3 ms a forward, ~15% of the int8 linears' time.
 #pragma once
 
 #include <algorithm>
@@ -8,15 +11,53 @@
 #include <cstdint>
 #include <limits>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace specserve_cpu {
 
-// Calls store(i, q) for every element (q a float holding an integer) and returns the row's scale.
-template <typename Store>
-inline float quantize_row(const float* row, int64_t width, Store store) {
+inline float quantize_scale(const float* row, int64_t width) {
   float top = 0.0f;
-  for (int64_t i = 0; i < width; ++i) top = std::max(top, std::fabs(row[i]));
-  const float scale = std::max(top, std::numeric_limits<float>::min()) / 127.0f;
-  for (int64_t i = 0; i < width; ++i) store(i, std::nearbyint(row[i] / scale));
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 tops = _mm512_setzero_ps();
+  for (; i + 16 <= width; i += 16) tops = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(row + i)), tops);
+  top = _mm512_reduce_max_ps(tops);
+#endif
+  for (; i < width; ++i) top = std::max(top, std::fabs(row[i]));
+  return std::max(top, std::numeric_limits<float>::min()) / 127.0f;
+}
+
+// q[i] as float32 integers.
+inline float quantize_row(const float* row, int64_t width, float* q) {
+  const float scale = quantize_scale(row, width);
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 s = _mm512_set1_ps(scale);
+  for (; i + 16 <= width; i += 16) {
+    const __m512 v = _mm512_div_ps(_mm512_loadu_ps(row + i), s);
+    _mm512_storeu_ps(q + i, _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#endif
+  for (; i < width; ++i) q[i] = std::nearbyint(row[i] / scale);
+  return scale;
+}
+
+// q[i] + offset as unsigned bytes (offset 128 maps [-127, 127] into [1, 255]).
+inline float quantize_row(const float* row, int64_t width, uint8_t* q, int offset) {
+  const float scale = quantize_scale(row, width);
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 s = _mm512_set1_ps(scale);
+  const __m512i shift = _mm512_set1_epi32(offset);
+  for (; i + 16 <= width; i += 16) {
+    const __m512 v = _mm512_div_ps(_mm512_loadu_ps(row + i), s);
+    const __m512i n = _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(n, shift)));
+  }
+#endif
+  for (; i < width; ++i) q[i] = uint8_t(int(std::nearbyint(row[i] / scale)) + offset);
   return scale;
 }
 

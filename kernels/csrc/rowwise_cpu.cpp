@@ -65,8 +65,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   float* sp = scales.data_ptr<float>();
   at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      float* o = qp + r * width;
-      sp[r] = specserve_cpu::quantize_row(xp + r * width, width, [o](int64_t i, float v) { o[i] = v; });
+      sp[r] = specserve_cpu::quantize_row(xp + r * width, width, qp + r * width);
     }
   });
   return {q, scales};

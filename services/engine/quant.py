@@ -154,9 +154,9 @@ class Int8Linear(nn.Module):
     Two kernels give these same bits (kernels/linear.py, int8_linear_ref, is the reference):
       * specserve's own (kernels/csrc/int8_linear_cpu.cpp), where the CPU has AVX-512 VNNI: AMX tiles
         where the CPU has them and K is a multiple of 64, else VNNI vectors. All 121 linears of the 135M
-        model, 2 cores of an AMX Xeon, ms at M = 1 / 4 / 8 / 16 / 64 / 256: 5.2 / 6.3 / 7.1 / 9.1 / 18.2 /
-        66.4, against fbgemm's 9.6 / 12.6 / 14.9 / 18.9 / 40.8 / 148 (the VNNI vectors alone: 5.2 / 6.6 /
-        9.4 / 15.4 / 45.5 / 182). One op for every M: the exact integer sums make AMX and VNNI agree.
+        model, 2 cores of an AMX Xeon, ms at M = 1 / 4 / 8 / 16 / 64 / 256: ~5.7 / 6.3 / 6.6 / 7.4 / 15 /
+        58, against fbgemm's ~10 / 14 / 16 / 19 / 40 / 141 (the C++ file has the details). One op for every
+        M: the exact integer sums make AMX and VNNI agree.
       * elsewhere fbgemm's fixed-input-scale linear: the row is pre-scaled and rounded here, so the op's own
         quantization (scale 1, zero point 128) is exact. fbgemm needs a deprecated quantized tensor to
         prepack the weight; that happens once here, with its warning silenced. This class is the only
