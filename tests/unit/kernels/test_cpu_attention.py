@@ -154,7 +154,7 @@ def test_a_row_does_not_depend_on_the_rest_of_the_batch(prefix, parents, node):
         alone.k[dst], alone.v[dst] = tree.k[src], tree.v[src]
     previous = torch.get_num_threads()
     try:
-        for threads in (1, 2):
+        for threads in (1, 2, 3):  # 3: more threads than cores, another split of the items
             torch.set_num_threads(threads)
             assert torch.equal(alone.kernel()[0], got_tree[node])
     finally:
