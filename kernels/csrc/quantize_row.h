@@ -29,16 +29,21 @@ inline float quantize_scale(const float* row, int64_t width) {
   return std::max(top, std::numeric_limits<float>::min()) / 127.0f;
 }
 
+#if defined(__AVX512F__)
+// round(row[0..16) / scale), half to even, as 16 float32 integers.
+inline __m512 rounded_quotients(const float* row, __m512 scale) {
+  const __m512 quotients = _mm512_div_ps(_mm512_loadu_ps(row), scale);
+  return _mm512_roundscale_ps(quotients, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+#endif
+
 // q[i] as float32 integers.
 inline float quantize_row(const float* row, int64_t width, float* q) {
   const float scale = quantize_scale(row, width);
   int64_t i = 0;
 #if defined(__AVX512F__)
   const __m512 s = _mm512_set1_ps(scale);
-  for (; i + 16 <= width; i += 16) {
-    const __m512 v = _mm512_div_ps(_mm512_loadu_ps(row + i), s);
-    _mm512_storeu_ps(q + i, _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
+  for (; i + 16 <= width; i += 16) _mm512_storeu_ps(q + i, rounded_quotients(row + i, s));
 #endif
   for (; i < width; ++i) q[i] = std::nearbyint(row[i] / scale);
   return scale;
@@ -52,8 +57,7 @@ inline float quantize_row(const float* row, int64_t width, uint8_t* q, int offse
   const __m512 s = _mm512_set1_ps(scale);
   const __m512i shift = _mm512_set1_epi32(offset);
   for (; i + 16 <= width; i += 16) {
-    const __m512 v = _mm512_div_ps(_mm512_loadu_ps(row + i), s);
-    const __m512i n = _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m512i n = _mm512_cvtps_epi32(rounded_quotients(row + i, s));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(n, shift)));
   }
 #endif

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from specserve.engine.config import ModelConfig
 from specserve.engine.model import RMSNorm, Rotary, apply_rope
-from specserve.engine.quant import quantize_rows_ref
+from specserve.kernels.linear import quantize_rows_ref
 from specserve.kernels import cpu_ops
 from specserve.kernels.paged_attention import write_kv
 
