@@ -219,9 +219,10 @@ def perplexity(model: LlamaModel, ids: list[int]) -> float:
     return math.exp(nll / count)
 
 
-def watch_modules(model: LlamaModel) -> tuple[dict[str, float], list]:
-    """Seconds inside the model, its Attention modules, and the linears in / outside attention, accumulated
-    by forward pre/post hooks (CPU ops run synchronously). Returns the totals and the hook handles."""
+def watch_modules(model: LlamaModel, layers: bool = True) -> tuple[dict[str, float], list]:
+    """Seconds inside the model and (`layers`) its Attention modules and the linears in / outside attention,
+    accumulated by forward pre/post hooks (CPU ops run synchronously). Returns the totals and the hook
+    handles."""
     seconds: dict[str, float] = defaultdict(float)
     started: dict[int, float] = {}
 
@@ -235,7 +236,7 @@ def watch_modules(model: LlamaModel) -> tuple[dict[str, float], list]:
         return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
     handles = watch(model, "forward")
-    for name, module in model.named_modules():
+    for name, module in model.named_modules() if layers else ():
         if isinstance(module, Attention):
             handles += watch(module, "attention")
         elif isinstance(module, LINEAR_TYPES):
@@ -244,25 +245,36 @@ def watch_modules(model: LlamaModel) -> tuple[dict[str, float], list]:
 
 
 def profile_decode(bench: Bench, system: str) -> dict[str, float]:
-    """Mean milliseconds per batch-1 decode step, split into model parts and the rest of `step()`."""
-    ids, max_tokens = bench.prompts[0].ids, 1 + PROFILE_WARMUP_STEPS + PROFILE_STEPS
+    """Mean milliseconds per batch-1 decode step as the engine runs it (decoder layers fused into one C++
+    call where the model allows), then the same steps through the per-layer modules, split into parts by
+    hooks on them (the fused call has no parts to hook)."""
+    model = bench.models[system]
+    ids, max_tokens = bench.prompts[0].ids, 1 + 2 * (PROFILE_WARMUP_STEPS + PROFILE_STEPS)
     engine = fresh_engine(bench, system, [ids], max_tokens)
     engine.add_request(ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     while not engine.step():  # prefill (possibly chunked) up to the first token
         pass
-    for _ in range(PROFILE_WARMUP_STEPS):
-        engine.step()
-    seconds, handles = watch_modules(bench.models[system])
-    start = time.perf_counter()
-    for _ in range(PROFILE_STEPS):
-        engine.step()
-    seconds["step"] = time.perf_counter() - start
-    for handle in handles:
-        handle.remove()
-    ms = {k: 1000 * v / PROFILE_STEPS for k, v in seconds.items()}
-    linear, attention = ms["linear"] + ms["attn_linear"], ms["attention"] - ms["attn_linear"]
-    return {"step": ms["step"], "forward": ms["forward"], "linear": linear, "attention": attention,
-            "other": ms["forward"] - linear - attention, "bookkeeping": ms["step"] - ms["forward"]}
+    ms: dict[str, float] = {}
+    for fused in (True, False):
+        model.fuse_layers = fused
+        for _ in range(PROFILE_WARMUP_STEPS):
+            engine.step()
+        seconds, handles = watch_modules(model, layers=not fused)
+        start = time.perf_counter()
+        for _ in range(PROFILE_STEPS):
+            engine.step()
+        seconds["step"] = time.perf_counter() - start
+        for handle in handles:
+            handle.remove()
+        run = {k: 1000 * v / PROFILE_STEPS for k, v in seconds.items()}
+        if fused:
+            ms.update(step=run["step"], forward=run["forward"], bookkeeping=run["step"] - run["forward"])
+        else:
+            linear, attention = run["linear"] + run["attn_linear"], run["attention"] - run["attn_linear"]
+            ms.update(layered_forward=run["forward"], linear=linear, attention=attention,
+                      other=run["forward"] - linear - attention)
+    model.fuse_layers = True
+    return ms
 
 
 def over(a: float | None, b: float | None) -> float | None:
@@ -304,9 +316,9 @@ def quality_table(runs: dict[str, list[Run]], ppl: dict[str, float]) -> str:
 
 
 def profile_table(profiles: dict[str, dict[str, float]]) -> str:
-    keys = ["step", "forward", "linear", "attention", "other", "bookkeeping"]
-    headers = ["system", "step ms", "model forward ms", "linear ms", "attention ms", "other ops ms",
-               "Python/bookkeeping ms"]
+    keys = ["step", "forward", "bookkeeping", "layered_forward", "linear", "attention", "other"]
+    headers = ["system", "step ms", "model forward ms", "Python/bookkeeping ms", "per-layer forward ms",
+               "linear ms", "attention ms", "other ops ms"]
     return md_table(headers, [[SYSTEMS[s], *(f"{p[k]:.2f}" for k in keys)] for s, p in profiles.items()])
 
 
@@ -358,10 +370,12 @@ def doc_section(bench: Bench, load_average: float, tables: str) -> str:
 - Quality: greedy outputs compared with specserve float32's; perplexity of {PPL_TOKENS} tokens of GSM8K-train
   question/answer text, scored in independent {PPL_CHUNK}-token chunks.
 - Step profile: prompt {prompts[0].question_id}, {PROFILE_WARMUP_STEPS} warm-up decode steps, then the mean of
-  {PROFILE_STEPS}; times from forward hooks. Linear: every projection and the LM head (int8: with the
-  activation quantization); attention: RoPE, KV write and the attention kernel; other: norms, SiLU, embedding,
-  residual adds; bookkeeping: `step()` minus the forward (schedule, tensors, attention metadata,
-  sampling, detokenization).
+  {PROFILE_STEPS}, as the engine runs them (float32 and int8: the decoder layers in one fused C++ call,
+  kernels/csrc/decoder_cpu.cpp); model forward from a hook on the model; bookkeeping: `step()` minus the
+  forward (schedule, tensors, attention metadata, sampling, detokenization). Then as many steps through the
+  per-layer modules (`fuse_layers = False`; bfloat16 always runs them), split by hooks on them: linear,
+  every projection and the LM head (int8: with the activation quantization); attention, RoPE, KV write
+  and the attention kernel; other, norms, SiLU, embedding, residual adds. Hooks add their own cost.
 
 {tables}"""
 

@@ -37,6 +37,7 @@
 #define SPECSERVE_VNNI 1
 #endif
 
+#include "ops.h"
 #include "quantize_row.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)
@@ -214,6 +215,10 @@ bool fast() {
 #endif
 }
 
+}  // namespace
+
+namespace specserve_cpu {
+
 // x [M, K] float32; packed [ceil(N / 16) * ceil(K / 4) * 64] int8; compensation [ceil(N / 16) * 16] int32;
 // w_scale [N] float32; bias [N] float32 or none -> [M, N] float32.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& compensation,
@@ -304,11 +309,11 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   return out;
 }
 
-}  // namespace
+}  // namespace specserve_cpu
 
 TORCH_LIBRARY_FRAGMENT(specserve_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor packed, Tensor compensation, Tensor w_scale, Tensor? bias) -> Tensor");
   m.def("int8_linear_fast() -> bool", &fast);  // no tensor to dispatch on: one kernel for every backend
 }
 
-TORCH_LIBRARY_IMPL(specserve_cpu, CPU, m) { m.impl("int8_linear", &int8_linear); }
+TORCH_LIBRARY_IMPL(specserve_cpu, CPU, m) { m.impl("int8_linear", &specserve_cpu::int8_linear); }

@@ -30,6 +30,8 @@
 #include <cstdint>
 #include <utility>
 
+#include "ops.h"
+
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
@@ -194,6 +196,10 @@ void run(const float* xp, const float* wp, const float* bp, float* op, int64_t M
   });
 }
 
+}  // namespace
+
+namespace specserve_cpu {
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "linear: contiguous [M, K] float32 input");
   TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.dim() == 2 &&
@@ -222,8 +228,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   return out;
 }
 
-}  // namespace
+}  // namespace specserve_cpu
 
 TORCH_LIBRARY_FRAGMENT(specserve_cpu, m) { m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }
 
-TORCH_LIBRARY_IMPL(specserve_cpu, CPU, m) { m.impl("linear", &linear); }
+TORCH_LIBRARY_IMPL(specserve_cpu, CPU, m) { m.impl("linear", &specserve_cpu::linear); }

@@ -17,6 +17,7 @@
 #include <limits>
 #include <tuple>
 
+#include "ops.h"
 #include "quantize_row.h"
 
 namespace {
@@ -27,6 +28,29 @@ constexpr int64_t kRowsPerTask = 16;
 void check_rows(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, op, ": contiguous float32 input");
 }
+
+// Per-row symmetric int8 quantization (quantize_row.h), returned as float32 integers in [-127, 127] with
+// the scales `[rows, 1]`.
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
+  check_rows(x, "quantize_rows");
+  TORCH_CHECK(x.dim() == 2, "quantize_rows: a [rows, width] input");
+  const int64_t rows = x.size(0), width = x.size(1);
+  at::Tensor q = at::empty_like(x);
+  at::Tensor scales = at::empty({rows, 1}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  float* sp = scales.data_ptr<float>();
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      sp[r] = specserve_cpu::quantize_row(xp + r * width, width, qp + r * width);
+    }
+  });
+  return {q, scales};
+}
+
+}  // namespace
+
+namespace specserve_cpu {
 
 // y = x / sqrt(mean(x^2) + eps) * weight, over the last dimension. The mean is accumulated in double,
 // so the result is the correctly rounded float32 of the exact value in all but rare last-bit cases.
@@ -50,25 +74,6 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     }
   });
   return out;
-}
-
-// Per-row symmetric int8 quantization (quantize_row.h), returned as float32 integers in [-127, 127] with
-// the scales `[rows, 1]`.
-std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
-  check_rows(x, "quantize_rows");
-  TORCH_CHECK(x.dim() == 2, "quantize_rows: a [rows, width] input");
-  const int64_t rows = x.size(0), width = x.size(1);
-  at::Tensor q = at::empty_like(x);
-  at::Tensor scales = at::empty({rows, 1}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* qp = q.data_ptr<float>();
-  float* sp = scales.data_ptr<float>();
-  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      sp[r] = specserve_cpu::quantize_row(xp + r * width, width, qp + r * width);
-    }
-  });
-  return {q, scales};
 }
 
 // The attention prologue of one layer: RoPE on the Q and K heads of the fused QKV projection's output
@@ -121,7 +126,7 @@ at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& rotations, at:
   return q;
 }
 
-}  // namespace
+}  // namespace specserve_cpu
 
 TORCH_LIBRARY_FRAGMENT(specserve_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -131,7 +136,7 @@ TORCH_LIBRARY_FRAGMENT(specserve_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(specserve_cpu, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
+  m.impl("rms_norm", &specserve_cpu::rms_norm);
   m.impl("quantize_rows", &quantize_rows);
-  m.impl("rope_write_kv", &rope_write_kv);
+  m.impl("rope_write_kv", &specserve_cpu::rope_write_kv);
 }

@@ -28,6 +28,8 @@
 #include <utility>
 #include <vector>
 
+#include "ops.h"
+
 namespace {
 
 // 16 float32 lanes: one AVX-512 register, two AVX2 ones; GCC lowers the type to what the CPU has.
@@ -251,7 +253,11 @@ void attend(const Problem& p, int64_t s, int64_t kv_head, int64_t unit_begin, in
   }
 }
 
-void tree_attention_cpu(
+}  // namespace
+
+namespace specserve_cpu {
+
+void tree_attention(
     at::Tensor out,              // [num_tokens, num_heads, head_dim] float32, rows of these sequences written
     const at::Tensor& q,         // [num_tokens, num_heads, head_dim] float32
     const at::Tensor& k_cache,   // [num_slots, num_kv_heads, head_dim] float32
@@ -343,7 +349,7 @@ void tree_attention_cpu(
   });
 }
 
-}  // namespace
+}  // namespace specserve_cpu
 
 TORCH_LIBRARY_FRAGMENT(specserve_cpu, m) {
   m.def("tree_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
@@ -351,4 +357,4 @@ TORCH_LIBRARY_FRAGMENT(specserve_cpu, m) {
         "float scale) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(specserve_cpu, CPU, m) { m.impl("tree_attention", &tree_attention_cpu); }
+TORCH_LIBRARY_IMPL(specserve_cpu, CPU, m) { m.impl("tree_attention", &specserve_cpu::tree_attention); }

@@ -145,6 +145,23 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _layer_operands(layers: nn.ModuleList) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """(norm weights, linear operands) of every layer for the fused C++ call, or None when a linear cannot
+    run there or the four linears of the model are not all of one kind (float32 or int8 kernel)."""
+    norms: list[torch.Tensor] = []
+    linears: list[list[torch.Tensor]] = []
+    for layer in layers:
+        norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        for module in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            operands = getattr(module, "fused_operands", lambda: None)()
+            if operands is None:
+                return None
+            linears.append(operands)
+    if len({(len(ops), ops[0].dtype) for ops in linears}) != 1:
+        return None
+    return norms, [t for ops in linears for t in ops]
+
+
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -156,6 +173,10 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Steps whose every row the CPU attention kernel takes run all decoder layers in one C++ call
+        # (`_fused_operands`); False forces the per-layer modules (profiling hooks, tests comparing the two).
+        self.fuse_layers = True
+        self._fused: tuple[tuple[nn.Module, ...], tuple[list[torch.Tensor], list[torch.Tensor]] | None] | None = None
 
     @torch.inference_mode()
     def forward(
@@ -177,12 +198,48 @@ class LlamaModel(nn.Module):
         assert 1 <= len(kv_caches) <= len(self.layers)
         x = self.embed_tokens(input_ids)
         rope = self.rotary.tables(positions)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv_cache, meta)
+        operands = self._fused_operands(x, kv_caches, meta)
+        if operands is not None:
+            x = self._fused_layers(x, rope, kv_caches, meta, *operands)
+        else:
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                x = layer(x, rope, kv_cache, meta)
         if return_hidden:
             hidden = self.norm(x)  # row-wise: a selected row's value equals normalising it alone
             return self.lm_head(hidden[logits_indices]).float(), hidden
         return self.lm_head(self.norm(x[logits_indices])).float(), None
+
+    def _fused_operands(
+        self, x: torch.Tensor, kv_caches: KVCache, meta: AttentionMetadata
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """Every layer's two norm weights and its four linears' operands, in layer order, for
+        `specserve_cpu::decoder_layers` (kernels/csrc/decoder_cpu.cpp: the same kernel calls as the layer
+        modules, in one C++ call, the same bits); None where that call does not apply: the C++ kernels are
+        not loaded, gradients are wanted, some rows go to SDPA (a long prefill chunk) or another attention
+        backend, the cache is not float32, or a linear has no `fused_operands` (bfloat16, fbgemm int8, a
+        bias). The operands are gathered once and kept while the layers hold the same linear modules.
+        """
+        if not (self.fuse_layers and meta.cpu_args is not None and not meta.groups and cpu_ops.applies(x)
+                and kv_caches[0][0].dtype == torch.float32):
+            return None
+        first, last = self.layers[0], self.layers[-1]
+        key = (first.self_attn.qkv_proj, first.mlp.down_proj, last.self_attn.qkv_proj, last.mlp.down_proj)
+        if self._fused is None or any(a is not b for a, b in zip(self._fused[0], key)):
+            self._fused = (key, _layer_operands(self.layers))
+        return self._fused[1]
+
+    def _fused_layers(
+        self, x: torch.Tensor, rope: torch.Tensor, kv_caches: KVCache, meta: AttentionMetadata,
+        norms: list[torch.Tensor], linears: list[torch.Tensor],
+    ) -> torch.Tensor:  # [num_tokens, hidden], the residual stream after the layers of `kv_caches`
+        layers, args, attn = len(kv_caches), meta.cpu_args, self.layers[0].self_attn
+        per_layer = len(linears) // len(self.layers)
+        return torch.ops.specserve_cpu.decoder_layers(
+            x, torch.view_as_real(rope), [k for k, _ in kv_caches], [v for _, v in kv_caches], meta.slot_mapping,
+            args.block_tables, args.prefix_lens, args.row_starts, args.query_lens, args.tree_mask, args.block_size,
+            attn.scale, norms[: 2 * layers], linears[: per_layer * layers], attn.num_heads, attn.num_kv_heads,
+            self.config.rms_norm_eps,
+        )
 
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load HF Llama names, fusing q/k/v and gate/up into the model's combined projections."""

@@ -108,6 +108,10 @@ class Float32Linear(nn.Module):
             out = F.linear(rows, self.weight, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
+    def fused_operands(self) -> list[torch.Tensor] | None:
+        """What `specserve_cpu::decoder_layers` needs to run this linear (engine/model.py), or None."""
+        return [self.weight] if self.bias is None and cpu_ops.load() else None
+
 
 def decode_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
     """The fastest batch-invariant linear for `dtype` (float32 or bfloat16) on this machine: float32 in
@@ -206,6 +210,10 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             out = out.add_(self.bias)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def fused_operands(self) -> list[torch.Tensor] | None:
+        """What `specserve_cpu::decoder_layers` needs to run this linear (engine/model.py), or None."""
+        return [self.packed, self.compensation, self.w_scale] if self.packed_weight is None and self.bias is None else None
 
 
 def apply_weight_dtype(
