@@ -1,8 +1,8 @@
 // The decoder layers of one forward in one call (engine/model.py, LlamaModel.forward), for steps whose
 // every row the attention kernel takes: decode rows and draft-tree verify rows, with float32 or int8
-// weights on specserve's own linear kernels.
+// weights on specserve's own linear kernels or bfloat16 ones on oneDNN's.
 //
-// Why: a batch-1 decode step of the 135M model is ~25 ms in float32 (~11 ms in int8), of which ~19 ms
+// Why: a batch-1 decode step of the 135M model was ~24 ms in float32 (~9 ms in int8), of which ~19 ms
 // (~6 ms) are the linears moving the weights; most of the rest was Python and torch's per-op dispatch
 // around ~14 small calls per layer x 30 layers (module calls, views, chunk, silu, mul, adds). Here each
 // layer is the same kernel calls the per-layer Python path makes, in the same order, on the same
@@ -10,22 +10,55 @@
 // gate/up projection, SiLU(gate) * up, down projection, residual add. The results are the same bits
 // (tests/unit/engine/test_fused_layers.py compares them), so nothing downstream can tell the two apart.
 //
-// Linears: `linears` holds, layer by layer, the QKV, output, gate/up and down projections; a float32
-// weight `[N, K]` each (linear_cpu.cpp), or for int8 three tensors each: packed weight, compensation,
-// weight scales (int8_linear_cpu.cpp). `norms` holds each layer's two RMSNorm weights. Bias-free.
+// Linears: `linears` holds, layer by layer, the QKV, output, gate/up and down projections, all of one
+// kind, told by the first tensor's dtype: a float32 weight `[N, K]` each (linear_cpu.cpp); for int8 three
+// tensors each: packed weight, compensation, weight scales (int8_linear_cpu.cpp); for bfloat16 oneDNN's
+// prepacked weight, called as engine/quant.py's PackedLinear calls it. `norms` holds each layer's two
+// RMSNorm weights. Bias-free.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/silu.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "ops.h"
 
 namespace {
 
 constexpr int64_t kLinearsPerLayer = 4;  // QKV, output, gate/up, down
+// engine/quant.py's MIN_ROWS and BF16_MAX_ROWS: oneDNN's bfloat16 linear is fed at least 4 rows (short
+// inputs padded with copies of the last row) and at most 32 at a time, which keeps it batch-invariant.
+constexpr int64_t kPackedMinRows = 4;
+constexpr int64_t kPackedMaxRows = 32;
+
+at::Tensor onednn_rows(const at::Tensor& rows, const at::Tensor& packed) {  // [m <= 32, K] bf16 -> [m, N] bf16
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  const int64_t m = rows.size(0);
+  at::Tensor input = rows;
+  if (m > 0 && m < kPackedMinRows) {
+    input = at::cat({rows, rows.narrow(0, m - 1, 1).expand({kPackedMinRows - m, rows.size(1)})});
+  }
+  torch::jit::Stack stack{input, packed, c10::IValue(), std::string("none"), c10::List<c10::optional<at::Scalar>>(),
+                          std::string("")};
+  op.callBoxed(&stack);
+  return stack[0].toTensor().narrow(0, 0, m);
+}
+
+at::Tensor onednn_bf16_linear(const at::Tensor& x, const at::Tensor& packed) {  // float32 in and out
+  const at::Tensor rows = x.to(at::kBFloat16);
+  if (rows.size(0) <= kPackedMaxRows) return onednn_rows(rows, packed).to(at::kFloat);
+  std::vector<at::Tensor> pieces;
+  for (const at::Tensor& piece : rows.split(kPackedMaxRows)) pieces.push_back(onednn_rows(piece, packed));
+  return at::cat(pieces).to(at::kFloat);
+}
 
 at::Tensor decoder_layers(const at::Tensor& x_in, const at::Tensor& rotations, at::TensorList k_caches,
                           at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
@@ -36,7 +69,10 @@ at::Tensor decoder_layers(const at::Tensor& x_in, const at::Tensor& rotations, a
   TORCH_CHECK(layers >= 1 && v_caches.size() == k_caches.size(), "decoder_layers: one K and one V cache per layer");
   TORCH_CHECK(static_cast<int64_t>(norms.size()) == 2 * layers, "decoder_layers: two norm weights per layer");
   TORCH_CHECK(!linears.empty(), "decoder_layers: no linear weights");
-  const bool int8 = linears[0].scalar_type() == at::kChar;
+  const auto kind = linears[0].scalar_type();
+  TORCH_CHECK(kind == at::kFloat || kind == at::kChar || kind == at::kBFloat16,
+              "decoder_layers: float32, int8 or bfloat16 linear operands");
+  const bool int8 = kind == at::kChar;
   const int64_t per_linear = int8 ? 3 : 1;
   TORCH_CHECK(static_cast<int64_t>(linears.size()) == layers * kLinearsPerLayer * per_linear,
               "decoder_layers: ", per_linear, " tensor(s) per linear, 4 linears per layer");
@@ -44,7 +80,8 @@ at::Tensor decoder_layers(const at::Tensor& x_in, const at::Tensor& rotations, a
   const int64_t tokens = x_in.size(0);
 
   auto project = [&](const at::Tensor& rows, int64_t index) {  // index = layer * 4 + which
-    if (!int8) return specserve_cpu::linear(rows, linears[index], c10::nullopt);
+    if (kind == at::kFloat) return specserve_cpu::linear(rows, linears[index], c10::nullopt);
+    if (kind == at::kBFloat16) return onednn_bf16_linear(rows, linears[index]);
     const int64_t i = index * 3;
     return specserve_cpu::int8_linear(rows, linears[i], linears[i + 1], linears[i + 2], c10::nullopt);
   };
@@ -79,3 +116,6 @@ TORCH_LIBRARY_FRAGMENT(specserve_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(specserve_cpu, CPU, m) { m.impl("decoder_layers", &decoder_layers); }
+
+// oneDNN's prepacked bfloat16 weights are opaque MkldnnCPU tensors, which send the call to that key.
+TORCH_LIBRARY_IMPL(specserve_cpu, MkldnnCPU, m) { m.impl("decoder_layers", &decoder_layers); }

@@ -147,7 +147,7 @@ class DecoderLayer(nn.Module):
 
 def _layer_operands(layers: nn.ModuleList) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
     """(norm weights, linear operands) of every layer for the fused C++ call, or None when a linear cannot
-    run there or the four linears of the model are not all of one kind (float32 or int8 kernel)."""
+    run there or the linears of the model are not all of one kind (float32, int8 or oneDNN bfloat16)."""
     norms: list[torch.Tensor] = []
     linears: list[list[torch.Tensor]] = []
     for layer in layers:
@@ -216,8 +216,8 @@ class LlamaModel(nn.Module):
         `specserve_cpu::decoder_layers` (kernels/csrc/decoder_cpu.cpp: the same kernel calls as the layer
         modules, in one C++ call, the same bits); None where that call does not apply: the C++ kernels are
         not loaded, gradients are wanted, some rows go to SDPA (a long prefill chunk) or another attention
-        backend, the cache is not float32, or a linear has no `fused_operands` (bfloat16, fbgemm int8, a
-        bias). The operands are gathered once and kept while the layers hold the same linear modules.
+        backend, the cache is not float32, or a linear has no `fused_operands` (fbgemm int8, bfloat16
+        without oneDNN, a bias). The operands are gathered once and kept while the layers hold the same linear modules.
         """
         if not (self.fuse_layers and meta.cpu_args is not None and not meta.groups and cpu_ops.applies(x)
                 and kv_caches[0][0].dtype == torch.float32):

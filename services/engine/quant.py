@@ -88,6 +88,11 @@ class PackedLinear(nn.Module):
             rows = torch.cat([rows, rows[-1:].expand(MIN_ROWS - num_rows, -1)])
         return torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")[:num_rows]
 
+    def fused_operands(self) -> list[torch.Tensor] | None:
+        """What `specserve_cpu::decoder_layers` needs to run this linear (engine/model.py), or None: bfloat16
+        only (a float32 PackedLinear means the C++ kernels did not build)."""
+        return [self.packed_weight] if self.dtype == torch.bfloat16 and self.bias is None else None
+
 
 class Float32Linear(nn.Module):
     """float32 weights as loaded (row-major, sharing the loaded tensor, so a tied head adds no copy of the
