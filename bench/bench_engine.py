@@ -370,10 +370,10 @@ def doc_section(bench: Bench, load_average: float, tables: str) -> str:
 - Quality: greedy outputs compared with specserve float32's; perplexity of {PPL_TOKENS} tokens of GSM8K-train
   question/answer text, scored in independent {PPL_CHUNK}-token chunks.
 - Step profile: prompt {prompts[0].question_id}, {PROFILE_WARMUP_STEPS} warm-up decode steps, then the mean of
-  {PROFILE_STEPS}, as the engine runs them (float32 and int8: the decoder layers in one fused C++ call,
+  {PROFILE_STEPS}, as the engine runs them (the decoder layers in one fused C++ call,
   kernels/csrc/decoder_cpu.cpp); model forward from a hook on the model; bookkeeping: `step()` minus the
   forward (schedule, tensors, attention metadata, sampling, detokenization). Then as many steps through the
-  per-layer modules (`fuse_layers = False`; bfloat16 always runs them), split by hooks on them: linear,
+  per-layer modules (`fuse_layers = False`), split by hooks on them: linear,
   every projection and the LM head (int8: with the activation quantization); attention, RoPE, KV write
   and the attention kernel; other, norms, SiLU, embedding, residual adds. Hooks add their own cost.
 
