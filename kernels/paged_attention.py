@@ -73,11 +73,15 @@ ATTENTION_BACKENDS = ("torch", "triton", "cpu")
 CPU_KERNEL_MAX_QUERY = 16
 
 
+# Cache element types the C++ kernel reads (bfloat16 widened exactly to float32 as it is loaded).
+CPU_KV_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def resolve_attention_backend(name: str, kv_dtype: torch.dtype = torch.float32) -> str:
-    """ "auto" -> "cpu" where the C++ kernel builds and loads (for a float32 cache), else "torch"; "cpu" is
-    checked to load; other names unchanged."""
+    """ "auto" -> "cpu" where the C++ kernel builds and loads (for a float32 or bfloat16 cache), else
+    "torch"; "cpu" is checked to load; other names unchanged."""
     if name == "auto":
-        return "cpu" if kv_dtype == torch.float32 and cpu_ops.load() else "torch"
+        return "cpu" if kv_dtype in CPU_KV_DTYPES and cpu_ops.load() else "torch"
     if name == "cpu" and not cpu_ops.load():
         raise RuntimeError("attention backend 'cpu' needs the C++ CPU kernel, which did not build here")
     return name

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from specserve.client import Chunk, Client, Generation
 from specserve.engine.config import (
+    KV_DTYPES,
     LEARNED_METHODS,
     SPEC_METHODS,
     WEIGHT_DTYPES,
@@ -76,7 +77,8 @@ def generate_local(args: argparse.Namespace, params: SamplingParams) -> None:
     spec = spec_config(args)
     load_start = time.perf_counter()
     engine = LLMEngine.from_config(EngineConfig(
-        model_path=resolve_model(args.model), dtype=args.dtype, spec=spec, batch_invariant=args.batch_invariant
+        model_path=resolve_model(args.model), dtype=args.dtype, spec=spec, batch_invariant=args.batch_invariant,
+        kv_dtype=args.kv_dtype or "float32",
     ))
     load_seconds = time.perf_counter() - load_start
     prompt_ids = engine.encode_prompt(args.prompt, chat=not args.raw)
@@ -93,7 +95,8 @@ def generate_local(args: argparse.Namespace, params: SamplingParams) -> None:
 def generate_remote(args: argparse.Namespace, params: SamplingParams) -> None:
     """Through the router at --url: its model, dtype and drafters apply. The counters only the engine's
     process knows (load, draft and forward seconds, dtype) are null in --json."""
-    engine_flags = {"--model": args.model, "--batch-invariant": args.batch_invariant, "--datastore": args.datastore,
+    engine_flags = {"--model": args.model, "--batch-invariant": args.batch_invariant, "--kv-dtype": args.kv_dtype,
+                    "--datastore": args.datastore,
                     "--exit-layer": args.exit_layer, "--draft-checkpoint": args.draft_checkpoint}
     given = [flag for flag, value in engine_flags.items() if value not in (None, False)]
     if given:
@@ -224,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32", help="weight precision")
     gen.add_argument("--batch-invariant", action="store_true",
                      help="attention rows that never depend on the rest of the batch (prefill attention is slower)")
+    gen.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
+                     help="KV cache precision (default float32, exact; bfloat16 halves the bytes attention reads)")
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -84,9 +85,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& rotations, at::Tensor k_cache, at::Tensor v_cache,
                          const at::Tensor& slot_mapping, int64_t num_heads, int64_t num_kv_heads) {
   check_rows(qkv, "rope_write_kv");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
+  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
+                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
-              "rope_write_kv: contiguous float32 caches of one shape");
+              "rope_write_kv: contiguous float32 or bfloat16 caches of one shape and dtype");
   const int64_t head_dim = k_cache.size(2), tokens = qkv.size(0), num_slots = k_cache.size(0);
   TORCH_CHECK(k_cache.size(1) == num_kv_heads && head_dim % 2 == 0 &&
                   qkv.numel() == tokens * (num_heads + 2 * num_kv_heads) * head_dim,
@@ -103,26 +105,33 @@ at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& rotations, at:
   const float* in = qkv.data_ptr<float>();
   const float* rot = rotations.data_ptr<float>();
   float* qp = q.data_ptr<float>();
-  float* kp = k_cache.data_ptr<float>();
-  float* vp = v_cache.data_ptr<float>();
   const int64_t width = (num_heads + 2 * num_kv_heads) * head_dim, kv_width = num_kv_heads * head_dim;
-  at::parallel_for(0, tokens, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const float* row = in + t * width;
-      const float* cs = rot + t * head_dim;  // [head_dim / 2, 2]
-      auto rotate = [&](const float* x, float* out) {
-        for (int64_t i = 0; i < head_dim / 2; ++i) {
-          const float a = x[2 * i], b = x[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
-          out[2 * i] = a * c - b * s;
-          out[2 * i + 1] = a * s + b * c;
-        }
-      };
-      for (int64_t h = 0; h < num_heads; ++h) rotate(row + h * head_dim, qp + (t * num_heads + h) * head_dim);
-      float* k_slot = kp + slots[t] * kv_width;
-      for (int64_t h = 0; h < num_kv_heads; ++h) rotate(row + (num_heads + h) * head_dim, k_slot + h * head_dim);
-      std::memcpy(vp + slots[t] * kv_width, row + (num_heads + num_kv_heads) * head_dim, sizeof(float) * kv_width);
-    }
-  });
+  // A bfloat16 cache stores each float32 value rounded to nearest even, as torch's `.to(torch.bfloat16)`.
+  auto run = [&](auto* kp, auto* vp) {
+    at::parallel_for(0, tokens, kRowsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const float* row = in + t * width;
+        const float* cs = rot + t * head_dim;  // [head_dim / 2, 2]
+        auto rotate = [&](const float* x, auto* out) {
+          for (int64_t i = 0; i < head_dim / 2; ++i) {
+            const float a = x[2 * i], b = x[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
+            out[2 * i] = a * c - b * s;
+            out[2 * i + 1] = a * s + b * c;
+          }
+        };
+        for (int64_t h = 0; h < num_heads; ++h) rotate(row + h * head_dim, qp + (t * num_heads + h) * head_dim);
+        auto* k_slot = kp + slots[t] * kv_width;
+        for (int64_t h = 0; h < num_kv_heads; ++h) rotate(row + (num_heads + h) * head_dim, k_slot + h * head_dim);
+        const float* v_in = row + (num_heads + num_kv_heads) * head_dim;
+        std::copy(v_in, v_in + kv_width, vp + slots[t] * kv_width);
+      }
+    });
+  };
+  if (k_cache.scalar_type() == at::kBFloat16) {
+    run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
+  } else {
+    run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  }
   return q;
 }
 

@@ -19,6 +19,10 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <torch/library.h>
 
 #include <algorithm>
@@ -42,6 +46,23 @@ inline Lanes load_lanes(const float* x) {
   Lanes v;
   std::memcpy(&v, x, sizeof v);
   return v;
+}
+
+// 16 bfloat16 values widened to float32 (exact: a bfloat16 is the top half of a float32's bits).
+inline Lanes load_lanes(const at::BFloat16* x) {
+#if defined(__AVX512F__)
+  const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16);
+  return reinterpret_cast<Lanes>(_mm512_castsi512_ps(wide));
+#else
+  typedef uint16_t Bits16 __attribute__((vector_size(32)));
+  typedef uint32_t Bits32 __attribute__((vector_size(64)));
+  Bits16 narrow;
+  std::memcpy(&narrow, x, sizeof narrow);
+  const Bits32 wide = __builtin_convertvector(narrow, Bits32) << 16;
+  Lanes v;
+  std::memcpy(&v, &wide, sizeof v);
+  return v;
+#endif
 }
 
 inline void store_lanes(float* x, Lanes v) { std::memcpy(x, &v, sizeof v); }
@@ -86,16 +107,16 @@ inline float sum(const float* x, int64_t n) {
 }
 
 // Dot product of two head_dim vectors; kD is head_dim when known at compile time (a multiple of 16),
-// else 0 and `n` says it.
-template <int kD>
-inline float dot(const float* a, const float* b, int64_t n) {
+// else 0 and `n` says it. `b` is a cache row: float32 or bfloat16 (widened exactly, then the same math).
+template <int kD, typename KV>
+inline float dot(const float* a, const KV* b, int64_t n) {
   if constexpr (kD > 0) {
     Lanes acc = {};
     for (int d = 0; d < kD; d += kLanes) acc += load_lanes(a + d) * load_lanes(b + d);
     return reduce_lanes(acc);
   } else {
     float acc[kLanes] = {};
-    for (int64_t d = 0; d < n; ++d) acc[d % kLanes] += a[d] * b[d];
+    for (int64_t d = 0; d < n; ++d) acc[d % kLanes] += a[d] * static_cast<float>(b[d]);
     return reduce_lanes(load_lanes(acc));
   }
 }
@@ -105,7 +126,8 @@ template <int kD>
 struct Accumulator {
   Lanes lanes[kD / kLanes] = {};
   explicit Accumulator(int64_t) {}
-  void add(float w, const float* v) {
+  template <typename KV>
+  void add(float w, const KV* v) {
     for (int c = 0; c < kD / kLanes; ++c) lanes[c] += w * load_lanes(v + c * kLanes);
   }
   void store(float* out, float scale) const {
@@ -117,18 +139,20 @@ template <>
 struct Accumulator<0> {
   std::vector<float> values;
   explicit Accumulator(int64_t n) : values(n, 0.0f) {}
-  void add(float w, const float* v) {
-    for (size_t d = 0; d < values.size(); ++d) values[d] += w * v[d];
+  template <typename KV>
+  void add(float w, const KV* v) {
+    for (size_t d = 0; d < values.size(); ++d) values[d] += w * static_cast<float>(v[d]);
   }
   void store(float* out, float scale) const {
     for (size_t d = 0; d < values.size(); ++d) out[d] = values[d] * scale;
   }
 };
 
+template <typename KV>  // the cache's element type: float or at::BFloat16
 struct Problem {
   const float* q;       // [num_tokens, num_heads, head_dim]
-  const float* k;       // [num_slots, num_kv_heads, head_dim]
-  const float* v;
+  const KV* k;          // [num_slots, num_kv_heads, head_dim]
+  const KV* v;
   float* out;
   const int32_t* tables;  // [num_seqs, max_blocks]
   const int32_t* prefixes;
@@ -172,8 +196,8 @@ inline void reduce_lanes_8(const Lanes (&acc)[kTile], float* out) {
 // row u / per_kv and query head u % per_kv of those sharing the KV head. An item scores its units in
 // one pass over the keys, so each prefix K row is read once per item (GQA, and a verify step's tree rows
 // share their prefix). How units are split into items never changes a unit's result.
-template <int kD>
-void attend(const Problem& p, int64_t s, int64_t kv_head, int64_t unit_begin, int64_t unit_end,
+template <int kD, typename KV>
+void attend(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t unit_begin, int64_t unit_end,
             std::vector<float>& scores, std::vector<int64_t>& seen) {
   const int64_t prefix = p.prefixes[s], rows = p.lens[s], first_row = p.starts[s], width = prefix + rows;
   const int64_t per_kv = p.per_kv, head_dim = p.head_dim, block_size = p.block_size;
@@ -206,7 +230,7 @@ void attend(const Problem& p, int64_t s, int64_t kv_head, int64_t unit_begin, in
     int64_t o = 0;
     if constexpr (kD > 0) {
       for (; o + kTile <= count; o += kTile) {
-        const float* k0 = k_row(base + o);
+        const KV* k0 = k_row(base + o);
         for (int64_t u = 0; u < units; ++u) {
           const float* qv = q_vec(u);
           Lanes qc[kD / kLanes];
@@ -223,7 +247,7 @@ void attend(const Problem& p, int64_t s, int64_t kv_head, int64_t unit_begin, in
       }
     }
     for (; o < count; ++o) {
-      const float* k = k_row(base + o);
+      const KV* k = k_row(base + o);
       for (int64_t u = 0; u < units; ++u) scores[u * width + start + o] = dot<kD>(q_vec(u), k, head_dim) * p.scale;
     }
   });
@@ -260,17 +284,19 @@ namespace specserve_cpu {
 void tree_attention(
     at::Tensor out,              // [num_tokens, num_heads, head_dim] float32, rows of these sequences written
     const at::Tensor& q,         // [num_tokens, num_heads, head_dim] float32
-    const at::Tensor& k_cache,   // [num_slots, num_kv_heads, head_dim] float32
-    const at::Tensor& v_cache,   // [num_slots, num_kv_heads, head_dim] float32
+    const at::Tensor& k_cache,   // [num_slots, num_kv_heads, head_dim] float32 or bfloat16
+    const at::Tensor& v_cache,   // [num_slots, num_kv_heads, head_dim] the same
     const at::Tensor& block_tables,  // [num_seqs, max_blocks] int32
     const at::Tensor& prefix_lens,   // [num_seqs] int32
     const at::Tensor& row_starts,    // [num_seqs] int32, first row of each sequence in q
     const at::Tensor& query_lens,    // [num_seqs] int32
     const at::Tensor& tree_mask,     // [num_tokens, max_query_len] bool, indexed by q's row
     int64_t block_size, double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
-                  v_cache.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
-              "tree_attention_cpu: float32 q, out and cache");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "tree_attention_cpu: float32 q and out");
+  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "tree_attention_cpu: a float32 or bfloat16 cache, K and V alike");
   TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes() && k_cache.dim() == 3, "tree_attention_cpu: q, out, cache shapes");
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "tree_attention_cpu: contiguous q, out and cache");
@@ -286,67 +312,75 @@ void tree_attention(
   const int64_t num_seqs = prefix_lens.size(0), num_slots = k_cache.size(0);
   TORCH_CHECK(row_starts.size(0) == num_seqs && query_lens.size(0) == num_seqs && block_tables.size(0) == num_seqs &&
                   tree_mask.size(0) == q.size(0), "tree_attention_cpu: per-sequence tensors disagree");
-  Problem p{q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>(),
-            block_tables.data_ptr<int32_t>(), prefix_lens.data_ptr<int32_t>(), row_starts.data_ptr<int32_t>(),
-            query_lens.data_ptr<int32_t>(), tree_mask.data_ptr<bool>(),
-            num_heads, num_kv_heads, num_heads / num_kv_heads, head_dim, block_tables.size(1), tree_mask.size(1),
-            block_size, static_cast<float>(scale)};
-  // Checked here, before any thread starts: a bad index would read outside the cache.
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    const int64_t prefix = p.prefixes[s], rows = p.lens[s], start = p.starts[s];
-    TORCH_CHECK(prefix >= 0 && rows >= 0 && rows <= p.mask_stride, "tree_attention_cpu: bad lengths");
-    const int64_t blocks = (prefix + rows + block_size - 1) / block_size;
-    TORCH_CHECK(blocks <= p.max_blocks, "tree_attention_cpu: context longer than its block table");
-    TORCH_CHECK(start >= 0 && start + rows <= q.size(0), "tree_attention_cpu: rows outside q");
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t block = p.tables[s * p.max_blocks + b];
-      TORCH_CHECK(block >= 0 && (block + 1) * block_size <= num_slots, "tree_attention_cpu: block out of range");
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      TORCH_CHECK(p.mask[(start + r) * p.mask_stride + r], "tree_attention_cpu: a query row must see its own token");
-    }
-  }
-  // Work item = (sequence, KV head, part): a sequence's units for one KV head are split into `parts`
-  // near-equal runs when there are too few (sequence, KV head) pairs to keep every thread busy (batch 1:
-  // 3 KV heads on 2 threads would leave one idle half the time).
-  const int64_t pairs = num_seqs * num_kv_heads;
-  const int64_t parts = std::max<int64_t>(1, (2 * at::get_num_threads() + pairs - 1) / pairs);
-  const int64_t items = pairs * parts;
-  auto unit_range = [&](int64_t item) {
-    const int64_t s = item / parts / num_kv_heads, part = item % parts;
-    const int64_t units = int64_t(p.lens[s]) * p.per_kv;
-    return std::make_pair(units * part / parts, units * (part + 1) / parts);
-  };
-  // Items go to threads as contiguous runs of about equal cost, not of equal count: sequences of a batch
-  // differ in length (a batch of 8 Spec-Bench prompts spends 59% of its keys in the first 4), and an even
-  // count split left one thread idle for ~15% of the call. Cost = keys x (units + 3): reading a key costs
-  // about as much as scoring it for three units. The split never changes a unit's result.
-  std::vector<double> cost_before(items + 1, 0.0);
-  for (int64_t item = 0; item < items; ++item) {
-    const int64_t s = item / parts / num_kv_heads;
-    const auto [unit_begin, unit_end] = unit_range(item);
-    cost_before[item + 1] = cost_before[item] + double(p.prefixes[s] + p.lens[s]) * double(unit_end - unit_begin + 3);
-  }
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
-  auto first_item = [&](int64_t thread) {  // the first item whose cost midpoint is in this thread's share
-    const double share = cost_before[items] * double(thread) / double(threads);
-    int64_t item = 0;
-    while (item < items && (cost_before[item] + cost_before[item + 1]) / 2 < share) ++item;
-    return item;
-  };
-  at::parallel_for(0, threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
-    std::vector<float> scores;
-    std::vector<int64_t> seen;
-    for (int64_t item = first_item(thread_begin); item < first_item(thread_end); ++item) {
-      const int64_t s = item / parts / num_kv_heads, kv_head = item / parts % num_kv_heads;
-      const auto [unit_begin, unit_end] = unit_range(item);
-      switch (head_dim) {
-        case 64: attend<64>(p, s, kv_head, unit_begin, unit_end, scores, seen); break;
-        case 128: attend<128>(p, s, kv_head, unit_begin, unit_end, scores, seen); break;
-        default: attend<0>(p, s, kv_head, unit_begin, unit_end, scores, seen);
+  auto run = [&](auto element) {  // element: a value of the cache's type, to name it
+    using KV = decltype(element);
+    Problem<KV> p{q.data_ptr<float>(), k_cache.data_ptr<KV>(), v_cache.data_ptr<KV>(), out.data_ptr<float>(),
+                  block_tables.data_ptr<int32_t>(), prefix_lens.data_ptr<int32_t>(), row_starts.data_ptr<int32_t>(),
+                  query_lens.data_ptr<int32_t>(), tree_mask.data_ptr<bool>(),
+                  num_heads, num_kv_heads, num_heads / num_kv_heads, head_dim, block_tables.size(1),
+                  tree_mask.size(1), block_size, static_cast<float>(scale)};
+    // Checked here, before any thread starts: a bad index would read outside the cache.
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      const int64_t prefix = p.prefixes[s], rows = p.lens[s], start = p.starts[s];
+      TORCH_CHECK(prefix >= 0 && rows >= 0 && rows <= p.mask_stride, "tree_attention_cpu: bad lengths");
+      const int64_t blocks = (prefix + rows + block_size - 1) / block_size;
+      TORCH_CHECK(blocks <= p.max_blocks, "tree_attention_cpu: context longer than its block table");
+      TORCH_CHECK(start >= 0 && start + rows <= q.size(0), "tree_attention_cpu: rows outside q");
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t block = p.tables[s * p.max_blocks + b];
+        TORCH_CHECK(block >= 0 && (block + 1) * block_size <= num_slots, "tree_attention_cpu: block out of range");
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        TORCH_CHECK(p.mask[(start + r) * p.mask_stride + r], "tree_attention_cpu: a query row must see its own token");
       }
     }
-  });
+    // Work item = (sequence, KV head, part): a sequence's units for one KV head are split into `parts`
+    // near-equal runs when there are too few (sequence, KV head) pairs to keep every thread busy (batch 1:
+    // 3 KV heads on 2 threads would leave one idle half the time).
+    const int64_t pairs = num_seqs * num_kv_heads;
+    const int64_t parts = std::max<int64_t>(1, (2 * at::get_num_threads() + pairs - 1) / pairs);
+    const int64_t items = pairs * parts;
+    auto unit_range = [&](int64_t item) {
+      const int64_t s = item / parts / num_kv_heads, part = item % parts;
+      const int64_t units = int64_t(p.lens[s]) * p.per_kv;
+      return std::make_pair(units * part / parts, units * (part + 1) / parts);
+    };
+    // Items go to threads as contiguous runs of about equal cost, not of equal count: sequences of a batch
+    // differ in length (a batch of 8 Spec-Bench prompts spends 59% of its keys in the first 4), and an even
+    // count split left one thread idle for ~15% of the call. Cost = keys x (units + 3): reading a key costs
+    // about as much as scoring it for three units. The split never changes a unit's result.
+    std::vector<double> cost_before(items + 1, 0.0);
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t s = item / parts / num_kv_heads;
+      const auto [unit_begin, unit_end] = unit_range(item);
+      cost_before[item + 1] = cost_before[item] + double(p.prefixes[s] + p.lens[s]) * double(unit_end - unit_begin + 3);
+    }
+    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+    auto first_item = [&](int64_t thread) {  // the first item whose cost midpoint is in this thread's share
+      const double share = cost_before[items] * double(thread) / double(threads);
+      int64_t item = 0;
+      while (item < items && (cost_before[item] + cost_before[item + 1]) / 2 < share) ++item;
+      return item;
+    };
+    at::parallel_for(0, threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
+      std::vector<float> scores;
+      std::vector<int64_t> seen;
+      for (int64_t item = first_item(thread_begin); item < first_item(thread_end); ++item) {
+        const int64_t s = item / parts / num_kv_heads, kv_head = item / parts % num_kv_heads;
+        const auto [unit_begin, unit_end] = unit_range(item);
+        switch (head_dim) {
+          case 64: attend<64>(p, s, kv_head, unit_begin, unit_end, scores, seen); break;
+          case 128: attend<128>(p, s, kv_head, unit_begin, unit_end, scores, seen); break;
+          default: attend<0>(p, s, kv_head, unit_begin, unit_end, scores, seen);
+        }
+      }
+    });
+  };
+  if (k_cache.scalar_type() == at::kBFloat16) {
+    run(at::BFloat16{});
+  } else {
+    run(float{});
+  }
 }
 
 }  // namespace specserve_cpu

@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from specserve.engine.acceptance import LossyConfig
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
+# KV cache element types. bfloat16 halves the bytes attention reads each decode step (and the memory a
+# sequence holds); its K/V are rounded, so even float32 weights are no longer exact against the reference.
+KV_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -181,10 +184,18 @@ class EngineConfig:
     # kernels/tree_attention.py, for a cache on a CUDA device; on CPU it runs only under
     # TRITON_INTERPRET=1 (tests). The engine itself keeps its cache on the CPU today.
     attention_backend: str = "auto"
+    # The KV cache's element type (KV_DTYPES): float32, exact; bfloat16, half the attention reads of a
+    # batched decode step at long context. Both run on the "cpu" and "torch" backends; "triton" reads a
+    # cache of the queries' dtype (float32 here) only.
+    kv_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.dtype not in WEIGHT_DTYPES:
             raise InvalidRequestError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.dtype!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise InvalidRequestError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
+        if self.kv_dtype != "float32" and self.attention_backend == "triton":
+            raise InvalidRequestError("the triton attention backend reads a float32 KV cache only")
         if self.attention_backend not in ("auto", "cpu", "torch", "triton"):
             raise InvalidRequestError(
                 f"attention_backend must be auto, cpu, torch or triton, got {self.attention_backend!r}")

@@ -17,7 +17,7 @@ from torch import nn
 from specserve.engine.config import ModelConfig
 from specserve.errors import ModelLoadError
 from specserve.kernels import cpu_ops
-from specserve.kernels.paged_attention import AttentionMetadata, paged_attention, write_kv
+from specserve.kernels.paged_attention import CPU_KV_DTYPES, AttentionMetadata, paged_attention, write_kv
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k, v), each [num_slots, num_kv_heads, head_dim]
 
@@ -107,7 +107,7 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, hidden]
         qkv = self.qkv_proj(x)  # [num_tokens, (H + 2 Hkv) * D]
-        if cpu_ops.applies(qkv) and kv_cache[0].dtype == torch.float32:  # one fused C++ call for the lines below
+        if cpu_ops.applies(qkv) and kv_cache[0].dtype in CPU_KV_DTYPES:  # one fused C++ call for the lines below
             q = torch.ops.specserve_cpu.rope_write_kv(qkv.contiguous(), torch.view_as_real(rope), *kv_cache, meta.slot_mapping,
                                                       self.num_heads, self.num_kv_heads)
         else:
@@ -216,11 +216,11 @@ class LlamaModel(nn.Module):
         `specserve_cpu::decoder_layers` (kernels/csrc/decoder_cpu.cpp: the same kernel calls as the layer
         modules, in one C++ call, the same bits); None where that call does not apply: the C++ kernels are
         not loaded, gradients are wanted, some rows go to SDPA (a long prefill chunk) or another attention
-        backend, the cache is not float32, or a linear has no `fused_operands` (fbgemm int8, bfloat16
+        backend, the cache is neither float32 nor bfloat16, or a linear has no `fused_operands` (fbgemm int8, bfloat16
         without oneDNN, a bias). The operands are gathered once and kept while the layers hold the same linear modules.
         """
         if not (self.fuse_layers and meta.cpu_args is not None and not meta.groups and cpu_ops.applies(x)
-                and kv_caches[0][0].dtype == torch.float32):
+                and kv_caches[0][0].dtype in CPU_KV_DTYPES):
             return None
         first, last = self.layers[0], self.layers[-1]
         key = (first.self_attn.qkv_proj, first.mlp.down_proj, last.self_attn.qkv_proj, last.mlp.down_proj)

@@ -38,8 +38,9 @@ def test_generate_json_is_one_object(model_path, tmp_path):
 
 
 def test_generate_streams_text_and_summary(model_path, tmp_path):
+    # With a bfloat16 KV cache, which changes nothing else a user sees.
     result = run_cli("generate", "Once upon a time", "--raw", "--max-tokens", "8", "--temperature", "0.8",
-                     "--seed", "7", "--model", str(model_path), cwd=tmp_path)
+                     "--seed", "7", "--kv-dtype", "bfloat16", "--model", str(model_path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     summary = result.stderr.strip().splitlines()[-1]

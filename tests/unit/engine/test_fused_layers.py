@@ -38,9 +38,9 @@ def random_llama(dtype: str, config: ModelConfig = REAL_SHAPES) -> LlamaModel:
     return apply_weight_dtype(model.eval(), dtype)
 
 
-def prefilled_cache(model: LlamaModel, prompts: list[list[int]]):
+def prefilled_cache(model: LlamaModel, prompts: list[list[int]], kv_dtype: torch.dtype = torch.float32):
     """The KV cache after prefilling each prompt in its own forward (per-layer path: > 16 rows go to SDPA)."""
-    kv = allocate_kv_cache(model.config, CACHE, torch.float32)
+    kv = allocate_kv_cache(model.config, CACHE, kv_dtype)
     for prompt, table in zip(prompts, TABLES):
         n = len(prompt)
         meta = build_attention_metadata([n], [n], [table], CACHE.block_size, backend="cpu")
@@ -66,9 +66,9 @@ def clone(kv):
     return [(k.clone(), v.clone()) for k, v in kv]
 
 
-def run_both(model: LlamaModel, layers: int | None = None):
+def run_both(model: LlamaModel, layers: int | None = None, kv_dtype: torch.dtype = torch.float32):
     prompts = [list(range(3, 40)), list(range(50, 71))]
-    kv = prefilled_cache(model, prompts)
+    kv = prefilled_cache(model, prompts, kv_dtype)
     lens = [len(p) for p in prompts]
     results = {}
     for fuse in (True, False):
@@ -111,6 +111,14 @@ def test_fused_layers_equal_the_layer_modules(dtype: str, monkeypatch):
     assert calls == [2]  # the fused step only: prefill (SDPA groups) and the per-layer step are not fused
     assert_same_bits(results)
     assert results[True][0].abs().max() > 0  # a real computation, not two zero tensors
+
+
+def test_fused_layers_over_a_bfloat16_cache_equal_the_layer_modules(monkeypatch):
+    model = random_llama("float32")
+    calls = count_fused_calls(monkeypatch)
+    results = run_both(model, kv_dtype=torch.bfloat16)
+    assert calls == [2] and results[True][2][0][0].dtype == torch.bfloat16
+    assert_same_bits(results)
 
 
 def test_fused_early_exit_runs_only_the_first_layers(monkeypatch):

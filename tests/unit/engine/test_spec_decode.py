@@ -108,11 +108,12 @@ def learned_checkpoint(distill_cache, data_dir, model_path):
 
 
 def make_engine(
-    model, tokenizer, dtype: str, spec: SpecConfig, max_num_seqs: int, batch_invariant: bool = False
+    model, tokenizer, dtype: str, spec: SpecConfig, max_num_seqs: int, batch_invariant: bool = False,
+    kv_dtype: str = "float32",
 ) -> LLMEngine:
     config = EngineConfig(
         model_path="unused", dtype=dtype, spec=spec, cache=CacheConfig(num_blocks=1024),
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs), batch_invariant=batch_invariant,
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs), batch_invariant=batch_invariant, kv_dtype=kv_dtype,
     )
     return LLMEngine(config, model, tokenizer)
 
@@ -124,14 +125,16 @@ def generate(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
     return [c.token_ids for c in completions]
 
 
-_plain: dict[tuple[str, bool], list[list[int]]] = {}
+_plain: dict[tuple[str, bool, str], list[list[int]]] = {}
 
 
-def plain_greedy(model, tokenizer, dtype: str, batch_invariant: bool, prompts: list[list[int]]) -> list[list[int]]:
+def plain_greedy(model, tokenizer, dtype: str, batch_invariant: bool, prompts: list[list[int]],
+                 kv_dtype: str = "float32") -> list[list[int]]:
     """Plain greedy outputs of the engine (8 sequences at a time), computed once per engine kind."""
-    key = (dtype, batch_invariant)
+    key = (dtype, batch_invariant, kv_dtype)
     if key not in _plain:
-        engine = make_engine(model, tokenizer, dtype, SpecConfig(), max_num_seqs=8, batch_invariant=batch_invariant)
+        engine = make_engine(model, tokenizer, dtype, SpecConfig(), max_num_seqs=8, batch_invariant=batch_invariant,
+                             kv_dtype=kv_dtype)
         _plain[key] = generate(engine, prompts)
     return _plain[key]
 
@@ -201,6 +204,17 @@ def test_greedy_speculation_equals_plain_greedy(
     tie_eps = 0.0 if batch_invariant else TIE_EPS[dtype]
     assert count_ties(model, dtype, spread_prompts, expected, actual, tie_eps) <= MAX_TIES
     # The drafter really drafted and the verifier really accepted: the test exercises speculation.
+    assert engine.spec_stats.verify_steps > 0 and engine.spec_stats.accepted > 0
+
+
+def test_greedy_speculation_is_exact_over_a_bfloat16_kv_cache(models, tokenizer, spread_prompts):
+    """A bfloat16 cache rounds K/V once, when written; verify rows and decode rows then read the same
+    values, so greedy n-gram speculation still equals plain greedy decoding of that engine exactly."""
+    model = models("float32")
+    expected = plain_greedy(model, tokenizer, "float32", True, spread_prompts, kv_dtype="bfloat16")
+    engine = make_engine(model, tokenizer, "float32", SpecConfig(method="ngram"), 8, True, kv_dtype="bfloat16")
+    assert engine.runner.kv_cache[0][0].dtype == torch.bfloat16 and engine.runner.attention_backend == "cpu"
+    assert generate(engine, spread_prompts) == expected
     assert engine.spec_stats.verify_steps > 0 and engine.spec_stats.accepted > 0
 
 

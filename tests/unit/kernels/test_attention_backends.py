@@ -111,3 +111,10 @@ def test_batch_invariance_is_a_torch_backend_option():
         EngineConfig(model_path="unused", attention_backend="triton", batch_invariant=True)
     with pytest.raises(InvalidRequestError, match="torch or triton"):
         EngineConfig(model_path="unused", attention_backend="flash")
+
+
+def test_kv_dtype_is_checked():
+    with pytest.raises(InvalidRequestError, match="kv_dtype must be one of float32, bfloat16"):
+        EngineConfig(model_path="unused", kv_dtype="float8")
+    with pytest.raises(InvalidRequestError, match="triton attention backend reads a float32 KV cache only"):
+        EngineConfig(model_path="unused", attention_backend="triton", kv_dtype="bfloat16")

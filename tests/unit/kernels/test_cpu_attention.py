@@ -45,7 +45,7 @@ class Case:
     """Sequences (prefix_len, parents of the new tokens) laid out in a NaN-filled paged cache."""
 
     def __init__(self, seqs: list[tuple[int, list[int]]], num_heads: int, num_kv_heads: int, head_dim: int,
-                 block_size: int, seed: int = 0) -> None:
+                 block_size: int, seed: int = 0, cache_dtype: torch.dtype = torch.float32) -> None:
         gen = torch.Generator().manual_seed(seed)
         self.block_size = block_size
         query_lens = [len(parents) for _, parents in seqs]
@@ -65,6 +65,7 @@ class Case:
                 slot = table[pos // block_size] * block_size + pos % block_size
                 self.k[slot] = torch.randn(num_kv_heads, head_dim, generator=gen)
                 self.v[slot] = torch.randn(num_kv_heads, head_dim, generator=gen)
+        self.k, self.v = self.k.to(cache_dtype), self.v.to(cache_dtype)  # the reference reads the same values
         self.q = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen)
         self.prefix_lens = [prefix for prefix, _ in seqs]
         self.query_lens = query_lens
@@ -103,10 +104,11 @@ class Case:
         return out
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 16, 24])  # 64: the compiled-for head size; 16, 24: the generic path
 @pytest.mark.parametrize("heads", [(9, 3), (4, 4)])
 @pytest.mark.parametrize("block_size", [16, 4])
-def test_kernel_matches_the_reference(head_dim, heads, block_size):
+def test_kernel_matches_the_reference(head_dim, heads, block_size, cache_dtype):
     gen = torch.Generator().manual_seed(head_dim + block_size)
     seqs = [
         (37, [-1]),  # a decode
@@ -116,7 +118,7 @@ def test_kernel_matches_the_reference(head_dim, heads, block_size):
         (64, [-1, 0, 0, 0, 1, 4]),  # a wide tree whose prefix fills whole blocks
         (200, [-1]),
     ]
-    case = Case(seqs, *heads, head_dim=head_dim, block_size=block_size)
+    case = Case(seqs, *heads, head_dim=head_dim, block_size=block_size, cache_dtype=cache_dtype)
     got, want = case.kernel(), case.reference()
     assert not got.isnan().any()
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
@@ -135,14 +137,16 @@ def test_kernel_writes_only_its_sequences_rows():
     # (scored 8 at a time with one shuffle reduction) where the verify row scored them one by one
     (48, [-1, 0, 1, 2, 3, 4, 5, 6, 7], 8),
 ])
-def test_a_row_does_not_depend_on_the_rest_of_the_batch(prefix, parents, node):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_a_row_does_not_depend_on_the_rest_of_the_batch(prefix, parents, node, cache_dtype):
     """Bitwise: a tree row of a verify step (beside other sequences) equals the decode of that token
     alone, with only its path in the cache, at any thread count."""
     path = [node]
     while parents[path[-1]] >= 0:
         path.append(parents[path[-1]])
     path.reverse()
-    tree = Case([(prefix, parents), (300, [-1]), (7, chain(4))], 9, 3, head_dim=64, block_size=16, seed=5)
+    tree = Case([(prefix, parents), (300, [-1]), (7, chain(4))], 9, 3, head_dim=64, block_size=16, seed=5,
+                cache_dtype=cache_dtype)
     got_tree = tree.kernel()
     alone = Case([(prefix + len(path) - 1, [-1])], 9, 3, head_dim=64, block_size=16, seed=6)
     alone.tables = [tree.tables[0][: (prefix + len(path) + 15) // 16]]  # the same blocks; the path follows the prefix
@@ -159,6 +163,18 @@ def test_a_row_does_not_depend_on_the_rest_of_the_batch(prefix, parents, node):
             assert torch.equal(alone.kernel()[0], got_tree[node])
     finally:
         torch.set_num_threads(previous)
+
+
+def test_a_cache_of_mixed_or_unsupported_dtypes_is_refused():
+    case = Case([(20, [-1])], 4, 2, head_dim=16, block_size=4)
+    t = case.tensors()
+    out = torch.empty_like(case.q)
+    for k, v in ((case.k, case.v.bfloat16()), (case.k.half(), case.v.half())):
+        with pytest.raises(RuntimeError, match="float32 or bfloat16 cache"):
+            torch.ops.specserve_cpu.tree_attention(out, case.q, k, v, t["block_tables"], t["prefix_lens"],
+                                                   t["query_start_loc"][:-1].contiguous(),
+                                                   torch.tensor(case.query_lens, dtype=torch.int32), t["tree_mask"],
+                                                   case.block_size, case.scale)
 
 
 def test_bad_metadata_is_an_error_not_a_crash():
@@ -216,9 +232,10 @@ def test_auto_backend_falls_back_to_torch_without_the_kernel(tmp_path):
     assert result.stdout.split() == ["torch", "0"]
 
 
-def test_auto_backend_picks_the_kernel_for_a_float32_cache():
+def test_auto_backend_picks_the_kernel_for_a_float32_or_bfloat16_cache():
     assert resolve_attention_backend("auto") == "cpu"
-    assert resolve_attention_backend("auto", kv_dtype=torch.bfloat16) == "torch"
+    assert resolve_attention_backend("auto", kv_dtype=torch.bfloat16) == "cpu"
+    assert resolve_attention_backend("auto", kv_dtype=torch.float16) == "torch"
     assert resolve_attention_backend("torch") == "torch"
 
 
