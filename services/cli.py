@@ -78,7 +78,7 @@ def generate_local(args: argparse.Namespace, params: SamplingParams) -> None:
     load_start = time.perf_counter()
     engine = LLMEngine.from_config(EngineConfig(
         model_path=resolve_model(args.model), dtype=args.dtype, spec=spec, batch_invariant=args.batch_invariant,
-        kv_dtype=args.kv_dtype or "float32",
+        cache=CacheConfig(dtype=args.kv_dtype or "float32"),
     ))
     load_seconds = time.perf_counter() - load_start
     prompt_ids = engine.encode_prompt(args.prompt, chat=not args.raw)
@@ -227,8 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32", help="weight precision")
     gen.add_argument("--batch-invariant", action="store_true",
                      help="attention rows that never depend on the rest of the batch (prefill attention is slower)")
-    gen.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
-                     help="KV cache precision (default float32, exact; bfloat16 halves the bytes attention reads)")
+    add_kv_dtype_flag(gen)
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -336,7 +335,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)  # fetched once here, not by every child
     common = ["--host", args.host, "--port", "0", "--model", model, "--dtype", args.dtype, "--grace", str(args.grace)]
     verifier = [*SERVE_COMMAND, "verifier", *common, *as_flags(
-        num_blocks=args.num_blocks, block_size=args.block_size, keep_hidden=needs_hidden(spec))]
+        num_blocks=args.num_blocks, block_size=args.block_size, kv_dtype=args.kv_dtype, keep_hidden=needs_hidden(spec))]
     drafter = [*SERVE_COMMAND, "drafter", "--spec", spec.method, *common, *as_flags(
         datastore=spec.datastore_path, draft_checkpoint=spec.draft_checkpoint, exit_layer=spec.exit_layer)]
     services = [(f"verifier-{i}", verifier) for i in range(args.verifiers)]
@@ -372,7 +371,7 @@ def bind_address(args: argparse.Namespace) -> str:
 
 
 def cache_config(args: argparse.Namespace) -> CacheConfig:
-    return CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks)
+    return CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks, dtype=args.kv_dtype or "float32")
 
 
 def router_config(args: argparse.Namespace):
@@ -460,6 +459,13 @@ def add_cache_flags(parser: argparse.ArgumentParser) -> None:
                         help=f"KV cache blocks of each verifier (default {CacheConfig.num_blocks})")
     parser.add_argument("--block-size", type=int, default=CacheConfig.block_size,
                         help=f"token slots per KV block (default {CacheConfig.block_size})")
+    add_kv_dtype_flag(parser)
+
+
+def add_kv_dtype_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
+                        help="KV cache precision (default float32, exact; bfloat16 halves KV memory and the bytes "
+                        "attention reads)")
 
 
 def add_drafter_flags(parser: argparse.ArgumentParser) -> None:

@@ -51,7 +51,8 @@ inline Lanes load_lanes(const float* x) {
 // 16 bfloat16 values widened to float32 (exact: a bfloat16 is the top half of a float32's bits).
 inline Lanes load_lanes(const at::BFloat16* x) {
 #if defined(__AVX512F__)
-  const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16);
+  const __m256i narrow = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(narrow), 16);
   return reinterpret_cast<Lanes>(_mm512_castsi512_ps(wide));
 #else
   typedef uint16_t Bits16 __attribute__((vector_size(32)));

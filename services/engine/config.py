@@ -52,14 +52,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Paged KV cache: `num_blocks` blocks of `block_size` token slots per layer."""
+    """Paged KV cache: `num_blocks` blocks of `block_size` token slots per layer, of element type `dtype`
+    (KV_DTYPES): float32, exact; bfloat16, half the memory and the bytes a batched decode step's attention
+    reads. Both run on the "cpu" and "torch" attention backends; "triton" reads a cache of the queries'
+    dtype (float32 here) only."""
 
     block_size: int = 16
     num_blocks: int = 2048
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.num_blocks <= 0:
             raise InvalidRequestError("block_size and num_blocks must be positive")
+        if self.dtype not in KV_DTYPES:
+            raise InvalidRequestError(f"KV cache dtype must be one of {', '.join(KV_DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -184,17 +190,11 @@ class EngineConfig:
     # kernels/tree_attention.py, for a cache on a CUDA device; on CPU it runs only under
     # TRITON_INTERPRET=1 (tests). The engine itself keeps its cache on the CPU today.
     attention_backend: str = "auto"
-    # The KV cache's element type (KV_DTYPES): float32, exact; bfloat16, half the attention reads of a
-    # batched decode step at long context. Both run on the "cpu" and "torch" backends; "triton" reads a
-    # cache of the queries' dtype (float32 here) only.
-    kv_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.dtype not in WEIGHT_DTYPES:
             raise InvalidRequestError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.dtype!r}")
-        if self.kv_dtype not in KV_DTYPES:
-            raise InvalidRequestError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
-        if self.kv_dtype != "float32" and self.attention_backend == "triton":
+        if self.cache.dtype != "float32" and self.attention_backend == "triton":
             raise InvalidRequestError("the triton attention backend reads a float32 KV cache only")
         if self.attention_backend not in ("auto", "cpu", "torch", "triton"):
             raise InvalidRequestError(

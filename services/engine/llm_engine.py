@@ -99,8 +99,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler()
         self.drafter = drafter if drafter is not None else build_drafter(config.spec, model, tokenizer)
-        self.runner = ModelRunner(model, cache, kv_dtype=getattr(torch, config.kv_dtype),
-                                  batch_invariant=config.batch_invariant,
+        self.runner = ModelRunner(model, cache, batch_invariant=config.batch_invariant,
                                   attention_backend=config.attention_backend,
                                   keep_hidden=self.drafter is not None and self.drafter.needs_hidden)
         # A request may use the whole context, but never more slots than the cache has.

@@ -37,7 +37,7 @@ class StepBatch:
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaModel, cache_config: CacheConfig, kv_dtype: torch.dtype = torch.float32,
+        self, model: LlamaModel, cache_config: CacheConfig, kv_dtype: torch.dtype | None = None,
         batch_invariant: bool = False,
         attention_backend: str = "auto",
         keep_hidden: bool = False,
@@ -45,6 +45,7 @@ class ModelRunner:
         self.model = model
         self.cache_config = cache_config
         self.batch_invariant = batch_invariant
+        kv_dtype = getattr(torch, cache_config.dtype) if kv_dtype is None else kv_dtype  # None: the config's
         self.attention_backend = resolve_attention_backend(attention_backend, kv_dtype)
         self.kv_cache = allocate_kv_cache(model.config, cache_config, kv_dtype)
         num_slots = cache_config.num_blocks * cache_config.block_size

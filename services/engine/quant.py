@@ -218,7 +218,9 @@ class Int8Linear(nn.Module):
 
     def fused_operands(self) -> list[torch.Tensor] | None:
         """What `specserve_cpu::decoder_layers` needs to run this linear (engine/model.py), or None."""
-        return [self.packed, self.compensation, self.w_scale] if self.packed_weight is None and self.bias is None else None
+        if self.packed_weight is not None or self.bias is not None:
+            return None
+        return [self.packed, self.compensation, self.w_scale]
 
 
 def apply_weight_dtype(

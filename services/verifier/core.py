@@ -73,12 +73,11 @@ class VerifierCore:
     """Thread-safe: one step at a time (several routers may call)."""
 
     def __init__(self, model: LlamaModel, cache: CacheConfig, keep_hidden: bool = False,
-                 batch_invariant: bool = False, attention_backend: str = "auto",
-                 kv_dtype: torch.dtype = torch.float32) -> None:
+                 batch_invariant: bool = False, attention_backend: str = "auto") -> None:
         self.model = model
         self.cache = cache
         self.block_manager = BlockManager(cache.num_blocks, cache.block_size)
-        self.runner = ModelRunner(model, cache, kv_dtype=kv_dtype, batch_invariant=batch_invariant,
+        self.runner = ModelRunner(model, cache, batch_invariant=batch_invariant,
                                   attention_backend=attention_backend, keep_hidden=keep_hidden)
         self.sampler = Sampler()
         self.max_total_tokens = min(model.config.max_position_embeddings, cache.num_blocks * cache.block_size)

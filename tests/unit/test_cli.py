@@ -270,3 +270,12 @@ def test_url_unreachable_is_one_line(tmp_path):
     result = run_cli("generate", "hi", "--url", address, cwd=tmp_path)
     assert_one_line_error(result, f"router at {address}: ")
     assert result.returncode == 7  # UnavailableError
+
+
+@pytest.mark.parametrize("argv", [["serve", "verifier"], ["serve", "--embedded"], ["up"]])
+def test_kv_dtype_reaches_the_verifiers_cache(argv):
+    from specserve.cli import build_parser, cache_config
+
+    parser = build_parser()
+    assert cache_config(parser.parse_args([*argv, "--kv-dtype", "bfloat16"])).dtype == "bfloat16"
+    assert cache_config(parser.parse_args(argv)).dtype == "float32"

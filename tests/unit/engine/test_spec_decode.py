@@ -112,8 +112,8 @@ def make_engine(
     kv_dtype: str = "float32",
 ) -> LLMEngine:
     config = EngineConfig(
-        model_path="unused", dtype=dtype, spec=spec, cache=CacheConfig(num_blocks=1024),
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs), batch_invariant=batch_invariant, kv_dtype=kv_dtype,
+        model_path="unused", dtype=dtype, spec=spec, cache=CacheConfig(num_blocks=1024, dtype=kv_dtype),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs), batch_invariant=batch_invariant,
     )
     return LLMEngine(config, model, tokenizer)
 

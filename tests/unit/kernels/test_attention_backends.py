@@ -114,7 +114,7 @@ def test_batch_invariance_is_a_torch_backend_option():
 
 
 def test_kv_dtype_is_checked():
-    with pytest.raises(InvalidRequestError, match="kv_dtype must be one of float32, bfloat16"):
-        EngineConfig(model_path="unused", kv_dtype="float8")
+    with pytest.raises(InvalidRequestError, match="KV cache dtype must be one of float32, bfloat16"):
+        CacheConfig(dtype="float8")
     with pytest.raises(InvalidRequestError, match="triton attention backend reads a float32 KV cache only"):
-        EngineConfig(model_path="unused", attention_backend="triton", kv_dtype="bfloat16")
+        EngineConfig(model_path="unused", attention_backend="triton", cache=CacheConfig(dtype="bfloat16"))
