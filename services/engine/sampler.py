@@ -17,6 +17,14 @@ from specserve.engine.config import SamplingParams
 _HEAD = 1024
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:  # [num_rows, vocab] -> [num_rows] int64
+    """Each row's first argmax. `max(dim=-1).indices` is documented to return the same index as
+    `argmax(dim=-1)` (the first maximal value; a NaN counts as the maximum in both), and torch 2.13's CPU
+    `argmax` over a vocabulary row is several times slower (tests/unit/engine/test_sampler.py checks
+    the two agree on ties and NaN)."""
+    return logits.max(dim=-1).indices
+
+
 def probs_from_logits(
     logits: torch.Tensor,  # [num_rows, vocab] float32
     params: Sequence[SamplingParams],  # one per row
@@ -44,7 +52,7 @@ def probs_from_logits(
         threshold = min_p[:, None] * probs.amax(dim=-1, keepdim=True)  # [num_rows, 1]
         probs = scaled.masked_fill(probs < threshold, float("-inf")).softmax(dim=-1)
     if bool(greedy.any()):
-        one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        one_hot = torch.zeros_like(probs).scatter_(1, greedy_tokens(logits)[:, None], 1.0)
         probs = torch.where(greedy[:, None], one_hot, probs)
     return probs
 
@@ -150,7 +158,7 @@ class Sampler:
         generators: Sequence[torch.Generator | None],  # one per row; unused for greedy rows
     ) -> torch.Tensor:  # [num_seqs] int64
         assert logits.dim() == 2 and logits.shape[0] == len(params) == len(generators)
-        tokens = logits.argmax(dim=-1)  # [num_seqs]
+        tokens = greedy_tokens(logits)  # [num_seqs]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
             probs = probs_from_logits(logits[random_rows], [params[i] for i in random_rows])

@@ -20,7 +20,7 @@ import torch
 from specserve.engine.acceptance import Acceptance, LossyConfig, accept_greedy, accept_lossless, accept_lossy
 from specserve.engine.config import SamplingParams
 from specserve.engine.draft_tree import DraftTree
-from specserve.engine.sampler import probs_from_logits
+from specserve.engine.sampler import greedy_tokens, probs_from_logits
 from specserve.errors import InvalidRequestError
 
 
@@ -132,7 +132,7 @@ def accept(
         return accept_lossy(tree, probs, lossy, lossy_budget_left, greedy=params.greedy, draft_dists=dists,
                             generator=generator)
     if params.greedy:
-        return accept_greedy(tree, logits.argmax(dim=-1).tolist())
+        return accept_greedy(tree, greedy_tokens(logits).tolist())
     probs = probs_from_logits(logits, [params] * logits.shape[0])
     return accept_lossless(tree, probs, dists, generator)
 

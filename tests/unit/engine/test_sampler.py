@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from specserve.engine.config import SamplingParams
-from specserve.engine.sampler import Sampler, draw, probs_from_logits
+from specserve.engine.sampler import Sampler, draw, greedy_tokens, probs_from_logits
 
 # Probabilities 1/2, 1/4, 1/8, 1/16, 1/16: every partial sum is exact in float32.
 HALVING = torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.0625]]).log()  # [1, 5]
@@ -166,3 +166,15 @@ def test_draws_follow_tempered_softmax():
     assert chi_square(counts, (logits / temperature).softmax(-1)) < CHI2_7_DOF_P001
     # Power: the same draws are decisively rejected against the untempered softmax.
     assert chi_square(counts, logits.softmax(-1)) > 10 * CHI2_7_DOF_P001
+
+
+def test_greedy_tokens_are_argmax_on_ties_and_nan():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        rows, vocab = trial % 8 + 1, [5, 49152, 1000][trial % 3]
+        logits = torch.randint(-3, 3, (rows, vocab), generator=gen).float()  # many tied maxima per row
+        if trial % 5 == 0:
+            logits[0, trial % vocab] = float("nan")
+        if trial % 7 == 0:
+            logits[-1] = float("-inf")
+        assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1))
