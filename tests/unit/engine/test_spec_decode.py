@@ -280,3 +280,57 @@ def test_lossy_acceptance_spends_at_most_its_budget(llama_model, tokenizer, spre
     # Some relaxation happened and was paid for, and no request went past its budget.
     assert -1e-9 <= min(seen_budgets) < lossy.budget and max(seen_budgets) <= lossy.budget
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+# 0.1% critical values of chi-square by degrees of freedom.
+CHI2_CRIT_0001 = {3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
+
+
+def second_token_chi2(engine: LLMEngine, prompt: list[int], first: int, target: torch.Tensor, draws: int) -> float:
+    """Sample 4 tokens `draws` times at temperature 1 (one seed each); of the runs whose first token is
+    `first` (sampled plainly at prefill), the second token comes from the first verify step (an accepted
+    draft or the correction): chi-square of its counts over `target`'s 6 most likely tokens and the rest,
+    over the 0.1% critical value."""
+    params = [SamplingParams(max_tokens=4, temperature=1.0, seed=s, ignore_eos=True) for s in range(draws)]
+    seconds = [c.token_ids[1] for c in engine.generate([prompt] * draws, params) if c.token_ids[0] == first]
+    top = target.topk(6).indices.tolist()
+    observed = [sum(t == k for t in seconds) for k in top] + [sum(t not in top for t in seconds)]
+    expected = [len(seconds) * target[k].item() for k in top] + [len(seconds) * (1 - target[top].sum().item())]
+    cells = [(o, e) for o, e in zip(observed, expected) if e >= 5]
+    assert len(cells) >= 5 and len(seconds) > draws // 5, (observed, expected)
+    return sum((o - e) ** 2 / e for o, e in cells) / CHI2_CRIT_0001[len(cells) - 1]
+
+
+def test_sampled_medusa_speculation_keeps_the_targets_distribution(models, tokenizer, learned_checkpoint, monkeypatch):
+    """End to end on the real model with a trained (small) Medusa checkpoint sampling its drafts at T = 1:
+    the first verified token follows the target's softmax; with the rejection step replaced by
+    accept-everything, the same test fails (the drafts follow the heads' distribution, not the target's)."""
+    from specserve.engine import verify
+
+    model = models("float32")
+    prompt = tokenizer.encode("The best thing about living in a big city is")
+    first = int(top2_gap(model, prompt)[1][0])  # " the", ~33% of first tokens
+    target = torch.softmax(next_logits(model, prompt + [first]), -1)
+    spec = SpecConfig(method="medusa", draft_checkpoint=learned_checkpoint("medusa"), max_draft_tokens_per_step=320)
+    engine = make_engine(model, tokenizer, "float32", spec, max_num_seqs=64)
+    assert second_token_chi2(engine, prompt, first, target, draws=1200) < 1.0  # below the 0.1% critical value
+    assert engine.spec_stats.verify_steps > 0 and engine.spec_stats.accepted > 0
+
+    def accept_all(tree, target_probs, draft_dists, generator):
+        path = []
+        while (children := [c for c in range(tree.num_nodes) if tree.parents[c] == (path[-1] if path else -1)]):
+            path.append(children[0])
+        bonus = int(torch.multinomial(target_probs[1 + path[-1] if path else 0], 1, generator=generator))
+        return verify.Acceptance(path, [tree.tokens[i] for i in path], bonus, recovered=False)
+
+    monkeypatch.setattr(verify, "accept_lossless", accept_all)
+    broken = make_engine(model, tokenizer, "float32", spec, max_num_seqs=64)
+    assert second_token_chi2(broken, prompt, first, target, draws=1200) > 1.0
+
+
+def next_logits(model, ids: list[int]) -> torch.Tensor:
+    cache = CacheConfig(block_size=16, num_blocks=-(-len(ids) // 16))
+    kv = allocate_kv_cache(model.config, cache, torch.float32)
+    meta = build_attention_metadata([len(ids)], [len(ids)], [list(range(cache.num_blocks))], cache.block_size)
+    logits, _ = model(torch.tensor(ids), torch.arange(len(ids)), kv, meta, torch.tensor([len(ids) - 1]))
+    return logits[0]
