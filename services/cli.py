@@ -189,9 +189,10 @@ def spec_config(args: argparse.Namespace) -> SpecConfig:
 def drafter_sources(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, object]:
     """SpecConfig's drafter options for `methods` from --datastore / --draft-checkpoint / --exit-layer. Without
     a flag the cache's default datastore (rest, auto) and checkpoint of the learned drafter's kind (eagle,
-    medusa, draft-model; auto reads the EAGLE one) are used: rest and the learned kinds report a missing
-    default (with the command that makes it), auto just drafts without it. One --draft-checkpoint serves one
-    learned kind."""
+    medusa, draft-model, exit-head) are used; auto takes, of the learned drafters trained here, the one
+    whose held-out agreement promises the most accepted tokens (`best_default_checkpoint`). rest and the
+    learned kinds report a missing default (with the command that makes it), auto just drafts without it.
+    One --draft-checkpoint serves one learned kind (auto: the kind the checkpoint holds)."""
     home = specserve_home(os.environ)
     datastore = args.datastore
     if datastore is None and {"rest", "auto"} & set(methods):
@@ -203,11 +204,14 @@ def drafter_sources(args: argparse.Namespace, methods: Sequence[str]) -> dict[st
     learned = sorted(set(LEARNED_METHODS) & set(methods))
     if len(learned) > 1:
         raise InvalidRequestError(f"{' and '.join(learned)} cannot be served together: they share --draft-checkpoint")
-    if checkpoint is None and (learned or "auto" in methods):
+    if checkpoint is None and learned:
         from specserve.learned.checkpoint import default_checkpoint_path
 
-        default = default_checkpoint_path(home, learned[0] if learned else "eagle")
-        checkpoint = str(default) if learned or default.exists() else None
+        checkpoint = str(default_checkpoint_path(home, learned[0]))
+    elif checkpoint is None and "auto" in methods:
+        from specserve.learned.checkpoint import best_default_checkpoint
+
+        checkpoint = best_default_checkpoint(home)
     return {"datastore_path": datastore, "draft_checkpoint": checkpoint, "exit_layer": args.exit_layer}
 
 

@@ -103,12 +103,16 @@ def require_checkpoint(drafters: Sequence[str], checkpoints: Mapping[str, Path])
 def spec_config(method: str, num_draft_tokens: int, datastore: Path, lossy: LossyConfig | None = None,
                 checkpoints: Mapping[str, Path] | None = None) -> SpecConfig:
     """A drafter's SpecConfig; only the retrieval drafters are given the datastore, the learned ones the
-    checkpoint of their kind (`checkpoints`: kind -> path), and auto the EAGLE one where it exists (as
-    `specserve generate --spec auto` does)."""
+    checkpoint of their kind (`checkpoints`: kind -> path), and auto the best of those that exist (as
+    `specserve generate --spec auto` does: learned/checkpoint.py, `best_checkpoint`)."""
+    from specserve.learned.checkpoint import best_checkpoint
+
     path = str(datastore) if method in RETRIEVAL_DRAFTERS else None
-    draft_checkpoint = (checkpoints or {}).get("eagle" if method == "auto" else method)
-    has_checkpoint = draft_checkpoint is not None and (method in LEARNED_DRAFTERS or draft_checkpoint.is_file())
-    checkpoint = str(draft_checkpoint) if method in (*LEARNED_DRAFTERS, "auto") and has_checkpoint else None
+    checkpoints = checkpoints or {}
+    if method == "auto":
+        checkpoint = best_checkpoint(checkpoints)
+    else:
+        checkpoint = str(checkpoints[method]) if method in LEARNED_DRAFTERS and method in checkpoints else None
     return SpecConfig(method=method, num_draft_tokens=num_draft_tokens, datastore_path=path, lossy=lossy,
                       draft_checkpoint=checkpoint)
 

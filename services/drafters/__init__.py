@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from specserve.engine.config import LEARNED_METHODS
 from specserve.errors import InvalidRequestError
+
+FEATURE_DRAFTERS = ("eagle", "medusa")  # learned drafters that read the target's hidden states
 
 if TYPE_CHECKING:
     from specserve.drafters.base import Drafter
@@ -16,8 +19,9 @@ if TYPE_CHECKING:
 def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> Drafter | None:
     """The drafter `spec.method` names (None for "off"). Modules load lazily: "off" imports none.
 
-    "auto" merges the n-gram drafter with retrieval when `spec.datastore_path` is set and with the EAGLE
-    head when `spec.draft_checkpoint` is (hypothesis reduction, drafters/auto.py); "rest" needs the
+    "auto" merges the n-gram drafter with retrieval when `spec.datastore_path` is set and with the learned
+    drafter in `spec.draft_checkpoint`, of whatever kind it holds, when that is set (hypothesis reduction,
+    drafters/auto.py; the CLI picks the checkpoint, `learned.checkpoint.best_default_checkpoint`); "rest" needs the
     datastore; "early-exit" drafts with the target's first `spec.exit_layer` layers (its weights, not a
     copy); "eagle", "medusa", "draft-model" and "exit-head" load the drafter in `spec.draft_checkpoint`,
     trained for this target (learned/).
@@ -37,33 +41,11 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
 
         exit_layer = spec.exit_layer if spec.exit_layer is not None else model.config.num_layers - EXIT_LAYERS_SKIPPED
         return EarlyExitDrafter(model, EarlyExitConfig(exit_layer=exit_layer))
-    if spec.method == "eagle":
+    if spec.method in LEARNED_METHODS:
         if spec.draft_checkpoint is None:
-            raise InvalidRequestError("the eagle drafter needs a checkpoint (specserve train-draft --kind eagle)")
-        return _eagle(spec.draft_checkpoint, model)
-    if spec.method == "medusa":
-        if spec.draft_checkpoint is None:
-            raise InvalidRequestError("the medusa drafter needs a checkpoint (specserve train-draft --kind medusa)")
-        from specserve.drafters.medusa import MedusaDrafter
-        from specserve.learned.medusa_heads import load_medusa_heads
-
-        return MedusaDrafter(load_medusa_heads(spec.draft_checkpoint, model))
-    if spec.method == "draft-model":
-        if spec.draft_checkpoint is None:
-            raise InvalidRequestError("the draft-model drafter needs a checkpoint "
-                                      "(specserve train-draft --kind draft-model)")
-        from specserve.drafters.draft_model import DraftModelDrafter
-        from specserve.learned.draft_model import load_draft_model
-
-        return DraftModelDrafter(load_draft_model(spec.draft_checkpoint, model))
-    if spec.method == "exit-head":
-        if spec.draft_checkpoint is None:
-            raise InvalidRequestError("the exit-head drafter needs a checkpoint "
-                                      "(specserve train-draft --kind exit-head)")
-        from specserve.drafters.exit_head import ExitHeadDrafter
-        from specserve.learned.exit_head import load_exit_head
-
-        return ExitHeadDrafter(load_exit_head(spec.draft_checkpoint, model), model)
+            raise InvalidRequestError(f"the {spec.method} drafter needs a checkpoint "
+                                      f"(specserve train-draft --kind {spec.method})")
+        return _learned(spec.method, spec.draft_checkpoint, model)
     if spec.method == "auto":
         from specserve.drafters.auto import MergedDrafter
 
@@ -71,15 +53,22 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
         if spec.datastore_path is not None:
             sources.append(_rest(spec.datastore_path, tokenizer))
         if spec.draft_checkpoint is not None:
-            sources.append(_eagle(spec.draft_checkpoint, model))
+            from specserve.learned.checkpoint import checkpoint_kind
+
+            sources.append(_learned(checkpoint_kind(spec.draft_checkpoint), spec.draft_checkpoint, model))
         return MergedDrafter(sources)
     raise InvalidRequestError(f"drafter {spec.method!r} is not available in this version")
 
 
 def needs_hidden(spec: SpecConfig) -> bool:
     """Whether the drafter `build_drafter(spec, ...)` builds drafts from the target's hidden states (its
-    verifiers must keep them), told without building it: EAGLE and Medusa, alone or (EAGLE) inside auto."""
-    return spec.method in ("eagle", "medusa") or (spec.method == "auto" and spec.draft_checkpoint is not None)
+    verifiers must keep them), told without building it: EAGLE and Medusa, alone or inside auto (whose
+    checkpoint's header says its kind)."""
+    if spec.method == "auto" and spec.draft_checkpoint is not None:
+        from specserve.learned.checkpoint import checkpoint_kind
+
+        return checkpoint_kind(spec.draft_checkpoint) in FEATURE_DRAFTERS
+    return spec.method in FEATURE_DRAFTERS
 
 
 def _rest(path: str, tokenizer: Tokenizer) -> Drafter:
@@ -89,8 +78,25 @@ def _rest(path: str, tokenizer: Tokenizer) -> Drafter:
     return RestDrafter(TokenDatastore.load(path, tokenizer_fingerprint(tokenizer)))
 
 
-def _eagle(path: str, model: LlamaModel) -> Drafter:
-    from specserve.drafters.eagle import EagleDrafter
-    from specserve.learned.eagle_head import load_eagle_head
+def _learned(kind: str, path: str, model: LlamaModel) -> Drafter:
+    """The trained drafter of `kind` (LEARNED_METHODS) in checkpoint `path`, for `model`."""
+    if kind == "eagle":
+        from specserve.drafters.eagle import EagleDrafter
+        from specserve.learned.eagle_head import load_eagle_head
 
-    return EagleDrafter(load_eagle_head(path, model))
+        return EagleDrafter(load_eagle_head(path, model))
+    if kind == "medusa":
+        from specserve.drafters.medusa import MedusaDrafter
+        from specserve.learned.medusa_heads import load_medusa_heads
+
+        return MedusaDrafter(load_medusa_heads(path, model))
+    if kind == "draft-model":
+        from specserve.drafters.draft_model import DraftModelDrafter
+        from specserve.learned.draft_model import load_draft_model
+
+        return DraftModelDrafter(load_draft_model(path, model))
+    assert kind == "exit-head", kind
+    from specserve.drafters.exit_head import ExitHeadDrafter
+    from specserve.learned.exit_head import load_exit_head
+
+    return ExitHeadDrafter(load_exit_head(path, model), model)

@@ -140,9 +140,9 @@ class SpecConfig:
     # checked against the model when the drafter is built); None: num_layers - EXIT_LAYERS_SKIPPED.
     # drafters/early_exit.py says how the default was picked.
     exit_layer: int | None = None
-    # The trained checkpoint of a learned drafter (LEARNED_METHODS; "auto" reads an EAGLE one); the CLI fills
-    # in the default one of the kind (learned/checkpoint.py, `default_checkpoint_path`), made by
-    # `specserve train-draft`.
+    # The trained checkpoint of a learned drafter (LEARNED_METHODS; "auto": of any kind, its header says
+    # which); the CLI fills in the default one of the kind (learned/checkpoint.py, `default_checkpoint_path`;
+    # auto: `best_default_checkpoint`), made by `specserve train-draft`.
     draft_checkpoint: str | None = None
 
     def __post_init__(self) -> None:

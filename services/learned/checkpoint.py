@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,9 @@ class DraftCheckpoint:
     target_fingerprint: str
     recipe: dict[str, Any]  # how it was trained: losses, steps, seed, ...
     data_hash: str  # sha256 of the training corpus as tokenized
+    # Held-out top-1 agreement with the target by draft step ({"step1": .., "step2": ..}); empty in
+    # checkpoints written before it was recorded.
+    heldout: dict[str, float] = field(default_factory=dict)
 
 
 def target_fingerprint(model: LlamaModel) -> str:
@@ -57,7 +61,8 @@ def save_checkpoint(path: str | Path, checkpoint: DraftCheckpoint) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": checkpoint.kind,
                 "config": json.dumps(checkpoint.config), "target_fingerprint": checkpoint.target_fingerprint,
-                "recipe": json.dumps(checkpoint.recipe), "data_hash": checkpoint.data_hash}
+                "recipe": json.dumps(checkpoint.recipe), "data_hash": checkpoint.data_hash,
+                "heldout": json.dumps(checkpoint.heldout)}
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous() for k, v in checkpoint.tensors.items()}, str(tmp), metadata=metadata)
     tmp.replace(path)
@@ -69,22 +74,76 @@ def load_checkpoint(path: str | Path, kind: str, fingerprint: str | None) -> Dra
     if not path.is_file():
         raise DraftCheckpointError(
             f"draft checkpoint {path} does not exist (make one: specserve train-draft --kind {kind})")
+    metadata = metadata_of(path)  # a corrupt or foreign file fails here, with its reason
     try:
         tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
         config, recipe = json.loads(metadata.get("config", "null")), json.loads(metadata.get("recipe", "{}"))
     except (SafetensorError, OSError, ValueError) as e:
         raise DraftCheckpointError(f"draft checkpoint {path} is corrupt or not a safetensors file ({e})") from e
-    if metadata.get("format") != FORMAT or metadata.get("format_version") != str(FORMAT_VERSION):
-        raise DraftCheckpointError(f"{path} is not a specserve draft checkpoint (format {FORMAT} v{FORMAT_VERSION})")
     if metadata.get("kind") != kind:
         raise DraftCheckpointError(f"{path} holds a {metadata.get('kind')!r} drafter, not {kind!r}")
     if fingerprint is not None and metadata.get("target_fingerprint") != fingerprint:
         theirs = str(metadata.get("target_fingerprint"))[:12]
         raise DraftCheckpointError(
             f"{path} was trained for another target model (fingerprint {theirs}, this model {fingerprint[:12]})")
-    return DraftCheckpoint(kind, tensors, config, metadata["target_fingerprint"], recipe, metadata.get("data_hash", ""))
+    return DraftCheckpoint(kind, tensors, config, metadata["target_fingerprint"], recipe, metadata.get("data_hash", ""),
+                           heldout_of(metadata))
+
+
+def metadata_of(path: str | Path) -> dict[str, str]:
+    """A draft checkpoint's string metadata, read from its header alone (no tensors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DraftCheckpointError(f"draft checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DraftCheckpointError(f"draft checkpoint {path} is corrupt or not a safetensors file ({e})") from e
+    if metadata.get("format") != FORMAT or metadata.get("format_version") != str(FORMAT_VERSION):
+        raise DraftCheckpointError(f"{path} is not a specserve draft checkpoint (format {FORMAT} v{FORMAT_VERSION})")
+    return metadata
+
+
+def heldout_of(metadata: dict[str, str]) -> dict[str, float]:
+    try:
+        heldout = json.loads(metadata.get("heldout", "{}"))
+    except ValueError:
+        return {}
+    return {k: float(v) for k, v in heldout.items()} if isinstance(heldout, dict) else {}
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """Which learned drafter a checkpoint holds (one of KINDS), from its header."""
+    kind = metadata_of(path).get("kind", "")
+    if kind not in KINDS:
+        raise DraftCheckpointError(f"{path} holds an unknown drafter kind {kind!r}")
+    return kind
+
+
+def expected_accepted(heldout: dict[str, float]) -> float:
+    """Drafted tokens a step is expected to keep, from held-out agreement: step 1 is kept with its
+    accuracy a1, step 2 after it with about a2 (measured on the drafter's own step-1 output): a1 (1 + a2)."""
+    a1 = heldout.get("step1", 0.0)
+    return a1 * (1.0 + heldout.get("step2", 0.0))
+
+
+def best_default_checkpoint(home: Path) -> str | None:
+    """The default checkpoint `--spec auto` merges in: the best (`best_checkpoint`) of the kinds trained
+    here (`train-draft` writes `default_checkpoint_path`). None when no learned drafter is trained."""
+    return best_checkpoint({kind: default_checkpoint_path(home, kind) for kind in KINDS})
+
+
+def best_checkpoint(candidates: Mapping[str, Path]) -> str | None:
+    """Of the existing files among `candidates` (kind -> checkpoint path), the one expected to keep the
+    most drafted tokens a step by its held-out agreement (`expected_accepted`); on a tie, or between
+    checkpoints without that record, the first in KINDS order (EAGLE first)."""
+    present = [(kind, Path(path)) for kind, path in candidates.items() if Path(path).is_file()]
+    if not present:
+        return None
+    ranked = sorted(present, key=lambda item: (-expected_accepted(heldout_of(metadata_of(item[1]))),
+                                               KINDS.index(item[0])))
+    return str(ranked[0][1])
 
 
 def default_checkpoint_path(home: Path, kind: str) -> Path:

@@ -170,7 +170,8 @@ def train_draft(config: TrainDraftConfig) -> TrainDraftReport:
     losses, accuracy, tensors, head_config, seconds_taken = train(config, target, train_set, heldout, token_map,
                                                                   recipe, state)
     seconds.update(seconds_taken)
-    checkpoint = DraftCheckpoint(config.kind, tensors, head_config, fingerprint, recipe, data_hash)
+    heldout = {f"step{i + 1}": round(a, 4) for i, a in enumerate(accuracy[:2])}
+    checkpoint = DraftCheckpoint(config.kind, tensors, head_config, fingerprint, recipe, data_hash, heldout)
     save_checkpoint(config.out, checkpoint)
     config.state_path.unlink(missing_ok=True)
     steps_per_epoch = len(losses) // config.train.epochs

@@ -279,3 +279,21 @@ def test_kv_dtype_reaches_the_verifiers_cache(argv):
     parser = build_parser()
     assert cache_config(parser.parse_args([*argv, "--kv-dtype", "bfloat16"])).dtype == "bfloat16"
     assert cache_config(parser.parse_args(argv)).dtype == "float32"
+
+
+def test_auto_picks_the_best_trained_default_checkpoint(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    from specserve.cli import build_parser, drafter_sources
+    from specserve.learned.checkpoint import FORMAT, FORMAT_VERSION
+
+    monkeypatch.setenv("SPECSERVE_HOME", str(tmp_path))
+    args = build_parser().parse_args(["generate", "hi", "--spec", "auto"])
+    assert drafter_sources(args, ["auto"])["draft_checkpoint"] is None  # nothing trained: n-gram (+ retrieval)
+    (tmp_path / "drafters").mkdir()
+    for kind, step1 in (("eagle", 0.2), ("draft-model", 0.4)):
+        metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": kind,
+                    "heldout": json.dumps({"step1": step1})}
+        save_file({"w": torch.zeros(1)}, str(tmp_path / "drafters" / f"{kind}.safetensors"), metadata=metadata)
+    assert drafter_sources(args, ["auto"])["draft_checkpoint"] == str(tmp_path / "drafters" / "draft-model.safetensors")

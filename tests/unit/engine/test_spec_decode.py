@@ -197,7 +197,9 @@ def test_greedy_speculation_equals_plain_greedy(
     expected = plain_greedy(model, tokenizer, dtype, batch_invariant, spread_prompts)
     # Each resource is built (once per module) only by the cells that need it.
     datastore = request.getfixturevalue("datastore_path") if method in ("rest", "auto") else None
-    checkpoint = request.getfixturevalue("learned_checkpoint")(method) if method in LEARNED_METHODS else None
+    # auto merges a trained drafter of any kind with n-gram and retrieval: Medusa here (EAGLE alone is tested).
+    learned = method if method in LEARNED_METHODS else "medusa" if method == "auto" else None
+    checkpoint = request.getfixturevalue("learned_checkpoint")(learned) if learned else None
     spec = SpecConfig(method=method, datastore_path=datastore, draft_checkpoint=checkpoint)
     engine = make_engine(model, tokenizer, dtype, spec, max_num_seqs, batch_invariant)
     actual = generate(engine, spread_prompts)

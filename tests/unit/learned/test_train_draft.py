@@ -24,8 +24,11 @@ def test_train_draft_writes_a_loadable_checkpoint(model_path, data_dir, llama_mo
     assert 0 <= report.heldout_step1_accuracy <= 1 and set(report.seconds) == {"corpus", "train", "eval"}
     head = load_eagle_head(out, llama_model)  # fits the serving (packed float32) target
     assert head.config.draft_vocab_size == 256
-    recipe = load_checkpoint(out, "eagle", None).recipe
+    saved = load_checkpoint(out, "eagle", None)
+    recipe = saved.recipe
     assert recipe["loss"] == "soft" and recipe["distill"]["num_prompts"] == 4 and recipe["data_hash"]
+    # The held-out agreement `--spec auto` ranks trained drafters by.
+    assert saved.heldout == {"step1": report.heldout_step1_accuracy, "step2": report.heldout_step2_accuracy}
     assert not config.state_path.exists()  # the training state goes once the checkpoint is written
 
 
