@@ -139,13 +139,18 @@ def plain_greedy(model, tokenizer, dtype: str, batch_invariant: bool, prompts: l
     return _plain[key]
 
 
-def top2_gap(model, ids: list[int]) -> tuple[float, list[int]]:
-    """Plain forward over `ids`: the gap between the two largest next-token logits, and their tokens."""
+def next_logits(model, ids: list[int]) -> torch.Tensor:
+    """Plain forward over `ids`: the next-token logits `# [vocab]`."""
     cache = CacheConfig(block_size=16, num_blocks=-(-len(ids) // 16))
     kv = allocate_kv_cache(model.config, cache, torch.float32)
     meta = build_attention_metadata([len(ids)], [len(ids)], [list(range(cache.num_blocks))], cache.block_size)
     logits, _ = model(torch.tensor(ids), torch.arange(len(ids)), kv, meta, torch.tensor([len(ids) - 1]))
-    top = logits[0].topk(2)
+    return logits[0]
+
+
+def top2_gap(model, ids: list[int]) -> tuple[float, list[int]]:
+    """Plain forward over `ids`: the gap between the two largest next-token logits, and their tokens."""
+    top = next_logits(model, ids).topk(2)
     return (top.values[0] - top.values[1]).item(), top.indices.tolist()
 
 
@@ -329,10 +334,3 @@ def test_sampled_medusa_speculation_keeps_the_targets_distribution(models, token
     broken = make_engine(model, tokenizer, "float32", spec, max_num_seqs=64)
     assert second_token_chi2(broken, prompt, first, target, draws=1200) > 1.0
 
-
-def next_logits(model, ids: list[int]) -> torch.Tensor:
-    cache = CacheConfig(block_size=16, num_blocks=-(-len(ids) // 16))
-    kv = allocate_kv_cache(model.config, cache, torch.float32)
-    meta = build_attention_metadata([len(ids)], [len(ids)], [list(range(cache.num_blocks))], cache.block_size)
-    logits, _ = model(torch.tensor(ids), torch.arange(len(ids)), kv, meta, torch.tensor([len(ids) - 1]))
-    return logits[0]
