@@ -333,4 +333,3 @@ def test_sampled_medusa_speculation_keeps_the_targets_distribution(models, token
     monkeypatch.setattr(verify, "accept_lossless", accept_all)
     broken = make_engine(model, tokenizer, "float32", spec, max_num_seqs=64)
     assert second_token_chi2(broken, prompt, first, target, draws=1200) > 1.0
-
