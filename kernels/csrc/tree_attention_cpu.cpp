@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -126,9 +127,11 @@ inline float dot(const float* a, const KV* b, int64_t n) {
 template <int kD>
 struct Accumulator {
   Lanes lanes[kD / kLanes] = {};
+  Accumulator() = default;
   explicit Accumulator(int64_t) {}
   template <typename KV>
   void add(float w, const KV* v) {
+#pragma GCC unroll 8
     for (int c = 0; c < kD / kLanes; ++c) lanes[c] += w * load_lanes(v + c * kLanes);
   }
   void store(float* out, float scale) const {
@@ -139,6 +142,7 @@ struct Accumulator {
 template <>
 struct Accumulator<0> {
   std::vector<float> values;
+  Accumulator() = default;
   explicit Accumulator(int64_t n) : values(n, 0.0f) {}
   template <typename KV>
   void add(float w, const KV* v) {
@@ -169,7 +173,7 @@ struct Problem {
 // (q0 + q2) + (q1 + q3)), but by shuffles across the 8 keys instead of one key at a time.
 constexpr int kTile = 8;
 
-inline void reduce_lanes_8(const Lanes (&acc)[kTile], float* out) {
+inline Half reduce_lanes_8(const Lanes (&acc)[kTile]) {
   Half h[kTile];
   for (int t = 0; t < kTile; ++t) {
     h[t] = __builtin_shufflevector(acc[t], acc[t], 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -189,9 +193,31 @@ inline void reduce_lanes_8(const Lanes (&acc)[kTile], float* out) {
   // keys in the order 0, 2, 1, 3, 4, 6, 5, 7
   const Half r = __builtin_shufflevector(s[0], s[1], 0, 2, 4, 6, 8, 10, 12, 14) +
                  __builtin_shufflevector(s[0], s[1], 1, 3, 5, 7, 9, 11, 13, 15);
-  const Half ordered = __builtin_shufflevector(r, r, 0, 2, 1, 3, 4, 6, 5, 7);
-  std::memcpy(out, &ordered, sizeof ordered);
+  return __builtin_shufflevector(r, r, 0, 2, 1, 3, 4, 6, 5, 7);
 }
+
+// The largest of x[0..n) (n > 0). A maximum is exact in any order, so 16 lanes at a time give the
+// serial scan's value without its chain of dependent compares.
+inline float max_of(const float* x, int64_t n) {
+  float top = x[0];
+  int64_t i = 0;
+  if (n >= kLanes) {
+    Lanes m = load_lanes(x);
+    for (i = kLanes; i + kLanes <= n; i += kLanes) {
+      const Lanes v = load_lanes(x + i);
+      m = m > v ? m : v;
+    }
+    for (int l = 0; l < kLanes; ++l) top = std::max(top, m[l]);
+  }
+  for (; i < n; ++i) top = std::max(top, x[i]);
+  return top;
+}
+
+// From this many units on, a tile of keys is copied (widened) to a buffer before they score it.
+constexpr int kCopyUnits = 3;
+
+// Units whose V sums share each V row load: 6 x 4 accumulators (head_dim 64) and the row fit 32 registers.
+constexpr int kGroup = 6;
 
 // One work item: the units [unit_begin, unit_end) of sequence s and KV head kv_head, unit u being query
 // row u / per_kv and query head u % per_kv of those sharing the KV head. An item scores its units in
@@ -226,30 +252,41 @@ void attend(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t unit_begin
   seen.assign(units, prefix);
 
   // Scores: each prefix key is read once for all units, in tiles of kTile slots that lie together in a
-  // block; then each unit's visible new tokens.
+  // block; then each unit's visible new tokens. With several units, a tile is first copied (bfloat16:
+  // widened) to a contiguous buffer, so the units' loops read it at fixed offsets.
+  std::vector<const float*> q_of(units);
+  for (int64_t u = 0; u < units; ++u) q_of[u] = q_vec(u);
+  auto score_tile = [&](const auto* k0, auto stride, float* out) {  // out: the first unit's 8 scores
+    for (int64_t u = 0; u < units; ++u) {
+      Lanes qc[kD / kLanes];
+      for (int c = 0; c < kD / kLanes; ++c) qc[c] = load_lanes(q_of[u] + c * kLanes);
+      Lanes acc[kTile] = {};
+      for (int c = 0; c < kD / kLanes; ++c) {
+        for (int t = 0; t < kTile; ++t) acc[t] += qc[c] * load_lanes(k0 + t * stride + c * kLanes);
+      }
+      const Half scaled = reduce_lanes_8(acc) * p.scale;  // lane by lane, as the scalar product
+      std::memcpy(out + u * width, &scaled, sizeof scaled);
+    }
+  };
   for_blocks([&](int64_t start, int64_t base, int64_t count) {
     int64_t o = 0;
     if constexpr (kD > 0) {
       for (; o + kTile <= count; o += kTile) {
         const KV* k0 = k_row(base + o);
-        for (int64_t u = 0; u < units; ++u) {
-          const float* qv = q_vec(u);
-          Lanes qc[kD / kLanes];
-          for (int c = 0; c < kD / kLanes; ++c) qc[c] = load_lanes(qv + c * kLanes);
-          Lanes acc[kTile] = {};
-          for (int c = 0; c < kD / kLanes; ++c) {
-            for (int t = 0; t < kTile; ++t) acc[t] += qc[c] * load_lanes(k0 + t * slot_stride + c * kLanes);
+        if (units >= kCopyUnits) {
+          alignas(64) float tile[kTile * kD];
+          for (int t = 0; t < kTile; ++t) {
+            for (int c = 0; c < kD / kLanes; ++c) store_lanes(tile + t * kD + c * kLanes, load_lanes(k0 + t * slot_stride + c * kLanes));
           }
-          float dots[kTile];
-          reduce_lanes_8(acc, dots);
-          float* row_scores = scores.data() + u * width + start + o;
-          for (int t = 0; t < kTile; ++t) row_scores[t] = dots[t] * p.scale;
+          score_tile(tile, std::integral_constant<int64_t, kD>{}, scores.data() + start + o);
+        } else {
+          score_tile(k0, slot_stride, scores.data() + start + o);
         }
       }
     }
     for (; o < count; ++o) {
       const KV* k = k_row(base + o);
-      for (int64_t u = 0; u < units; ++u) scores[u * width + start + o] = dot<kD>(q_vec(u), k, head_dim) * p.scale;
+      for (int64_t u = 0; u < units; ++u) scores[u * width + start + o] = dot<kD>(q_of[u], k, head_dim) * p.scale;
     }
   });
   for (int64_t u = 0; u < units; ++u) {
@@ -259,23 +296,52 @@ void attend(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t unit_begin
       scores[u * width + seen[u]++] = dot<kD>(q_vec(u), k_row(slot_of(prefix + j)), head_dim) * p.scale;
     }
   }
-  // Softmax weights, unnormalised, then the weighted sum of V over the row's keys in the same order.
+  // Softmax weights, unnormalised: exp(score - the unit's max).
   for (int64_t u = 0; u < units; ++u) {
-    const int64_t r = row_of(u), unit = unit_begin + u;
     float* w = scores.data() + u * width;
-    const int64_t n = seen[u];
-    const float top = *std::max_element(w, w + n);
-    for (int64_t i = 0; i < n; ++i) w[i] = exp_nonpositive(w[i] - top);
-    Accumulator<kD> acc(head_dim);
-    for_blocks([&](int64_t start, int64_t base, int64_t count) {
-      for (int64_t o = 0; o < count; ++o) acc.add(w[start + o], v_row(base + o));
-    });
-    int64_t index = prefix;
-    for (int64_t j = 0; j < rows; ++j) {
-      if (visible(r, j)) acc.add(w[index++], v_row(slot_of(prefix + j)));
-    }
-    acc.store(p.out + ((first_row + r) * p.num_heads + kv_head * per_kv + unit % per_kv) * head_dim, 1.0f / sum(w, n));
+    const float top = max_of(w, seen[u]);
+    for (int64_t i = 0; i < seen[u]; ++i) w[i] = exp_nonpositive(w[i] - top);
   }
+  // The weighted sums of V, for G units at a time: each prefix V row is loaded once and added to the G
+  // units' accumulators (unit by unit, every V row would stream through the cache once per unit). Then
+  // each unit's visible new tokens. A unit adds its keys in the same order whatever its group.
+  auto weigh = [&](int64_t u0, auto group) {
+    constexpr int G = decltype(group)::value;
+    Accumulator<kD> acc[G];
+    if constexpr (kD == 0) {
+      for (auto& a : acc) a = Accumulator<kD>(head_dim);
+    }
+    const float* w = scores.data() + u0 * width;
+    for_blocks([&](int64_t start, int64_t base, int64_t count) {
+      for (int64_t o = 0; o < count; ++o) {
+        const KV* v = v_row(base + o);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; ++g) acc[g].add(w[g * width + start + o], v);
+      }
+    });
+    for (int g = 0; g < G; ++g) {
+      const int64_t u = u0 + g, r = row_of(u), unit = unit_begin + u;
+      const float* wu = w + g * width;
+      int64_t index = prefix;
+      for (int64_t j = 0; j < rows; ++j) {
+        if (visible(r, j)) acc[g].add(wu[index++], v_row(slot_of(prefix + j)));
+      }
+      acc[g].store(p.out + ((first_row + r) * p.num_heads + kv_head * per_kv + unit % per_kv) * head_dim,
+                   1.0f / sum(wu, seen[u]));
+    }
+  };
+  int64_t u = 0;
+  if constexpr (kD > 0) {
+    for (; u + kGroup <= units; u += kGroup) weigh(u, std::integral_constant<int, kGroup>{});
+    switch (units - u) {  // the rest as one group
+      case 5: weigh(u, std::integral_constant<int, 5>{}); u += 5; break;
+      case 4: weigh(u, std::integral_constant<int, 4>{}); u += 4; break;
+      case 3: weigh(u, std::integral_constant<int, 3>{}); u += 3; break;
+      case 2: weigh(u, std::integral_constant<int, 2>{}); u += 2; break;
+      default: break;
+    }
+  }
+  for (; u < units; ++u) weigh(u, std::integral_constant<int, 1>{});
 }
 
 }  // namespace
