@@ -29,7 +29,7 @@ from torch import nn
 
 from specserve.bench.common import default_data_dir, log, machine_text, md_table, select_questions, write_doc
 from specserve.drafters.base import common_prefix_len
-from specserve.engine.config import CacheConfig, EngineConfig, SamplingParams
+from specserve.engine.config import KV_DTYPES, CacheConfig, EngineConfig, SamplingParams
 from specserve.engine.llm_engine import LLMEngine, build_model, load_tokenizer
 from specserve.engine.model import Attention, LlamaModel
 from specserve.engine.model_runner import allocate_kv_cache
@@ -54,6 +54,7 @@ WARMUP_QUESTION = "Write two sentences about the sea."  # warms up the batched s
 BLOCK_SIZE = 16
 PPL_TOKENS, PPL_CHUNK = 2048, 512
 PROFILE_WARMUP_STEPS, PROFILE_STEPS = 8, 32
+KV_CONCURRENCY = 8  # the waves the KV cache table times
 LINEAR_TYPES = (nn.Linear, BF16Linear, Float32Linear, Int8Linear, PackedLinear)
 
 
@@ -102,16 +103,17 @@ def perplexity_text_ids(tokenizer: Tokenizer) -> list[int]:
     return ids[:PPL_TOKENS]
 
 
-def fresh_engine(bench: Bench, system: str, prompts: list[list[int]], max_tokens: int) -> LLMEngine:
+def fresh_engine(bench: Bench, system: str, prompts: list[list[int]], max_tokens: int,
+                 kv_dtype: str = "float32") -> LLMEngine:
     """An engine with an empty prefix cache, sized to `prompts`: every timed run prefills its whole prompt."""
     num_blocks = sum(-(-(len(p) + max_tokens) // BLOCK_SIZE) for p in prompts) + 1
-    config = EngineConfig(model_path=str(bench.model_path), cache=CacheConfig(BLOCK_SIZE, num_blocks))
+    config = EngineConfig(model_path=str(bench.model_path), cache=CacheConfig(BLOCK_SIZE, num_blocks, kv_dtype))
     return LLMEngine(config, bench.models[system], bench.tokenizer)
 
 
-def specserve_generate(bench: Bench, system: str) -> Generate:
+def specserve_generate(bench: Bench, system: str, kv_dtype: str = "float32") -> Generate:
     params = SamplingParams(max_tokens=bench.args.max_tokens, ignore_eos=True)
-    return lambda ids: fresh_engine(bench, system, [ids], params.max_tokens).generate([ids], params)[0].token_ids
+    return lambda ids: fresh_engine(bench, system, [ids], params.max_tokens, kv_dtype).generate([ids], params)[0].token_ids
 
 
 def hf_generate(bench: Bench) -> Generate:
@@ -170,13 +172,14 @@ def run_batch1(bench: Bench) -> dict[str, list[Run]]:
     return runs
 
 
-def waves_tok_per_s(bench: Bench, system: str, workload: list[list[int]], concurrency: int) -> float:
+def waves_tok_per_s(bench: Bench, system: str, workload: list[list[int]], concurrency: int,
+                    kv_dtype: str = "float32") -> float:
     """Run `workload` in waves of `concurrency` prompts (one `generate` call each); new tokens / wall time."""
     params = SamplingParams(max_tokens=bench.args.max_tokens, ignore_eos=True)
     seconds = 0.0
     for i in range(0, len(workload), concurrency):
         wave = workload[i:i + concurrency]
-        engine = fresh_engine(bench, system, wave, params.max_tokens)
+        engine = fresh_engine(bench, system, wave, params.max_tokens, kv_dtype)
         start = time.perf_counter()
         engine.generate(wave, params)
         seconds += time.perf_counter() - start
@@ -201,20 +204,47 @@ def run_throughput(bench: Bench, runs: dict[str, list[Run]]) -> dict[str, dict[i
     return aggregate
 
 
-def all_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
-    """Logits `# [len(ids), vocab]` at every position of one sequence, prefilled in one forward."""
+@dataclass
+class KvRun:
+    """One (weights, KV cache dtype) pair: batch-1 runs, the waves' aggregate, perplexity."""
+
+    runs: list[Run]
+    aggregate: float  # tok/s at KV_CONCURRENCY concurrent sequences
+    ppl: float
+
+
+def run_kv_dtypes(bench: Bench) -> dict[tuple[str, str], KvRun]:
+    """The specserve systems again with each other KV cache dtype: batch 1 on the same prompts, waves of
+    KV_CONCURRENCY on the throughput workload, perplexity on the same text."""
+    size = max(bench.args.concurrency)
+    workload = [p.ids for p in itertools.islice(itertools.cycle(bench.prompts), size)]
+    ppl_ids = perplexity_text_ids(bench.tokenizer)
+    results = {}
+    for system in (s for s in DTYPES if s in bench.models):
+        for kv_dtype in (k for k in bench.args.kv_dtypes if k != "float32"):
+            log(f"KV cache {kv_dtype}: {SYSTEMS[system]}")
+            runs = time_batch1(bench, specserve_generate(bench, system, kv_dtype))
+            aggregate = waves_tok_per_s(bench, system, workload, KV_CONCURRENCY, kv_dtype)
+            results[system, kv_dtype] = KvRun(runs, aggregate, perplexity(bench.models[system], ppl_ids, kv_dtype))
+    return results
+
+
+def all_logits(model: LlamaModel, ids: list[int], kv_dtype: str = "float32") -> torch.Tensor:
+    """Logits `# [len(ids), vocab]` at every position of one sequence, prefilled in one forward (whose
+    attention reads K/V back from the cache, as stored in `kv_dtype`)."""
     n, num_blocks = len(ids), -(-len(ids) // BLOCK_SIZE)
-    kv = allocate_kv_cache(model.config, CacheConfig(BLOCK_SIZE, num_blocks), torch.float32)
+    kv = allocate_kv_cache(model.config, CacheConfig(BLOCK_SIZE, num_blocks), getattr(torch, kv_dtype))
     meta = build_attention_metadata([n], [n], [list(range(num_blocks))], BLOCK_SIZE)
     return model(torch.tensor(ids), torch.arange(n), kv, meta, torch.arange(n))[0]
 
 
-def perplexity(model: LlamaModel, ids: list[int]) -> float:
+def perplexity(model: LlamaModel, ids: list[int], kv_dtype: str = "float32") -> float:
     """exp(mean next-token NLL) over independent PPL_CHUNK-token chunks (no context across chunks)."""
     nll, count = 0.0, 0
     for i in range(0, len(ids) - 1, PPL_CHUNK):
         chunk = ids[i:i + PPL_CHUNK]
-        nll += F.cross_entropy(all_logits(model, chunk)[:-1], torch.tensor(chunk[1:]), reduction="sum").item()
+        logits = all_logits(model, chunk, kv_dtype)[:-1]
+        nll += F.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="sum").item()
         count += len(chunk) - 1
     return math.exp(nll / count)
 
@@ -315,6 +345,30 @@ def quality_table(runs: dict[str, list[Run]], ppl: dict[str, float]) -> str:
     return md_table(["system", "identical outputs", "mean common prefix (tokens)", "perplexity", "vs float32"], rows)
 
 
+def kv_table(runs: dict[str, list[Run]], aggregate: dict[str, dict[int, float]], ppl: dict[str, float],
+             kv_runs: dict[tuple[str, str], KvRun]) -> str:
+    """Each specserve system with a float32 cache (from the runs above) and with the other KV dtypes."""
+    rows = []
+    for system in (s for s in DTYPES if s in runs):
+        base = fmean([r.tok_per_s for r in runs[system]])
+        base_wave = aggregate.get(system, {}).get(KV_CONCURRENCY)
+        rows.append([SYSTEMS[system], "float32", f"{base:.1f}", "-" if base_wave is None else f"{base_wave:.1f}",
+                     "(reference)", "", f"{ppl[system]:.3f}", ""])
+        for (s, kv_dtype), kv in kv_runs.items():
+            if s != system:
+                continue
+            prefixes = [common_prefix_len(a.token_ids, b.token_ids) for a, b in zip(runs[system], kv.runs)]
+            identical = sum(p == len(r.token_ids) for p, r in zip(prefixes, kv.runs))
+            batch1 = fmean([r.tok_per_s for r in kv.runs])
+            wave = f"{kv.aggregate:.1f} ({times(over(kv.aggregate, base_wave))})"
+            rows.append([SYSTEMS[system], kv_dtype, f"{batch1:.1f} ({times(batch1 / base)})", wave,
+                         f"{identical}/{len(prefixes)}", f"{fmean(prefixes):.1f}", f"{kv.ppl:.3f}",
+                         f"{100 * (kv.ppl / ppl[system] - 1):+.2f}%"])
+    headers = ["system", "KV cache", "batch-1 mean tok/s", f"{KV_CONCURRENCY} concurrent tok/s",
+               "identical outputs", "mean common prefix (tokens)", "perplexity", "vs float32 cache"]
+    return md_table(headers, rows)
+
+
 def profile_table(profiles: dict[str, dict[str, float]]) -> str:
     keys = ["step", "forward", "bookkeeping", "layered_forward", "linear", "attention", "other"]
     headers = ["system", "step ms", "model forward ms", "Python/bookkeeping ms", "per-layer forward ms",
@@ -369,6 +423,9 @@ def doc_section(bench: Bench, load_average: float, tables: str) -> str:
   the same prompts (their batch-1 runs above: total new tokens / summed wall time).
 - Quality: greedy outputs compared with specserve float32's; perplexity of {PPL_TOKENS} tokens of GSM8K-train
   question/answer text, scored in independent {PPL_CHUNK}-token chunks.
+- KV cache precision: every run above uses a float32 KV cache; the last table reruns each specserve system's
+  batch-1 prompts, its waves of {KV_CONCURRENCY} and the perplexity with each other cache dtype ({", ".join(args.kv_dtypes)}
+  asked), and compares its greedy outputs with the same weights' over a float32 cache.
 - Step profile: prompt {prompts[0].question_id}, {PROFILE_WARMUP_STEPS} warm-up decode steps, then the mean of
   {PROFILE_STEPS}, as the engine runs them (the decoder layers in one fused C++ call,
   kernels/csrc/decoder_cpu.cpp); model forward from a hook on the model; bookkeeping: `step()` minus the
@@ -387,6 +444,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {','.join(SYSTEMS)}; "
                         "llamacpp is skipped when llama-cpp-python is not installed")
     parser.add_argument("--concurrency", default="1,4,8,16", help="concurrent sequences (1 is always added)")
+    parser.add_argument("--kv-dtypes", default=",".join(KV_DTYPES),
+                        help="KV cache dtypes to compare, each with every specserve system (float32 is the runs above)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 prompts, 16 tokens")
     args = parser.parse_args()
@@ -399,6 +458,9 @@ def parse_args() -> argparse.Namespace:
         log("llama-cpp-python is not installed: skipping llama.cpp")
         args.systems.remove("llamacpp")
     args.concurrency = sorted({1, *(int(n) for n in args.concurrency.split(","))})
+    args.kv_dtypes = [k for k in args.kv_dtypes.split(",") if k]
+    if set(args.kv_dtypes) - set(KV_DTYPES):
+        parser.error(f"unknown KV dtypes: {', '.join(sorted(set(args.kv_dtypes) - set(KV_DTYPES)))}")
     return args
 
 
@@ -425,6 +487,7 @@ def main() -> None:
     ppl_ids = perplexity_text_ids(bench.tokenizer)
     ppl = {s: perplexity(m, ppl_ids) for s, m in bench.models.items()}
     profiles = {s: profile_decode(bench, s) for s in DTYPES if s in bench.models}
+    kv_runs = run_kv_dtypes(bench)
 
     title = f"### Batch 1: tok/s, {args.max_tokens} new tokens, prefill included"
     tables = [f"{title}\n\n{batch1_tables(runs, bench.prompts)}"]
@@ -434,6 +497,8 @@ def main() -> None:
         tables.append(f"### Agreement with specserve float32, and perplexity\n\n{quality_table(runs, ppl)}")
     if profiles:
         tables.append(f"### One batch-1 decode step (mean of {PROFILE_STEPS})\n\n{profile_table(profiles)}")
+    if kv_runs:
+        tables.append(f"### KV cache precision\n\n{kv_table(runs, aggregate, ppl, kv_runs)}")
     tables.append(targets_text(runs, aggregate))
     print("\n\n".join(tables), flush=True)
     if not args.no_write:

@@ -1,7 +1,8 @@
 """Attention of a ragged batch over a paged KV cache: metadata layout and the plain-torch reference.
 
 The KV cache of one layer is a flat array of token slots `[num_slots, num_kv_heads, head_dim]`; slot
-`block_id * block_size + offset` holds one token. A sequence's context is named by its block table.
+`block_id * block_size + offset` holds one token (an int8 cache's rows also carry their scale:
+kernels/kv_cache.py). A sequence's context is named by its block table.
 Sequences of one step are grouped by query length so each group is one batched SDPA call; within a
 group, keys are gathered in position order and padded to the longest context, with a mask.
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from specserve.kernels import cpu_ops
+from specserve.kernels.kv_cache import kv_row_width, kv_rows, quantize_kv
 
 
 @dataclass
@@ -73,12 +75,13 @@ ATTENTION_BACKENDS = ("torch", "triton", "cpu")
 CPU_KERNEL_MAX_QUERY = 16
 
 
-# Cache element types the C++ kernel reads (bfloat16 widened exactly to float32 as it is loaded).
-CPU_KV_DTYPES = (torch.float32, torch.bfloat16)
+# Cache element types the C++ kernel reads (bfloat16 widened exactly to float32 as it is loaded, int8
+# widened and scaled).
+CPU_KV_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
 
 def resolve_attention_backend(name: str, kv_dtype: torch.dtype = torch.float32) -> str:
-    """ "auto" -> "cpu" where the C++ kernel builds and loads (for a float32 or bfloat16 cache), else
+    """ "auto" -> "cpu" where the C++ kernel builds and loads (for a float32, bfloat16 or int8 cache), else
     "torch"; "cpu" is checked to load; other names unchanged."""
     if name == "auto":
         return "cpu" if kv_dtype in CPU_KV_DTYPES and cpu_ops.load() else "torch"
@@ -288,6 +291,8 @@ def write_kv(
     v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens]
 ) -> None:
+    if k_cache.dtype == torch.int8:
+        k, v = quantize_kv(k), quantize_kv(v)
     k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
@@ -340,7 +345,7 @@ def paged_attention_ref(
     scale: float,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Plain-torch paged attention: gather each group's keys, one masked SDPA per group (GQA native)."""
-    assert q.shape[0] == meta.num_tokens and q.shape[2] == k_cache.shape[2]
+    assert q.shape[0] == meta.num_tokens and kv_row_width(q.shape[2], k_cache.dtype) == k_cache.shape[2]
     attend = _attend_group_float64 if meta.batch_invariant else _attend_group
     if len(meta.groups) == 1 and meta.groups[0].token_index.numel() == meta.num_tokens:
         return attend(q, k_cache, v_cache, meta.groups[0], scale)  # tokens already in group order
@@ -360,9 +365,8 @@ def _attend_group(
     num_seqs, _ = group.kv_index.shape
     qg = q.view(num_seqs, group.query_len, *q.shape[1:]).transpose(1, 2)  # [S, H, Q, D]
     flat_index = group.kv_index.view(-1)
-    k = k_cache.index_select(0, flat_index).view(*group.kv_index.shape, *k_cache.shape[1:])  # [S, L, Hkv, D]
-    v = v_cache.index_select(0, flat_index).view(k.shape)
-    k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)  # [S, Hkv, L, D]
+    k, v = (kv_rows(cache.index_select(0, flat_index), q.dtype).view(*group.kv_index.shape, -1, q.shape[2])
+            .transpose(1, 2) for cache in (k_cache, v_cache))  # [S, Hkv, L, D]
     out = F.scaled_dot_product_attention(
         qg, k, v, attn_mask=group.mask, is_causal=group.is_causal, scale=scale, enable_gqa=True
     )
@@ -393,8 +397,8 @@ def _attend_group_float64(
     per_kv, query_len = num_heads // num_kv_heads, group.query_len
     # Gathered head-major, [Hkv, S, L, D], so every matmul below is one strided batch without copies.
     flat_index = group.kv_index.view(-1)
-    k, v = (cache.index_select(0, flat_index).view(num_seqs, max_ctx, num_kv_heads, head_dim)
-            .permute(2, 0, 1, 3).to(torch.float64, memory_format=torch.contiguous_format) for cache in (k_cache, v_cache))
+    k, v = (kv_rows(cache.index_select(0, flat_index), torch.float64).view(num_seqs, max_ctx, num_kv_heads, head_dim)
+            .permute(2, 0, 1, 3).contiguous() for cache in (k_cache, v_cache))
     # Head h reads KV head h // per_kv; a KV head's query rows side by side: [Hkv, S, per_kv * Q, D].
     qg = (q.to(torch.float64).view(num_seqs, query_len, num_kv_heads, per_kv, head_dim)
           .permute(2, 0, 3, 1, 4).reshape(num_kv_heads, num_seqs, per_kv * query_len, head_dim))

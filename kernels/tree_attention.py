@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from specserve.kernels.kv_cache import kv_row_width, kv_rows
+
 try:
     import triton
     import triton.language as tl
@@ -55,8 +57,8 @@ def tree_attention_ref(
     slots = block_tables[:, key_pos // block_size].long() * block_size + key_pos % block_size
     slots = slots.masked_fill(~in_context, 0)  # [num_seqs, max_context_len]
     # Unwritten slots may hold anything (NaN too): padding keys must be zero, not merely masked.
-    k = k_cache[slots].masked_fill(~in_context[..., None, None], 0).to(q.dtype)  # [S, L, Hkv, D]
-    v = v_cache[slots].masked_fill(~in_context[..., None, None], 0).to(q.dtype)  # [S, L, Hkv, D]
+    k = kv_rows(k_cache[slots], q.dtype).masked_fill(~in_context[..., None, None], 0)  # [S, L, Hkv, D]
+    v = kv_rows(v_cache[slots], q.dtype).masked_fill(~in_context[..., None, None], 0)  # [S, L, Hkv, D]
 
     new_index = key_pos[None, :] - prefix_lens[seq_of_row, None]  # [num_tokens, L], new token j or < 0
     on_path = tree_mask.gather(1, new_index.clamp(0, max_query_len - 1))  # [num_tokens, L]
@@ -84,7 +86,8 @@ def _check_args(
     tree_mask: torch.Tensor,
 ) -> None:
     num_tokens, num_heads, head_dim = q.shape
-    assert k_cache.shape == v_cache.shape and k_cache.dim() == 3 and k_cache.shape[2] == head_dim
+    assert k_cache.shape == v_cache.shape and k_cache.dim() == 3
+    assert k_cache.shape[2] == kv_row_width(head_dim, k_cache.dtype), "cache rows do not fit head_dim"
     assert num_heads % k_cache.shape[1] == 0, "GQA needs num_heads to be a multiple of num_kv_heads"
     num_seqs = prefix_lens.shape[0]
     assert block_tables.dim() == 2 and block_tables.shape[0] == num_seqs

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #if defined(__AVX512F__)
@@ -62,6 +63,23 @@ inline float quantize_row(const float* row, int64_t width, uint8_t* q, int offse
   }
 #endif
   for (; i < width; ++i) q[i] = uint8_t(int(std::nearbyint(row[i] / scale)) + offset);
+  return scale;
+}
+
+// An int8 KV cache row (rope_write_kv writes it, tree_attention reads it): one token's head_dim values
+// quantized as above, then the scale's float32 bytes. kernels/paged_attention.py's quantize_kv is the
+// same rule in torch, bit for bit.
+constexpr int64_t kKvScaleBytes = 4;
+
+inline void quantize_kv_row(const float* x, int64_t head_dim, int8_t* row) {
+  const float scale = quantize_scale(x, head_dim);
+  for (int64_t i = 0; i < head_dim; ++i) row[i] = int8_t(std::nearbyint(x[i] / scale));
+  std::memcpy(row + head_dim, &scale, sizeof scale);
+}
+
+inline float kv_row_scale(const int8_t* row, int64_t head_dim) {
+  float scale;
+  std::memcpy(&scale, row + head_dim, sizeof scale);
   return scale;
 }
 

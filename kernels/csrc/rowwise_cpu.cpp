@@ -17,6 +17,8 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "ops.h"
 #include "quantize_row.h"
@@ -85,12 +87,15 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& rotations, at::Tensor k_cache, at::Tensor v_cache,
                          const at::Tensor& slot_mapping, int64_t num_heads, int64_t num_kv_heads) {
   check_rows(qkv, "rope_write_kv");
-  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
-                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
-                  v_cache.is_contiguous() && k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
-              "rope_write_kv: contiguous float32 or bfloat16 caches of one shape and dtype");
-  const int64_t head_dim = k_cache.size(2), tokens = qkv.size(0), num_slots = k_cache.size(0);
-  TORCH_CHECK(k_cache.size(1) == num_kv_heads && head_dim % 2 == 0 &&
+  const auto dtype = k_cache.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kChar) &&
+                  v_cache.scalar_type() == dtype && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
+              "rope_write_kv: contiguous float32, bfloat16 or int8 caches of one shape and dtype");
+  const int64_t tokens = qkv.size(0), num_slots = k_cache.size(0);
+  // An int8 cache row holds head_dim values and their scale (quantize_row.h).
+  const int64_t head_dim = k_cache.size(2) - (dtype == at::kChar ? kKvScaleBytes : 0);
+  TORCH_CHECK(k_cache.size(1) == num_kv_heads && head_dim > 0 && head_dim % 2 == 0 &&
                   qkv.numel() == tokens * (num_heads + 2 * num_kv_heads) * head_dim,
               "rope_write_kv: qkv does not fit the heads");
   TORCH_CHECK(rotations.scalar_type() == at::kFloat && rotations.is_contiguous() &&
@@ -105,10 +110,13 @@ at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& rotations, at:
   const float* in = qkv.data_ptr<float>();
   const float* rot = rotations.data_ptr<float>();
   float* qp = q.data_ptr<float>();
-  const int64_t width = (num_heads + 2 * num_kv_heads) * head_dim, kv_width = num_kv_heads * head_dim;
-  // A bfloat16 cache stores each float32 value rounded to nearest even, as torch's `.to(torch.bfloat16)`.
+  const int64_t width = (num_heads + 2 * num_kv_heads) * head_dim, row_width = k_cache.size(2);
+  // A bfloat16 cache stores each float32 value rounded to nearest even, as torch's `.to(torch.bfloat16)`;
+  // an int8 cache each (token, KV head) row quantized, K after its rotation.
   auto run = [&](auto* kp, auto* vp) {
+    constexpr bool quantized = std::is_same_v<std::remove_pointer_t<decltype(kp)>, int8_t>;
     at::parallel_for(0, tokens, kRowsPerTask, [&](int64_t begin, int64_t end) {
+      std::vector<float> rotated(head_dim);
       for (int64_t t = begin; t < end; ++t) {
         const float* row = in + t * width;
         const float* cs = rot + t * head_dim;  // [head_dim / 2, 2]
@@ -120,14 +128,24 @@ at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& rotations, at:
           }
         };
         for (int64_t h = 0; h < num_heads; ++h) rotate(row + h * head_dim, qp + (t * num_heads + h) * head_dim);
-        auto* k_slot = kp + slots[t] * kv_width;
-        for (int64_t h = 0; h < num_kv_heads; ++h) rotate(row + (num_heads + h) * head_dim, k_slot + h * head_dim);
         const float* v_in = row + (num_heads + num_kv_heads) * head_dim;
-        std::copy(v_in, v_in + kv_width, vp + slots[t] * kv_width);
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+          const int64_t at = (slots[t] * num_kv_heads + h) * row_width;
+          if constexpr (quantized) {
+            rotate(row + (num_heads + h) * head_dim, rotated.data());
+            quantize_kv_row(rotated.data(), head_dim, kp + at);
+            quantize_kv_row(v_in + h * head_dim, head_dim, vp + at);
+          } else {
+            rotate(row + (num_heads + h) * head_dim, kp + at);
+            std::copy(v_in + h * head_dim, v_in + (h + 1) * head_dim, vp + at);
+          }
+        }
       }
     });
   };
-  if (k_cache.scalar_type() == at::kBFloat16) {
+  if (dtype == at::kChar) {
+    run(k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>());
+  } else if (dtype == at::kBFloat16) {
     run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
   } else {
     run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());

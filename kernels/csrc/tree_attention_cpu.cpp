@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "quantize_row.h"
 
 namespace {
 
@@ -64,6 +65,19 @@ inline Lanes load_lanes(const at::BFloat16* x) {
   Lanes v;
   std::memcpy(&v, &wide, sizeof v);
   return v;
+#endif
+}
+
+// 16 int8 values of an int8 cache row as float32 (exact); the row's scale is applied by the caller.
+inline Lanes load_lanes(const int8_t* x) {
+#if defined(__AVX512F__)
+  const __m128i narrow = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return reinterpret_cast<Lanes>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(narrow)));
+#else
+  typedef int8_t Bytes16 __attribute__((vector_size(16)));
+  Bytes16 narrow;
+  std::memcpy(&narrow, x, sizeof narrow);
+  return __builtin_convertvector(narrow, Lanes);
 #endif
 }
 
@@ -156,7 +170,7 @@ struct Accumulator<0> {
 template <typename KV>  // the cache's element type: float or at::BFloat16
 struct Problem {
   const float* q;       // [num_tokens, num_heads, head_dim]
-  const KV* k;          // [num_slots, num_kv_heads, head_dim]
+  const KV* k;          // [num_slots, num_kv_heads, row_width]
   const KV* v;
   float* out;
   const int32_t* tables;  // [num_seqs, max_blocks]
@@ -166,7 +180,22 @@ struct Problem {
   const bool* mask;     // [num_tokens, mask_stride]
   int64_t num_heads, num_kv_heads, per_kv, head_dim, max_blocks, mask_stride, block_size;
   float scale;
+  int64_t row_width;  // elements of one (slot, KV head) cache row: head_dim, plus the scale's 4 bytes for int8
 };
+
+// An int8 cache row's values are widened exactly and its scale applied outside the dot products: to a
+// key's score (after the dot product with q) and to a value's softmax weight (after their sum).
+template <typename KV>
+constexpr bool kQuantized = std::is_same_v<KV, int8_t>;
+
+template <typename KV>
+inline float row_scale(const KV* row, int64_t head_dim) {
+  if constexpr (kQuantized<KV>) {
+    return specserve_cpu::kv_row_scale(row, head_dim);
+  } else {
+    return 1.0f;
+  }
+}
 
 // Scores of 8 keys at once, each bit for bit `dot<kD>` of that key: the same per-lane products, summed
 // in the same order, then reduced with exactly reduce_lanes' pairs (its halves, then quarters, then
@@ -231,10 +260,10 @@ void attend(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t unit_begin
   const int64_t units = unit_end - unit_begin;
   if (units <= 0) return;
   const int32_t* table = p.tables + s * p.max_blocks;
-  const int64_t slot_stride = p.num_kv_heads * head_dim;  // floats between the K rows of adjacent slots
+  const int64_t slot_stride = p.num_kv_heads * p.row_width;  // elements between the K rows of adjacent slots
   auto slot_of = [&](int64_t pos) { return int64_t(table[pos / block_size]) * block_size + pos % block_size; };
-  auto k_row = [&](int64_t slot) { return p.k + (slot * p.num_kv_heads + kv_head) * head_dim; };
-  auto v_row = [&](int64_t slot) { return p.v + (slot * p.num_kv_heads + kv_head) * head_dim; };
+  auto k_row = [&](int64_t slot) { return p.k + (slot * p.num_kv_heads + kv_head) * p.row_width; };
+  auto v_row = [&](int64_t slot) { return p.v + (slot * p.num_kv_heads + kv_head) * p.row_width; };
   auto row_of = [&](int64_t u) { return (unit_begin + u) / per_kv; };
   auto q_vec = [&](int64_t u) {
     const int64_t unit = unit_begin + u;
@@ -252,11 +281,19 @@ void attend(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t unit_begin
   seen.assign(units, prefix);
 
   // Scores: each prefix key is read once for all units, in tiles of kTile slots that lie together in a
-  // block; then each unit's visible new tokens. With several units, a tile is first copied (bfloat16:
-  // widened) to a contiguous buffer, so the units' loops read it at fixed offsets.
+  // block; then each unit's visible new tokens. With several units, a tile is first copied (bfloat16,
+  // int8: widened) to a contiguous buffer, so the units' loops read it at fixed offsets.
   std::vector<const float*> q_of(units);
   for (int64_t u = 0; u < units; ++u) q_of[u] = q_vec(u);
-  auto score_tile = [&](const auto* k0, auto stride, float* out) {  // out: the first unit's 8 scores
+  auto key_score = [&](float dot, const KV* k) {  // an int8 key's scale multiplies its scaled dot product
+    if constexpr (kQuantized<KV>) {
+      return (dot * p.scale) * row_scale(k, head_dim);
+    } else {
+      return dot * p.scale;
+    }
+  };
+  // out: the first unit's 8 scores; key_scales: the 8 keys' int8 scales (unused otherwise)
+  auto score_tile = [&](const auto* k0, auto stride, float* out, const Half& key_scales) {
     for (int64_t u = 0; u < units; ++u) {
       Lanes qc[kD / kLanes];
       for (int c = 0; c < kD / kLanes; ++c) qc[c] = load_lanes(q_of[u] + c * kLanes);
@@ -264,7 +301,8 @@ void attend(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t unit_begin
       for (int c = 0; c < kD / kLanes; ++c) {
         for (int t = 0; t < kTile; ++t) acc[t] += qc[c] * load_lanes(k0 + t * stride + c * kLanes);
       }
-      const Half scaled = reduce_lanes_8(acc) * p.scale;  // lane by lane, as the scalar product
+      Half scaled = reduce_lanes_8(acc) * p.scale;  // lane by lane, as key_score's scalar products
+      if constexpr (kQuantized<KV>) scaled *= key_scales;
       std::memcpy(out + u * width, &scaled, sizeof scaled);
     }
   };
@@ -273,34 +311,56 @@ void attend(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t unit_begin
     if constexpr (kD > 0) {
       for (; o + kTile <= count; o += kTile) {
         const KV* k0 = k_row(base + o);
+        Half key_scales = {};
+        if constexpr (kQuantized<KV>) {
+          for (int t = 0; t < kTile; ++t) key_scales[t] = row_scale(k0 + t * slot_stride, head_dim);
+        }
         if (units >= kCopyUnits) {
           alignas(64) float tile[kTile * kD];
           for (int t = 0; t < kTile; ++t) {
             for (int c = 0; c < kD / kLanes; ++c) store_lanes(tile + t * kD + c * kLanes, load_lanes(k0 + t * slot_stride + c * kLanes));
           }
-          score_tile(tile, std::integral_constant<int64_t, kD>{}, scores.data() + start + o);
+          score_tile(tile, std::integral_constant<int64_t, kD>{}, scores.data() + start + o, key_scales);
         } else {
-          score_tile(k0, slot_stride, scores.data() + start + o);
+          score_tile(k0, slot_stride, scores.data() + start + o, key_scales);
         }
       }
     }
     for (; o < count; ++o) {
       const KV* k = k_row(base + o);
-      for (int64_t u = 0; u < units; ++u) scores[u * width + start + o] = dot<kD>(q_of[u], k, head_dim) * p.scale;
+      for (int64_t u = 0; u < units; ++u) scores[u * width + start + o] = key_score(dot<kD>(q_of[u], k, head_dim), k);
     }
   });
   for (int64_t u = 0; u < units; ++u) {
     const int64_t r = row_of(u);
     for (int64_t j = 0; j < rows; ++j) {
       if (!visible(r, j)) continue;
-      scores[u * width + seen[u]++] = dot<kD>(q_vec(u), k_row(slot_of(prefix + j)), head_dim) * p.scale;
+      const KV* k = k_row(slot_of(prefix + j));
+      scores[u * width + seen[u]++] = key_score(dot<kD>(q_of[u], k, head_dim), k);
     }
   }
-  // Softmax weights, unnormalised: exp(score - the unit's max).
+  // Softmax weights, unnormalised: exp(score - the unit's max), and their sum. For an int8 cache each
+  // weight then takes its value row's scale, so the sums below add weight x scale x the row's integers.
+  std::vector<float> totals(units);
+  std::vector<float> value_scales;
+  if constexpr (kQuantized<KV>) {
+    value_scales.resize(prefix);
+    for_blocks([&](int64_t start, int64_t base, int64_t count) {
+      for (int64_t o = 0; o < count; ++o) value_scales[start + o] = row_scale(v_row(base + o), head_dim);
+    });
+  }
   for (int64_t u = 0; u < units; ++u) {
     float* w = scores.data() + u * width;
     const float top = max_of(w, seen[u]);
     for (int64_t i = 0; i < seen[u]; ++i) w[i] = exp_nonpositive(w[i] - top);
+    totals[u] = sum(w, seen[u]);
+    if constexpr (kQuantized<KV>) {
+      for (int64_t i = 0; i < prefix; ++i) w[i] *= value_scales[i];
+      int64_t index = prefix;
+      for (int64_t j = 0; j < rows; ++j) {
+        if (visible(row_of(u), j)) w[index++] *= row_scale(v_row(slot_of(prefix + j)), head_dim);
+      }
+    }
   }
   // The weighted sums of V, for G units at a time: each prefix V row is loaded once and added to the G
   // units' accumulators (unit by unit, every V row would stream through the cache once per unit). Then
@@ -327,7 +387,7 @@ void attend(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t unit_begin
         if (visible(r, j)) acc[g].add(wu[index++], v_row(slot_of(prefix + j)));
       }
       acc[g].store(p.out + ((first_row + r) * p.num_heads + kv_head * per_kv + unit % per_kv) * head_dim,
-                   1.0f / sum(wu, seen[u]));
+                   1.0f / totals[u]);
     }
   };
   int64_t u = 0;
@@ -351,8 +411,9 @@ namespace specserve_cpu {
 void tree_attention(
     at::Tensor out,              // [num_tokens, num_heads, head_dim] float32, rows of these sequences written
     const at::Tensor& q,         // [num_tokens, num_heads, head_dim] float32
-    const at::Tensor& k_cache,   // [num_slots, num_kv_heads, head_dim] float32 or bfloat16
-    const at::Tensor& v_cache,   // [num_slots, num_kv_heads, head_dim] the same
+    const at::Tensor& k_cache,   // [num_slots, num_kv_heads, head_dim] float32 or bfloat16, or int8 rows of
+                                 // head_dim values and a float32 scale: [num_slots, num_kv_heads, head_dim + 4]
+    const at::Tensor& v_cache,   // the same
     const at::Tensor& block_tables,  // [num_seqs, max_blocks] int32
     const at::Tensor& prefix_lens,   // [num_seqs] int32
     const at::Tensor& row_starts,    // [num_seqs] int32, first row of each sequence in q
@@ -361,9 +422,10 @@ void tree_attention(
     int64_t block_size, double scale) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
               "tree_attention_cpu: float32 q and out");
-  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
-                  v_cache.scalar_type() == k_cache.scalar_type(),
-              "tree_attention_cpu: a float32 or bfloat16 cache, K and V alike");
+  const auto cache_dtype = k_cache.scalar_type();
+  TORCH_CHECK((cache_dtype == at::kFloat || cache_dtype == at::kBFloat16 || cache_dtype == at::kChar) &&
+                  v_cache.scalar_type() == cache_dtype,
+              "tree_attention_cpu: a float32, bfloat16 or int8 cache, K and V alike");
   TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes() && k_cache.dim() == 3, "tree_attention_cpu: q, out, cache shapes");
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "tree_attention_cpu: contiguous q, out and cache");
@@ -374,7 +436,8 @@ void tree_attention(
                   query_lens.is_contiguous() && tree_mask.is_contiguous() && tree_mask.scalar_type() == at::kBool,
               "tree_attention_cpu: contiguous index tensors and a bool tree mask");
   const int64_t num_heads = q.size(1), head_dim = q.size(2), num_kv_heads = k_cache.size(1);
-  TORCH_CHECK(num_heads % num_kv_heads == 0 && k_cache.size(2) == head_dim && v_cache.sizes() == k_cache.sizes(),
+  const int64_t row_width = head_dim + (cache_dtype == at::kChar ? specserve_cpu::kKvScaleBytes : 0);
+  TORCH_CHECK(num_heads % num_kv_heads == 0 && k_cache.size(2) == row_width && v_cache.sizes() == k_cache.sizes(),
               "tree_attention_cpu: cache shape does not fit q");
   const int64_t num_seqs = prefix_lens.size(0), num_slots = k_cache.size(0);
   TORCH_CHECK(row_starts.size(0) == num_seqs && query_lens.size(0) == num_seqs && block_tables.size(0) == num_seqs &&
@@ -385,7 +448,7 @@ void tree_attention(
                   block_tables.data_ptr<int32_t>(), prefix_lens.data_ptr<int32_t>(), row_starts.data_ptr<int32_t>(),
                   query_lens.data_ptr<int32_t>(), tree_mask.data_ptr<bool>(),
                   num_heads, num_kv_heads, num_heads / num_kv_heads, head_dim, block_tables.size(1),
-                  tree_mask.size(1), block_size, static_cast<float>(scale)};
+                  tree_mask.size(1), block_size, static_cast<float>(scale), row_width};
     // Checked here, before any thread starts: a bad index would read outside the cache.
     for (int64_t s = 0; s < num_seqs; ++s) {
       const int64_t prefix = p.prefixes[s], rows = p.lens[s], start = p.starts[s];
@@ -443,7 +506,9 @@ void tree_attention(
       }
     });
   };
-  if (k_cache.scalar_type() == at::kBFloat16) {
+  if (cache_dtype == at::kChar) {
+    run(int8_t{});
+  } else if (cache_dtype == at::kBFloat16) {
     run(at::BFloat16{});
   } else {
     run(float{});

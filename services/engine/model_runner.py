@@ -17,11 +17,16 @@ from specserve.engine.draft_tree import DraftTree
 from specserve.engine.model import KVCache, LlamaModel
 from specserve.engine.scheduler import ScheduledSeq
 from specserve.engine.verify import verify_layout
-from specserve.kernels.paged_attention import build_attention_metadata, resolve_attention_backend, slots_of
+from specserve.kernels.paged_attention import (
+    build_attention_metadata, kv_row_width, resolve_attention_backend, slots_of,
+)
 
 
 def allocate_kv_cache(model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype) -> KVCache:
-    shape = (cache_config.num_blocks * cache_config.block_size, model_config.num_kv_heads, model_config.head_dim)
+    """Per layer (K, V), each `# [num_slots, num_kv_heads, row width]`: head_dim, or for int8 head_dim
+    values and their scale's 4 bytes (kernels/paged_attention.py)."""
+    shape = (cache_config.num_blocks * cache_config.block_size, model_config.num_kv_heads,
+             kv_row_width(model_config.head_dim, dtype))
     return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(model_config.num_layers)]
 
 

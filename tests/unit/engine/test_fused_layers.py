@@ -113,11 +113,12 @@ def test_fused_layers_equal_the_layer_modules(dtype: str, monkeypatch):
     assert results[True][0].abs().max() > 0  # a real computation, not two zero tensors
 
 
-def test_fused_layers_over_a_bfloat16_cache_equal_the_layer_modules(monkeypatch):
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+def test_fused_layers_over_a_rounded_cache_equal_the_layer_modules(kv_dtype, monkeypatch):
     model = random_llama("float32")
     calls = count_fused_calls(monkeypatch)
-    results = run_both(model, kv_dtype=torch.bfloat16)
-    assert calls == [2] and results[True][2][0][0].dtype == torch.bfloat16
+    results = run_both(model, kv_dtype=kv_dtype)
+    assert calls == [2] and results[True][2][0][0].dtype == kv_dtype
     assert_same_bits(results)
 
 

@@ -214,13 +214,15 @@ def test_greedy_speculation_equals_plain_greedy(
     assert engine.spec_stats.verify_steps > 0 and engine.spec_stats.accepted > 0
 
 
-def test_greedy_speculation_is_exact_over_a_bfloat16_kv_cache(models, tokenizer, spread_prompts):
-    """A bfloat16 cache rounds K/V once, when written; verify rows and decode rows then read the same
-    values, so greedy n-gram speculation still equals plain greedy decoding of that engine exactly."""
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "int8"])
+def test_greedy_speculation_is_exact_over_a_rounded_kv_cache(models, tokenizer, spread_prompts, kv_dtype):
+    """A bfloat16 or int8 cache rounds K/V once, when written (int8: each row with its own scale, never
+    the step's other rows); verify rows and decode rows then read the same values, so greedy n-gram
+    speculation still equals plain greedy decoding of that engine exactly."""
     model = models("float32")
-    expected = plain_greedy(model, tokenizer, "float32", True, spread_prompts, kv_dtype="bfloat16")
-    engine = make_engine(model, tokenizer, "float32", SpecConfig(method="ngram"), 8, True, kv_dtype="bfloat16")
-    assert engine.runner.kv_cache[0][0].dtype == torch.bfloat16 and engine.runner.attention_backend == "cpu"
+    expected = plain_greedy(model, tokenizer, "float32", True, spread_prompts, kv_dtype=kv_dtype)
+    engine = make_engine(model, tokenizer, "float32", SpecConfig(method="ngram"), 8, True, kv_dtype=kv_dtype)
+    assert engine.runner.kv_cache[0][0].dtype == getattr(torch, kv_dtype) and engine.runner.attention_backend == "cpu"
     assert generate(engine, spread_prompts) == expected
     assert engine.spec_stats.verify_steps > 0 and engine.spec_stats.accepted > 0
 

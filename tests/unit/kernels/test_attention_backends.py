@@ -118,3 +118,5 @@ def test_kv_dtype_is_checked():
         CacheConfig(dtype="float8")
     with pytest.raises(InvalidRequestError, match="triton attention backend reads a float32 KV cache only"):
         EngineConfig(model_path="unused", attention_backend="triton", cache=CacheConfig(dtype="bfloat16"))
+    with pytest.raises(InvalidRequestError, match="triton attention backend reads a float32 KV cache only"):
+        EngineConfig(model_path="unused", attention_backend="triton", cache=CacheConfig(dtype="int8"))

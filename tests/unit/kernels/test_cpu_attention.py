@@ -17,6 +17,7 @@ import torch
 
 from specserve.engine.draft_tree import DraftTree
 from specserve.kernels import cpu_ops
+from specserve.kernels.kv_cache import quantize_kv
 from specserve.kernels.paged_attention import (
     CPU_KERNEL_MAX_QUERY,
     build_attention_metadata,
@@ -65,7 +66,10 @@ class Case:
                 slot = table[pos // block_size] * block_size + pos % block_size
                 self.k[slot] = torch.randn(num_kv_heads, head_dim, generator=gen)
                 self.v[slot] = torch.randn(num_kv_heads, head_dim, generator=gen)
-        self.k, self.v = self.k.to(cache_dtype), self.v.to(cache_dtype)  # the reference reads the same values
+        if cache_dtype == torch.int8:  # NaN rows get a NaN scale: still NaN when read
+            self.k, self.v = quantize_kv(self.k), quantize_kv(self.v)
+        else:
+            self.k, self.v = self.k.to(cache_dtype), self.v.to(cache_dtype)  # the reference reads the same values
         self.q = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen)
         self.prefix_lens = [prefix for prefix, _ in seqs]
         self.query_lens = query_lens
@@ -104,7 +108,7 @@ class Case:
         return out
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("head_dim", [64, 16, 24])  # 64: the compiled-for head size; 16, 24: the generic path
 @pytest.mark.parametrize("heads", [(9, 3), (4, 4)])
 @pytest.mark.parametrize("block_size", [16, 4])
@@ -137,7 +141,7 @@ def test_kernel_writes_only_its_sequences_rows():
     # (scored 8 at a time with one shuffle reduction) where the verify row scored them one by one
     (48, [-1, 0, 1, 2, 3, 4, 5, 6, 7], 8),
 ])
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_a_row_does_not_depend_on_the_rest_of_the_batch(prefix, parents, node, cache_dtype):
     """Bitwise: a tree row of a verify step (beside other sequences) equals the decode of that token
     alone, with only its path in the cache, at any thread count."""
@@ -169,8 +173,11 @@ def test_a_cache_of_mixed_or_unsupported_dtypes_is_refused():
     case = Case([(20, [-1])], 4, 2, head_dim=16, block_size=4)
     t = case.tensors()
     out = torch.empty_like(case.q)
-    for k, v in ((case.k, case.v.bfloat16()), (case.k.half(), case.v.half())):
-        with pytest.raises(RuntimeError, match="float32 or bfloat16 cache"):
+    unscaled = case.k.to(torch.int8)  # int8 rows without their scale's 4 bytes
+    for (k, v), message in (((case.k, case.v.bfloat16()), "float32, bfloat16 or int8 cache"),
+                            ((case.k.half(), case.v.half()), "float32, bfloat16 or int8 cache"),
+                            ((unscaled, unscaled), "cache shape does not fit q")):
+        with pytest.raises(RuntimeError, match=message):
             torch.ops.specserve_cpu.tree_attention(out, case.q, k, v, t["block_tables"], t["prefix_lens"],
                                                    t["query_start_loc"][:-1].contiguous(),
                                                    torch.tensor(case.query_lens, dtype=torch.int32), t["tree_mask"],
@@ -232,9 +239,10 @@ def test_auto_backend_falls_back_to_torch_without_the_kernel(tmp_path):
     assert result.stdout.split() == ["torch", "0"]
 
 
-def test_auto_backend_picks_the_kernel_for_a_float32_or_bfloat16_cache():
+def test_auto_backend_picks_the_kernel_for_a_float32_bfloat16_or_int8_cache():
     assert resolve_attention_backend("auto") == "cpu"
     assert resolve_attention_backend("auto", kv_dtype=torch.bfloat16) == "cpu"
+    assert resolve_attention_backend("auto", kv_dtype=torch.int8) == "cpu"
     assert resolve_attention_backend("auto", kv_dtype=torch.float16) == "torch"
     assert resolve_attention_backend("torch") == "torch"
 

@@ -11,6 +11,7 @@ from specserve.engine.config import ModelConfig
 from specserve.engine.model import RMSNorm, Rotary, apply_rope
 from specserve.kernels.linear import quantize_rows_ref
 from specserve.kernels import cpu_ops
+from specserve.kernels.kv_cache import kv_row_width, kv_rows
 from specserve.kernels.paged_attention import write_kv
 
 pytestmark = pytest.mark.skipif(not cpu_ops.load(), reason="the C++ CPU kernels did not build here (no compiler)")
@@ -69,7 +70,7 @@ def test_the_model_norm_uses_the_fused_op_only_without_gradients():
     assert not cpu_ops.applies(torch.randn(3, 16, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_rope_write_kv_matches_the_torch_path(cache_dtype):
     heads, kv_heads, head_dim, tokens, slots = 9, 3, 64, 5, 40
     gen = torch.Generator().manual_seed(4)
@@ -79,8 +80,9 @@ def test_rope_write_kv_matches_the_torch_path(cache_dtype):
                          num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, max_position_embeddings=2048)
     rope = Rotary(config).tables(positions)
     slot_mapping = torch.tensor([3, 17, 18, 0, 39])
-    caches = {name: (torch.zeros(slots, kv_heads, head_dim, dtype=cache_dtype),
-                     torch.zeros(slots, kv_heads, head_dim, dtype=cache_dtype))
+    width = kv_row_width(head_dim, cache_dtype)
+    caches = {name: (torch.zeros(slots, kv_heads, width, dtype=cache_dtype),
+                     torch.zeros(slots, kv_heads, width, dtype=cache_dtype))
               for name in ("fused", "torch")}
     got_q = torch.ops.specserve_cpu.rope_write_kv(qkv, torch.view_as_real(rope), *caches["fused"], slot_mapping,
                                                   heads, kv_heads)
@@ -90,8 +92,11 @@ def test_rope_write_kv_matches_the_torch_path(cache_dtype):
     torch.testing.assert_close(got_q, qk[:, :heads], atol=1e-6, rtol=1e-6)
     # bfloat16: both round the rotated float32 to nearest even; K may differ where the two float32 values
     # (equal to ~1e-6) straddle a rounding boundary, by one bfloat16 step.
-    close = dict(atol=1e-6, rtol=1e-6) if cache_dtype == torch.float32 else dict(atol=1e-6, rtol=2**-7)
-    torch.testing.assert_close(caches["fused"][0], caches["torch"][0], **close)
+    # int8: the same, by one step of the row's scale (at most the largest |K| / 127).
+    close = {torch.float32: dict(atol=1e-6, rtol=1e-6), torch.bfloat16: dict(atol=1e-6, rtol=2**-7),
+             torch.int8: dict(atol=float(qk[:, heads:].abs().max()) / 127, rtol=0)}[cache_dtype]
+    torch.testing.assert_close(kv_rows(caches["fused"][0], torch.float32), kv_rows(caches["torch"][0], torch.float32),
+                               **close)
     assert torch.equal(caches["fused"][1], caches["torch"][1])  # V is copied (and rounded alike), not computed
     untouched = torch.ones(slots, dtype=torch.bool)
     untouched[slot_mapping] = False
