@@ -31,6 +31,7 @@ from specserve.engine.config import (
 )
 from specserve.errors import InvalidRequestError, SpecserveError, UnavailableError
 from specserve.model_fetch import ensure_default_model, specserve_home
+from specserve.rpc.tls import ClientTls, ServerTls
 
 
 def resolve_model(path: str | None) -> str:
@@ -65,6 +66,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InvalidRequestError("prompt is empty")
     if args.url:
         generate_remote(args, params)
+    elif args.tls_ca or args.tls_client_cert or args.tls_client_key:
+        raise InvalidRequestError("--tls-ca, --tls-client-cert and --tls-client-key are for --url")
     else:
         generate_local(args, params)
     return 0
@@ -105,7 +108,7 @@ def generate_remote(args: argparse.Namespace, params: SamplingParams) -> None:
     speculation = "off" if args.spec == "off" else "lossy" if args.lossy else "lossless" if drafter else "default"
     knobs = {"top_k": args.lossy_top_k, "min_ratio": args.lossy_min_ratio, "budget": args.lossy_budget}
     lossy = {name: value for name, value in knobs.items() if value is not None} if args.lossy else None
-    with Client(args.url) as client:
+    with Client(args.url, tls=client_tls(args)) as client:
         stream = client.stream(
             args.prompt, raw=args.raw, max_tokens=params.max_tokens, temperature=params.temperature,
             top_p=params.top_p, top_k=params.top_k, min_p=params.min_p, seed=params.seed, stop=params.stop,
@@ -227,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--url", metavar="HOST:PORT", help="generate through a running router instead of in this "
                      "process; its model and engine settings apply (--model, --dtype, --datastore ... do not)")
+    add_tls_client_flags(gen, "the router at --url")
     gen.add_argument("--model", help="GGUF file or Hugging Face safetensors directory (default: SmolLM2-135M)")
     gen.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32", help="weight precision")
     gen.add_argument("--batch-invariant", action="store_true",
@@ -281,17 +285,19 @@ def cmd_serve_embedded(args: argparse.Namespace) -> int:
     from specserve.router.server import build_embedded_router, serve_router
 
     methods = [method for method in args.spec.split(",") if method not in ("", "off")]
+    tls = server_tls(args)  # checked before the model loads
     router = build_embedded_router(resolve_model(args.model), args.dtype, methods, cache_config(args),
                                    router_config(args), SpecConfig(**drafter_sources(args, methods)))
-    serve_router(bind_address(args), router, args.grace, args.http_port)
+    serve_router(bind_address(args), router, args.grace, args.http_port, tls)
     return 0
 
 
 def cmd_serve_verifier(args: argparse.Namespace) -> int:
     from specserve.verifier.server import build_verifier_servicer, serve_verifier
 
+    tls = server_tls(args)
     servicer = build_verifier_servicer(resolve_model(args.model), args.dtype, cache_config(args), args.keep_hidden)
-    serve_verifier(bind_address(args), servicer, args.grace)
+    serve_verifier(bind_address(args), servicer, args.grace, tls)
     return 0
 
 
@@ -299,7 +305,8 @@ def cmd_serve_drafter(args: argparse.Namespace) -> int:
     from specserve.drafter.server import serve_drafter
 
     spec = SpecConfig(method=args.spec, **drafter_sources(args, [args.spec]))
-    serve_drafter(bind_address(args), resolve_model(args.model), args.dtype, spec, args.grace)
+    tls = server_tls(args)
+    serve_drafter(bind_address(args), resolve_model(args.model), args.dtype, spec, args.grace, tls)
     return 0
 
 
@@ -309,12 +316,14 @@ def cmd_serve_router(args: argparse.Namespace) -> int:
     from specserve.router.server import build_remote_router, serve_router
 
     pools = drafter_pools(args.drafter)
+    tls = server_tls(args)  # a bad TLS file fails here, before any replica is called
     try:
-        router = build_remote_router(resolve_model(args.model), args.verifier, pools, router_config(args))
+        router = build_remote_router(resolve_model(args.model), args.verifier, pools, router_config(args),
+                                     client_tls(args))
     except grpc.RpcError as exc:
         replicas = ", ".join(args.verifier + [address for addresses in pools.values() for address in addresses])
         raise UnavailableError(f"a replica did not answer Info ({exc.code().name}); replicas: {replicas}") from None
-    serve_router(bind_address(args), router, args.grace, args.http_port)
+    serve_router(bind_address(args), router, args.grace, args.http_port, tls)
     return 0
 
 
@@ -337,17 +346,20 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise InvalidRequestError("--verifiers must be >= 1 and --drafters >= 0")
     spec = SpecConfig(method=args.spec, **drafter_sources(args, [args.spec]))
     model = resolve_model(args.model)  # fetched once here, not by every child
-    common = ["--host", args.host, "--port", "0", "--model", model, "--dtype", args.dtype, "--grace", str(args.grace)]
+    tls_server, tls_client = up_tls_flags(args)
+    common = ["--host", args.host, "--port", "0", "--model", model, "--dtype", args.dtype, "--grace", str(args.grace),
+              *tls_server]
     verifier = [*SERVE_COMMAND, "verifier", *common, *as_flags(
         num_blocks=args.num_blocks, block_size=args.block_size, kv_dtype=args.kv_dtype, keep_hidden=needs_hidden(spec))]
     drafter = [*SERVE_COMMAND, "drafter", "--spec", spec.method, *common, *as_flags(
         datastore=spec.datastore_path, draft_checkpoint=spec.draft_checkpoint, exit_layer=spec.exit_layer)]
     services = [(f"verifier-{i}", verifier) for i in range(args.verifiers)]
     services += [(f"drafter-{i}", drafter) for i in range(args.drafters if spec.enabled else 0)]
-    with Launcher(args.start_timeout, stop_timeout_s=args.grace + 10) as launcher:
+    launcher_tls = ClientTls.from_files(*tls_client[1::2]) if tls_client else None
+    with Launcher(args.start_timeout, stop_timeout_s=args.grace + 10, tls=launcher_tls) as launcher:
         backends = launcher.start(services)
         router = [*SERVE_COMMAND, "router", "--host", args.host, "--port", str(args.port), "--model", model,
-                  "--grace", str(args.grace), *as_flags(http_port=args.http_port),
+                  "--grace", str(args.grace), *as_flags(http_port=args.http_port), *tls_server, *tls_client,
                   *as_flags(**{dest: getattr(args, dest) for dest in ROUTER_FLAGS})]
         for child in backends:
             is_verifier = child.name.startswith("verifier")
@@ -357,6 +369,40 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(child.summary, flush=True)
         launcher.watch()
     return 0
+
+
+def up_tls_flags(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """`up`'s TLS settings as every child's server flags and the router's (and the launcher's) client flags:
+    the replicas are checked against --tls-ca (default: --tls-cert itself, right for a self-signed
+    certificate) and, where --tls-client-ca makes them ask, shown --tls-cert and --tls-key."""
+    tls = server_tls(args)
+    if tls is None:
+        if args.tls_ca:
+            raise InvalidRequestError("--tls-ca without --tls-cert and --tls-key: the services would not use TLS")
+        return [], []
+    server = as_flags(tls_cert=tls.cert, tls_key=tls.key, tls_client_ca=tls.client_ca)
+    client = ["--tls-ca", str(args.tls_ca or tls.cert)]
+    if tls.client_ca is not None:
+        client += ["--tls-client-cert", str(tls.cert), "--tls-client-key", str(tls.key)]
+    return server, client
+
+
+def server_tls(args: argparse.Namespace) -> ServerTls | None:
+    """The service's TLS settings from --tls-cert, --tls-key, --tls-client-ca; None = plaintext."""
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise InvalidRequestError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise InvalidRequestError("--tls-cert and --tls-key go together")
+    return ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
+
+
+def client_tls(args: argparse.Namespace) -> ClientTls | None:
+    """A channel's TLS settings from --tls-ca, --tls-client-cert, --tls-client-key; None = plaintext."""
+    if args.tls_ca is None and args.tls_client_cert is None and args.tls_client_key is None:
+        return None
+    return ClientTls.from_files(args.tls_ca, args.tls_client_cert, args.tls_client_key)
 
 
 def as_flags(**values: object) -> list[str]:
@@ -396,6 +442,7 @@ def add_serve_parsers(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--spec", default="ngram", metavar="METHOD[,METHOD...]",
                        help=f"drafters of --embedded, of {','.join(SPEC_METHODS)} (default ngram; off = none)")
     add_bind_flags(serve, port=50051)
+    add_tls_server_flags(serve)
     add_model_flags(serve)
     add_cache_flags(serve)
     add_drafter_flags(serve)
@@ -405,6 +452,7 @@ def add_serve_parsers(sub: argparse._SubParsersAction) -> None:
 
     verifier = roles.add_parser("verifier", help="the target model and its paged KV cache")
     add_bind_flags(verifier, port=0)
+    add_tls_server_flags(verifier)
     add_model_flags(verifier)
     add_cache_flags(verifier)
     verifier.add_argument("--keep-hidden", action="store_true",
@@ -414,6 +462,7 @@ def add_serve_parsers(sub: argparse._SubParsersAction) -> None:
     drafter = roles.add_parser("drafter", help="one draft method")
     drafter.add_argument("--spec", required=True, choices=[m for m in SPEC_METHODS if m != "off"])
     add_bind_flags(drafter, port=0)
+    add_tls_server_flags(drafter)
     add_model_flags(drafter)
     add_drafter_flags(drafter)
     drafter.set_defaults(serve=cmd_serve_drafter)
@@ -424,6 +473,8 @@ def add_serve_parsers(sub: argparse._SubParsersAction) -> None:
     router.add_argument("--drafter", action="append", default=[], metavar="NAME=HOST:PORT",
                         help="a drafter replica, under the name requests pick it by (repeatable)")
     add_bind_flags(router, port=50051)
+    add_tls_server_flags(router)
+    add_tls_client_flags(router, "the verifier and drafter replicas")
     router.add_argument("--model", help="model whose tokenizer to use (default: SmolLM2-135M)")
     add_router_flags(router)
     router.set_defaults(serve=cmd_serve_router)
@@ -439,6 +490,9 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
                     "when it needs them")
     up.add_argument("--start-timeout", type=float, default=300.0, help="seconds each service gets to start serving")
     add_bind_flags(up, port=50051)
+    add_tls_server_flags(up)
+    up.add_argument("--tls-ca", metavar="PEM", help="CA the router checks its replicas' certificates against "
+                    "(default: --tls-cert itself, for a self-signed certificate)")
     add_model_flags(up)
     add_cache_flags(up)
     add_drafter_flags(up)
@@ -451,6 +505,20 @@ def add_bind_flags(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--port", type=int, default=port, help=f"port to listen on, 0 = any free one (default {port})")
     parser.add_argument("--grace", type=float, default=10.0,
                         help="seconds running calls get to finish after SIGTERM (default 10)")
+
+
+def add_tls_server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve over TLS with this certificate (chain); needs --tls-key")
+    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", metavar="PEM",
+                        help="require client certificates signed by this CA (mutual TLS)")
+
+
+def add_tls_client_flags(parser: argparse.ArgumentParser, peer: str) -> None:
+    parser.add_argument("--tls-ca", metavar="PEM", help=f"reach {peer} over TLS, checking its certificate against "
+                        "this CA (any --tls-* flag here turns TLS on; without --tls-ca, gRPC's public roots)")
+    parser.add_argument("--tls-client-cert", metavar="PEM", help=f"certificate to show {peer} (mutual TLS)")
+    parser.add_argument("--tls-client-key", metavar="PEM", help="the private key of --tls-client-cert")
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -469,7 +537,7 @@ def add_cache_flags(parser: argparse.ArgumentParser) -> None:
 def add_kv_dtype_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
                         help="KV cache precision (default float32, exact; bfloat16 halves KV memory and the bytes "
-                        "attention reads)")
+                        "attention reads, int8 takes about a quarter)")
 
 
 def add_drafter_flags(parser: argparse.ArgumentParser) -> None:

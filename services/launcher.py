@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specserve.errors import UnavailableError
+from specserve.rpc.tls import ClientTls, open_channel
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # Looked up here, not in the forked child, where loading a library could deadlock on another thread's lock.
@@ -67,9 +68,12 @@ class Launcher:
     """`with Launcher(...) as launcher: launcher.start(tier) ...; launcher.watch()`. Leaving the block stops
     every child. SIGTERM / SIGINT end `watch` (and abort `start` with KeyboardInterrupt). Main thread only."""
 
-    def __init__(self, start_timeout_s: float = 300.0, stop_timeout_s: float = 20.0) -> None:
+    def __init__(self, start_timeout_s: float = 300.0, stop_timeout_s: float = 20.0,
+                 tls: ClientTls | None = None) -> None:
+        """`tls`: how the health checks reach children that serve over TLS."""
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
+        self.tls = tls
         self.tiers: list[list[Child]] = []
         self._stop_requested = threading.Event()
         self._previous_handlers: dict[int, object] = {}
@@ -145,14 +149,14 @@ class Launcher:
                     raise child.failure(f"exited with code {child.process.returncode} before serving")
             if time.monotonic() > deadline:
                 raise pending[0].failure(f"was not serving within {self.start_timeout_s:.0f} s")
-            pending = [child for child in pending if child.address is None or not _serving(child.address)]
+            pending = [child for child in pending if child.address is None or not _serving(child.address, self.tls)]
             if pending:
                 self._stop_requested.wait(POLL_S)
 
 
-def _serving(address: str) -> bool:
+def _serving(address: str, tls: ClientTls | None) -> bool:
     """Whether grpc.health.v1 Check on `address` answers SERVING (the whole server: service "")."""
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, tls) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
         except grpc.RpcError:

@@ -8,10 +8,14 @@
 Failed calls raise specserve.errors types: InvalidRequestError (INVALID_ARGUMENT), OverloadedError
 (RESOURCE_EXHAUSTED), UnavailableError (UNAVAILABLE), DeadlineExceededError, RequestCancelledError, and
 RpcError for any other status; each carries the status name in `.code`.
+
+Over TLS: `Client("host:50051", tls=ClientTls.from_files(ca="ca.pem"))` (add cert= and key= where the
+router requires client certificates).
 """
 
 from specserve.client.aio import AsyncClient
 from specserve.client.messages import Chunk, Generation
 from specserve.client.sync import Client
+from specserve.rpc.tls import ClientTls
 
-__all__ = ["AsyncClient", "Chunk", "Client", "Generation"]
+__all__ = ["AsyncClient", "Chunk", "Client", "ClientTls", "Generation"]

@@ -18,20 +18,21 @@ from specserve.client.messages import (
     generation_from_proto,
     info_from_proto,
 )
+from specserve.rpc.tls import ClientTls, open_aio_channel
 from specserve.v1 import router_pb2, router_pb2_grpc
 
 
 class AsyncClient:
     """`async with AsyncClient("host:port") as client: print((await client.generate("Hi")).text)`.
 
-    Create it inside the event loop that uses it (grpc.aio binds the channel to that loop). `timeout` as in
-    `Client`.
+    Create it inside the event loop that uses it (grpc.aio binds the channel to that loop). `timeout` and
+    `tls` as in `Client`.
     """
 
-    def __init__(self, target: str, timeout: float | None = None) -> None:
+    def __init__(self, target: str, timeout: float | None = None, tls: ClientTls | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = open_aio_channel(target, tls, CHANNEL_OPTIONS)
         self._router = router_pb2_grpc.RouterStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

@@ -18,6 +18,7 @@ from specserve.client.messages import (
     generation_from_proto,
     info_from_proto,
 )
+from specserve.rpc.tls import ClientTls, open_channel
 from specserve.v1 import router_pb2, router_pb2_grpc
 
 
@@ -25,13 +26,14 @@ class Client:
     """`with Client("host:port") as client: print(client.generate("Hi").text)`.
 
     `timeout`: seconds each call may take (a stream: all of it), unless the call passes its own; None =
-    no deadline. Failed calls raise specserve.errors types (client/channel.py has the mapping).
+    no deadline. `tls`: TLS settings (`ClientTls.from_files(ca=...)`), None = plaintext. Failed calls raise
+    specserve.errors types (client/channel.py has the mapping).
     """
 
-    def __init__(self, target: str, timeout: float | None = None) -> None:
+    def __init__(self, target: str, timeout: float | None = None, tls: ClientTls | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(target, tls, CHANNEL_OPTIONS)
         self._router = router_pb2_grpc.RouterStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

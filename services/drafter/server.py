@@ -10,6 +10,7 @@ from specserve.engine.llm_engine import build_model, load_tokenizer
 from specserve.errors import InvalidRequestError
 from specserve.learned.checkpoint import target_fingerprint
 from specserve.rpc.server import RpcServer
+from specserve.rpc.tls import ServerTls
 from specserve.v1 import drafter_pb2
 
 SERVICE = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"]
@@ -25,11 +26,12 @@ def build_drafter_servicer(model_path: str, dtype: str, spec: SpecConfig) -> Dra
     return DrafterServicer(drafter, target_fingerprint(model))
 
 
-def serve_drafter(address: str, model_path: str, dtype: str, spec: SpecConfig, grace: float) -> None:
-    """Serve on `address` (port 0 picks one), print `drafter grpc=HOST:PORT method=NAME`, and block until
-    SIGTERM / SIGINT has drained the server (running calls get `grace` seconds). Main thread only."""
+def serve_drafter(address: str, model_path: str, dtype: str, spec: SpecConfig, grace: float,
+                  tls: ServerTls | None = None) -> None:
+    """Serve on `address` (port 0 picks one; TLS with `tls`), print `drafter grpc=HOST:PORT method=NAME`, and
+    block until SIGTERM / SIGINT has drained the server (running calls get `grace` seconds). Main thread only."""
     servicer = build_drafter_servicer(model_path, dtype, spec)
-    server = RpcServer([(servicer, SERVICE)], address)
+    server = RpcServer([(servicer, SERVICE)], address, tls=tls)
     server.handle_sigterm(grace)
     server.start()
     print(f"drafter grpc={server.address} method={servicer.drafter.name}", flush=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from specserve.rpc.server import CHANNEL_OPTIONS
+from specserve.rpc.tls import ClientTls, open_channel
 from specserve.v1 import drafter_pb2_grpc, verifier_pb2_grpc
 # A replica that failed a call is skipped for this long, then tried again.
 RETRY_AFTER_S = 2.0
@@ -54,13 +55,13 @@ class Replica:
             self.channel.close()
 
 
-def remote_verifier(address: str) -> Replica:
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def remote_verifier(address: str, tls: ClientTls | None = None) -> Replica:
+    channel = open_channel(address, tls, CHANNEL_OPTIONS)
     return Replica(address, verifier_pb2_grpc.VerifierStub(channel), channel)
 
 
-def remote_drafter(address: str) -> Replica:
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def remote_drafter(address: str, tls: ClientTls | None = None) -> Replica:
+    channel = open_channel(address, tls, CHANNEL_OPTIONS)
     return Replica(address, drafter_pb2_grpc.DrafterStub(channel), channel)
 
 

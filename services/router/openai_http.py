@@ -13,6 +13,7 @@ import logging
 import queue
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -27,6 +28,7 @@ from specserve.router.openai_protocol import ApiError, Reply, parse_request
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 << 20
+TLS_HANDSHAKE_S = 10.0  # an HTTPS client gets this long to finish its TLS handshake
 
 
 class ClientGone(Exception):
@@ -59,14 +61,34 @@ def merged(handles: list[RequestHandle]) -> Iterator[tuple[int, RouterOutput]]:
 
 
 class OpenAIServer(ThreadingHTTPServer):
+    """With `ssl_context`, HTTPS: each connection's TLS handshake runs in its own thread (a client that
+    stalls it holds only that thread, for at most TLS_HANDSHAKE_S)."""
+
     daemon_threads = True
 
-    def __init__(self, router: Router, host: str, port: int) -> None:
+    def __init__(self, router: Router, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, port), OpenAIHandler)
         self.router = router
         self.started = int(time.time())
+        self.ssl_context = ssl_context
+
+    def finish_request(self, request: socket.socket, client_address: tuple) -> None:
+        if self.ssl_context is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(TLS_HANDSHAKE_S)
+        try:
+            secure = self.ssl_context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:  # not TLS, a refused client certificate, a stall
+            log.info("TLS handshake with %s failed: %s", client_address[0], exc)
+            return
+        secure.settimeout(None)
+        try:
+            super().finish_request(secure, client_address)
+        finally:
+            secure.close()
 
     @property
     def port(self) -> int:
@@ -78,9 +100,10 @@ class OpenAIServer(ThreadingHTTPServer):
         self.server_close()
 
 
-def start_openai_http(router: Router, host: str, port: int) -> OpenAIServer:
-    """Serve `router` (already started) on host:port (0 picks a free port) from a background thread."""
-    server = OpenAIServer(router, host, port)
+def start_openai_http(router: Router, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> OpenAIServer:
+    """Serve `router` (already started) on host:port (0 picks a free port) from a background thread; HTTPS
+    with `ssl_context`."""
+    server = OpenAIServer(router, host, port, ssl_context)
     threading.Thread(target=server.serve_forever, name="openai-http", daemon=True).start()
     log.info("OpenAI HTTP API on %s:%d", host, server.port)
     return server

@@ -54,26 +54,30 @@ def embedded_router(model: LlamaModel, tokenizer: Tokenizer, dtype: str, methods
 
 
 def build_remote_router(model_path: str, verifiers: list[str], drafters: dict[str, list[str]],
-                        config: RouterConfig = RouterConfig()) -> Router:
-    """Router over replicas at the given addresses; `model_path` supplies only the tokenizer."""
+                        config: RouterConfig = RouterConfig(), tls: ClientTls | None = None) -> Router:
+    """Router over replicas at the given addresses (over TLS with `tls`); `model_path` supplies only the
+    tokenizer."""
     return Router(
         load_tokenizer(model_path),
-        [remote_verifier(address) for address in verifiers],
-        {name: [remote_drafter(address) for address in addresses] for name, addresses in drafters.items()},
+        [remote_verifier(address, tls) for address in verifiers],
+        {name: [remote_drafter(address, tls) for address in addresses] for name, addresses in drafters.items()},
         config,
         model_name=os.path.basename(model_path),
     )
 
 
-def serve_router(address: str, router: Router, grace: float, http_port: int | None = None) -> None:
+def serve_router(address: str, router: Router, grace: float, http_port: int | None = None,
+                 tls: ServerTls | None = None) -> None:
     """Serve on `address` (port 0 picks one), and the OpenAI-compatible HTTP API on `http_port` of the same
-    host when given; print `router grpc=HOST:PORT [http=HOST:PORT] drafters=...`; block until SIGTERM /
-    SIGINT has drained the server, then stop the batching loop. Main thread only."""
+    host when given; with `tls`, both over TLS (gRPC and HTTPS). Print `router grpc=HOST:PORT
+    [http=HOST:PORT] drafters=...`; block until SIGTERM / SIGINT has drained the server, then stop the
+    batching loop. Main thread only."""
     router.start()
-    server = RpcServer([(RouterServicer(router), SERVICE)], address)
+    server = RpcServer([(RouterServicer(router), SERVICE)], address, tls=tls)
     http = None
     if http_port is not None:
-        http = start_openai_http(router, address.rsplit(":", 1)[0], http_port)
+        http = start_openai_http(router, address.rsplit(":", 1)[0], http_port,
+                                 ssl_context=tls.ssl_context() if tls is not None else None)
     server.handle_sigterm(grace, on_drained=http.shutdown if http is not None else None)
     server.start()
     http_text = f" http={address.rsplit(':', 1)[0]}:{http.port}" if http is not None else ""

@@ -7,6 +7,7 @@
 - Standard health checking (`grpc.health.v1`) and server reflection are on every server.
 - SIGTERM (or `RpcServer.drain`) marks every service NOT_SERVING, refuses new calls, lets running calls
   finish within `grace` seconds, then stops.
+- With `ServerTls` (rpc/tls.py) the port speaks TLS only, optionally requiring client certificates.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from specserve.errors import (
     SpecserveError,
     UnavailableError,
 )
+from specserve.rpc.tls import ServerTls
 
 # Requests and responses up to this size are accepted; a bigger prompt is refused by the router itself
 # (INVALID_ARGUMENT with the limit), and hidden states of long histories fit.
@@ -130,7 +132,8 @@ def method_handlers(servicer: object, service: ServiceDescriptor) -> grpc.Generi
 class RpcServer:
     """A started gRPC server with health and reflection; `port` is the bound one (0 picks a free one)."""
 
-    def __init__(self, services: list[tuple[object, ServiceDescriptor]], address: str, max_workers: int = 64) -> None:
+    def __init__(self, services: list[tuple[object, ServiceDescriptor]], address: str, max_workers: int = 64,
+                 tls: ServerTls | None = None) -> None:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
         for servicer, service in services:
             self.server.add_generic_rpc_handlers((method_handlers(servicer, service),))
@@ -139,7 +142,10 @@ class RpcServer:
         names = [service.full_name for _, service in services]
         reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         try:
-            self.port = self.server.add_insecure_port(address)
+            if tls is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, tls.credentials())
         except RuntimeError:  # grpcio raises where it once returned 0
             raise UnavailableError(f"could not bind {address}: in use, or not an address of this host") from None
         host = address.rsplit(":", 1)[0]

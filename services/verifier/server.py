@@ -6,6 +6,7 @@ from specserve.engine.config import CacheConfig
 from specserve.engine.llm_engine import build_model
 from specserve.learned.checkpoint import target_fingerprint
 from specserve.rpc.server import RpcServer
+from specserve.rpc.tls import ServerTls
 from specserve.v1 import verifier_pb2
 from specserve.verifier.core import VerifierCore
 from specserve.verifier.servicer import VerifierServicer
@@ -21,10 +22,10 @@ def build_verifier_servicer(model_path: str, dtype: str, cache: CacheConfig, kee
     return VerifierServicer(core, target_fingerprint(model), dtype)
 
 
-def serve_verifier(address: str, servicer: VerifierServicer, grace: float) -> None:
-    """Serve on `address` (port 0 picks one), print `verifier grpc=HOST:PORT`, block until SIGTERM /
-    SIGINT has drained the server. Main thread only."""
-    server = RpcServer([(servicer, SERVICE)], address)
+def serve_verifier(address: str, servicer: VerifierServicer, grace: float, tls: ServerTls | None = None) -> None:
+    """Serve on `address` (port 0 picks one; TLS with `tls`), print `verifier grpc=HOST:PORT`, block until
+    SIGTERM / SIGINT has drained the server. Main thread only."""
+    server = RpcServer([(servicer, SERVICE)], address, tls=tls)
     server.handle_sigterm(grace)
     server.start()
     print(f"verifier grpc={server.address} dtype={servicer.dtype} blocks={servicer.core.cache.num_blocks}", flush=True)

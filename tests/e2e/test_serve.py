@@ -56,9 +56,17 @@ def test_embedded_serves_plain_greedy(launch, model_path, short_prompts, greedy_
         (["serve", "router", "--verifier", "127.0.0.1:1", "--drafter", "ngram"], 2, "--drafter takes NAME=HOST:PORT"),
         (["serve", "router", "--verifier", "127.0.0.1:1"], 7, "did not answer Info (UNAVAILABLE); replicas: 127.0.0.1:1"),
         (["up", "--verifiers", "0"], 2, "--verifiers must be >= 1"),
+        (["serve", "verifier", "--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"], 2,
+         "--tls-cert /nonexistent/cert.pem: cannot read it"),
+        (["serve", "drafter", "--spec", "ngram", "--tls-cert", "/nonexistent/cert.pem"], 2,
+         "--tls-cert and --tls-key go together"),
+        (["serve", "--embedded", "--tls-client-ca", "/nonexistent/ca.pem"], 2, "--tls-client-ca needs --tls-cert"),
+        (["up", "--tls-ca", "/nonexistent/ca.pem"], 2, "--tls-ca without --tls-cert and --tls-key"),
+        (["generate", "Hi", "--tls-ca", "/nonexistent/ca.pem"], 2, "are for --url"),
     ],
     ids=["no_role", "embedded_and_role", "flags_before_role", "drafter_without_name", "unreachable_verifier",
-         "no_verifiers"],
+         "no_verifiers", "unreadable_cert", "cert_without_key", "client_ca_without_cert", "up_ca_without_cert",
+         "tls_without_url"],
 )
 def test_bad_setup_exits_with_one_line(args, code, needle, model_path, tmp_path):
     result = run_cli([*args, "--model", str(model_path)], tmp_path)
