@@ -271,9 +271,21 @@ void attend(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t unit_begin
   };
   auto visible = [&](int64_t r, int64_t j) { return p.mask[(first_row + r) * p.mask_stride + j]; };
   // fn(start, base, count) for each block of the prefix: positions start .. start + count - 1 sit in
-  // slots base .. base + count - 1 (no division per key).
-  auto for_blocks = [&](auto&& fn) {
+  // slots base .. base + count - 1 (no division per key). With `ahead` (K or V), the next block's rows of
+  // this KV head are prefetched first: blocks lie anywhere in the cache, so the hardware prefetcher,
+  // which follows one block's rows, stalls at every block boundary (int8 rows: ~1.5x the attention time
+  // of 8 sequences at 600 tokens without it).
+  auto for_blocks = [&](auto&& fn, const KV* ahead = nullptr) {
     for (int64_t start = 0; start < prefix; start += block_size) {
+      if (ahead != nullptr && start + block_size < prefix) {
+        const int64_t next = int64_t(table[start / block_size + 1]) * block_size;
+        const int64_t count = std::min(block_size, prefix - start - block_size);
+        for (int64_t o = 0; o < count; ++o) {
+          const char* row = reinterpret_cast<const char*>(ahead + ((next + o) * p.num_kv_heads + kv_head) * p.row_width);
+          __builtin_prefetch(row);
+          __builtin_prefetch(row + p.row_width * sizeof(KV) - 1);
+        }
+      }
       fn(start, int64_t(table[start / block_size]) * block_size, std::min(block_size, prefix - start));
     }
   };
@@ -330,7 +342,7 @@ void attend(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t unit_begin
       const KV* k = k_row(base + o);
       for (int64_t u = 0; u < units; ++u) scores[u * width + start + o] = key_score(dot<kD>(q_of[u], k, head_dim), k);
     }
-  });
+ }, p.k);
   for (int64_t u = 0; u < units; ++u) {
     const int64_t r = row_of(u);
     for (int64_t j = 0; j < rows; ++j) {
@@ -347,7 +359,7 @@ void attend(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t unit_begin
     value_scales.resize(prefix);
     for_blocks([&](int64_t start, int64_t base, int64_t count) {
       for (int64_t o = 0; o < count; ++o) value_scales[start + o] = row_scale(v_row(base + o), head_dim);
-    });
+   }, p.v);
   }
   for (int64_t u = 0; u < units; ++u) {
     float* w = scores.data() + u * width;
