@@ -113,7 +113,10 @@ def fresh_engine(bench: Bench, system: str, prompts: list[list[int]], max_tokens
 
 def specserve_generate(bench: Bench, system: str, kv_dtype: str = "float32") -> Generate:
     params = SamplingParams(max_tokens=bench.args.max_tokens, ignore_eos=True)
-    return lambda ids: fresh_engine(bench, system, [ids], params.max_tokens, kv_dtype).generate([ids], params)[0].token_ids
+    def generate(ids: list[int]) -> list[int]:
+        return fresh_engine(bench, system, [ids], params.max_tokens, kv_dtype).generate([ids], params)[0].token_ids
+
+    return generate
 
 
 def hf_generate(bench: Bench) -> Generate:
@@ -424,8 +427,9 @@ def doc_section(bench: Bench, load_average: float, tables: str) -> str:
 - Quality: greedy outputs compared with specserve float32's; perplexity of {PPL_TOKENS} tokens of GSM8K-train
   question/answer text, scored in independent {PPL_CHUNK}-token chunks.
 - KV cache precision: every run above uses a float32 KV cache; the last table reruns each specserve system's
-  batch-1 prompts, its waves of {KV_CONCURRENCY} and the perplexity with each other cache dtype ({", ".join(args.kv_dtypes)}
-  asked), and compares its greedy outputs with the same weights' over a float32 cache.
+  batch-1 prompts, its waves of {KV_CONCURRENCY} and the perplexity with each other cache dtype
+  ({", ".join(args.kv_dtypes)} asked), and compares its greedy outputs with the same weights' over a float32
+  cache.
 - Step profile: prompt {prompts[0].question_id}, {PROFILE_WARMUP_STEPS} warm-up decode steps, then the mean of
   {PROFILE_STEPS}, as the engine runs them (the decoder layers in one fused C++ call,
   kernels/csrc/decoder_cpu.cpp); model forward from a hook on the model; bookkeeping: `step()` minus the

@@ -508,7 +508,8 @@ def add_bind_flags(parser: argparse.ArgumentParser, port: int) -> None:
 
 
 def add_tls_server_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tls-cert", metavar="PEM", help="serve over TLS with this certificate (chain); needs --tls-key")
+    parser.add_argument("--tls-cert", metavar="PEM",
+                        help="serve over TLS with this certificate (chain); needs --tls-key")
     parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     parser.add_argument("--tls-client-ca", metavar="PEM",
                         help="require client certificates signed by this CA (mutual TLS)")

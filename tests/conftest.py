@@ -141,7 +141,8 @@ def make_tls_files(folder: Path) -> TlsFiles:
     _write(folder / "client.pem", client_key, _certificate(
         "specserve client", client_key, ca_cert.subject, ca_key, ca=False, usages=[ExtendedKeyUsageOID.CLIENT_AUTH]))
     other_key = ec.generate_private_key(ec.SECP256R1())
-    _write(folder / "other-ca.pem", None, _certificate("another CA", other_key, _name("another CA"), other_key, ca=True))
+    other_ca = _certificate("another CA", other_key, _name("another CA"), other_key, ca=True)
+    _write(folder / "other-ca.pem", None, other_ca)
     return TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key", folder / "client.pem",
                     folder / "client.key", folder / "other-ca.pem")
 

@@ -281,7 +281,8 @@ void attend(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t unit_begin
         const int64_t next = int64_t(table[start / block_size + 1]) * block_size;
         const int64_t count = std::min(block_size, prefix - start - block_size);
         for (int64_t o = 0; o < count; ++o) {
-          const char* row = reinterpret_cast<const char*>(ahead + ((next + o) * p.num_kv_heads + kv_head) * p.row_width);
+          const KV* first = ahead + ((next + o) * p.num_kv_heads + kv_head) * p.row_width;
+          const char* row = reinterpret_cast<const char*>(first);
           __builtin_prefetch(row);
           __builtin_prefetch(row + p.row_width * sizeof(KV) - 1);
         }
@@ -330,7 +331,9 @@ void attend(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t unit_begin
         if (units >= kCopyUnits) {
           alignas(64) float tile[kTile * kD];
           for (int t = 0; t < kTile; ++t) {
-            for (int c = 0; c < kD / kLanes; ++c) store_lanes(tile + t * kD + c * kLanes, load_lanes(k0 + t * slot_stride + c * kLanes));
+            for (int c = 0; c < kD / kLanes; ++c) {
+              store_lanes(tile + t * kD + c * kLanes, load_lanes(k0 + t * slot_stride + c * kLanes));
+            }
           }
           score_tile(tile, std::integral_constant<int64_t, kD>{}, scores.data() + start + o, key_scales);
         } else {
