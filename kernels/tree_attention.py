@@ -110,14 +110,17 @@ def tree_attention_triton(
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], q.dtype
     """The Triton kernel: one program per (sequence, block of BLOCK_M query rows, head).
 
-    Same contract as `tree_attention_ref`. The host-side values read here (max_query_len) come from
-    shapes, so launching never synchronises with the device.
+    Same contract as `tree_attention_ref`. The cache holds q's dtype, or (with float32 queries) bfloat16
+    or int8 rows with their scale (kernels/kv_cache.py), widened as they are loaded. The host-side values
+    read here (max_query_len) come from shapes, so launching never synchronises with the device.
     """
     if triton is None:
         raise RuntimeError("tree_attention_triton needs the triton package; use tree_attention_ref without it")
     _check_args(q, k_cache, v_cache, block_tables, prefix_lens, query_start_loc, tree_mask)
     assert q.dtype in (torch.float32, torch.bfloat16, torch.float16), f"unsupported dtype {q.dtype}"
-    assert k_cache.dtype == v_cache.dtype == q.dtype, "the cache holds q's dtype"
+    assert k_cache.dtype == v_cache.dtype, "K and V caches of one dtype"
+    assert k_cache.dtype == q.dtype or (q.dtype == torch.float32 and k_cache.dtype in (torch.bfloat16, torch.int8)), \
+        "the cache holds q's dtype, or bfloat16 / int8 rows for float32 queries"
     assert block_tables.dtype in (torch.int32, torch.int64)
     assert q.stride(2) == k_cache.stride(2) == v_cache.stride(2) == 1, "head_dim must be contiguous"
     assert tree_mask.stride(1) == 1 and block_tables.stride(1) == 1
@@ -140,6 +143,7 @@ def tree_attention_triton(
         v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), tree_mask.stride(0),
         HEADS_PER_KV=num_heads // k_cache.shape[1],
+        QUANTIZED=k_cache.dtype == torch.int8,
         BLOCK_M=block_m,
         BLOCK_N=64,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
@@ -165,6 +169,7 @@ def _tree_attention_kernel(
     stride_v_slot, stride_v_head, stride_out_token, stride_out_head,
     stride_table_seq, stride_mask_token,
     HEADS_PER_KV: tl.constexpr,
+    QUANTIZED: tl.constexpr,  # int8 cache rows: head_dim values, then their float32 scale's bytes
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per online-softmax step
     BLOCK_D: tl.constexpr,  # head_dim rounded up to a power of two
@@ -201,7 +206,8 @@ def _tree_attention_kernel(
         key_valid = positions < prefix_len
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q_tile, positions, key_valid, key_valid[None, :], table_row, block_size,
-            k_head, v_head, stride_k_slot, stride_v_slot, dims, dim_valid, scale, DOT_PRECISION,
+            k_head, v_head, stride_k_slot, stride_v_slot, dims, dim_valid, head_dim, scale, QUANTIZED,
+            DOT_PRECISION,
         )
     # This step's new tokens: node j sits at position prefix_len + j; the tree mask picks each row's path.
     for start in range(0, query_len, BLOCK_N):
@@ -213,7 +219,8 @@ def _tree_attention_kernel(
         ) != 0  # [BLOCK_M, BLOCK_N]
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q_tile, prefix_len + nodes, node_valid, on_path, table_row, block_size,
-            k_head, v_head, stride_k_slot, stride_v_slot, dims, dim_valid, scale, DOT_PRECISION,
+            k_head, v_head, stride_k_slot, stride_v_slot, dims, dim_valid, head_dim, scale, QUANTIZED,
+            DOT_PRECISION,
         )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i is 0 only on padding rows
@@ -226,23 +233,32 @@ def _tree_attention_kernel(
 @_jit
 def _attend_keys(
     acc, l_i, m_i, q_tile, positions, key_valid, allowed, table_row, block_size,
-    k_head, v_head, stride_k_slot, stride_v_slot, dims, dim_valid, scale,
+    k_head, v_head, stride_k_slot, stride_v_slot, dims, dim_valid, head_dim, scale,
+    QUANTIZED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One online-softmax step over BLOCK_N keys at `positions`, loaded through the block table.
 
     Keys outside `key_valid` are never read (they load as 0); `allowed` [BLOCK_M, BLOCK_N] masks scores.
+    An int8 row's values are scaled by the float32 stored after them as they are loaded.
     """
     blocks = tl.load(table_row + positions // block_size, mask=key_valid, other=0).to(tl.int64)
     slots = blocks * block_size + positions % block_size  # [BLOCK_N]
     kv_valid = key_valid[:, None] & dim_valid[None, :]
-    k = tl.load(k_head + slots[:, None] * stride_k_slot + dims[None, :], mask=kv_valid, other=0.0)
-    v = tl.load(v_head + slots[:, None] * stride_v_slot + dims[None, :], mask=kv_valid, other=0.0)
-    scores = tl.dot(q_tile, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION) * scale
+    k_rows = k_head + slots * stride_k_slot  # [BLOCK_N] row starts
+    v_rows = v_head + slots * stride_v_slot
+    k = tl.load(k_rows[:, None] + dims[None, :], mask=kv_valid, other=0).to(tl.float32)
+    v = tl.load(v_rows[:, None] + dims[None, :], mask=kv_valid, other=0).to(tl.float32)
+    if QUANTIZED:
+        k_scale = tl.load((k_rows + head_dim).to(tl.pointer_type(tl.float32)), mask=key_valid, other=0.0)
+        v_scale = tl.load((v_rows + head_dim).to(tl.pointer_type(tl.float32)), mask=key_valid, other=0.0)
+        k = k * k_scale[:, None]
+        v = v * v_scale[:, None]
+    scores = tl.dot(q_tile, tl.trans(k), input_precision=DOT_PRECISION) * scale
     scores = tl.where(allowed, scores, float("-inf"))  # [BLOCK_M, BLOCK_N]
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     alpha = tl.exp(m_i - m_new)  # rescales what was accumulated under the old max
     p = tl.exp(scores - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new

@@ -56,8 +56,7 @@ class CacheConfig:
     """Paged KV cache: `num_blocks` blocks of `block_size` token slots per layer, of element type `dtype`
     (KV_DTYPES): float32, exact; bfloat16, half the memory and the bytes a batched decode step's attention
     reads; int8, each token's K and V rows per KV head quantized with their own scale (absmax / 127), about
-    a quarter. All run on the "cpu" and "torch" attention backends; "triton" reads a cache of the queries'
-    dtype (float32 here) only."""
+    a quarter. Every attention backend reads all three (the engine's queries are float32)."""
 
     block_size: int = 16
     num_blocks: int = 2048
@@ -196,8 +195,6 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in WEIGHT_DTYPES:
             raise InvalidRequestError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.dtype!r}")
-        if self.cache.dtype != "float32" and self.attention_backend == "triton":
-            raise InvalidRequestError("the triton attention backend reads a float32 KV cache only")
         if self.attention_backend not in ("auto", "cpu", "torch", "triton"):
             raise InvalidRequestError(
                 f"attention_backend must be auto, cpu, torch or triton, got {self.attention_backend!r}")

@@ -84,23 +84,26 @@ class ForkDrafter:
         pass
 
 
-def generate(model, tokenizer, backend: str, spec: SpecConfig, prompts: list[list[int]]) -> tuple[list, LLMEngine]:
-    config = EngineConfig(model_path="unused", cache=CacheConfig(BLOCK_SIZE, 128), spec=spec, attention_backend=backend)
+def generate(model, tokenizer, backend: str, spec: SpecConfig, prompts: list[list[int]],
+             kv_dtype: str = "float32") -> tuple[list, LLMEngine]:
+    config = EngineConfig(model_path="unused", cache=CacheConfig(BLOCK_SIZE, 128, kv_dtype), spec=spec,
+                          attention_backend=backend)
     engine = LLMEngine(config, model, tokenizer, drafter=ForkDrafter() if spec.enabled else None)
     completions = engine.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     return [c.token_ids for c in completions], engine
 
 
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("speculate", [False, True])
-def test_engine_generates_the_same_on_both_backends(tiny_engine_model, tokenizer, speculate, backend):
+def test_engine_generates_the_same_on_both_backends(tiny_engine_model, tokenizer, speculate, backend, kv_dtype):
     if backend == "cpu" and not cpu_ops.load():
         pytest.skip("the C++ CPU kernel did not build here (no compiler)")
     prompts = [[10, 11, 12, 13, 10, 11, 12, 13, 10, 11], [500, 600, 700], list(range(300, 337))]
     spec = SpecConfig(method="ngram") if speculate else SpecConfig()  # the drafter is then ForkDrafter
-    want, _ = generate(tiny_engine_model, tokenizer, "torch", spec, prompts)
-    got, engine = generate(tiny_engine_model, tokenizer, backend, spec, prompts)
+    want, _ = generate(tiny_engine_model, tokenizer, "torch", spec, prompts, kv_dtype)
+    got, engine = generate(tiny_engine_model, tokenizer, backend, spec, prompts, kv_dtype)
     assert got == want
     if speculate:
         assert engine.spec_stats.verify_steps > 0  # trees really went through the kernel
@@ -116,7 +119,5 @@ def test_batch_invariance_is_a_torch_backend_option():
 def test_kv_dtype_is_checked():
     with pytest.raises(InvalidRequestError, match="KV cache dtype must be one of float32, bfloat16"):
         CacheConfig(dtype="float8")
-    with pytest.raises(InvalidRequestError, match="triton attention backend reads a float32 KV cache only"):
-        EngineConfig(model_path="unused", attention_backend="triton", cache=CacheConfig(dtype="bfloat16"))
-    with pytest.raises(InvalidRequestError, match="triton attention backend reads a float32 KV cache only"):
-        EngineConfig(model_path="unused", attention_backend="triton", cache=CacheConfig(dtype="int8"))
+    for kv_dtype in ("bfloat16", "int8"):  # the Triton kernel reads both for the engine's float32 queries
+        assert EngineConfig(model_path="unused", attention_backend="triton", cache=CacheConfig(dtype=kv_dtype))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from specserve.kernels import tree_attention
+from specserve.kernels.kv_cache import quantize_kv
 from specserve.kernels.paged_attention import build_attention_metadata, paged_attention_ref
 from specserve.kernels.tree_attention import tree_attention_ref, tree_attention_triton
 
@@ -220,3 +221,17 @@ def test_kernel_in_half_precision(specs, dtype):
     expected = tree_attention_ref(*batch.args(torch.float32), scale=0.125, block_size=16)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected, atol=1e-5, rtol=HALF_RTOL[dtype])
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.int8], ids=["bf16_cache", "int8_cache"])
+@pytest.mark.parametrize("specs", [CASES["ragged_random"], CASES["wide_tree"]], ids=["ragged_random", "wide_tree"])
+def test_kernel_reads_a_bfloat16_or_int8_cache_for_float32_queries(specs, cache_dtype):
+    """--kv-dtype on CUDA: the kernel widens bfloat16 rows and scales int8 ones as it loads them, as the
+    reference reads them (kernels/kv_cache.py); float32 math from there, so only summation order differs."""
+    batch = make_batch(specs, 16, *HEAD_SHAPES["real_gqa"])
+    convert = quantize_kv if cache_dtype == torch.int8 else (lambda cache: cache.to(cache_dtype))
+    batch.k_cache, batch.v_cache = convert(batch.k_cache), convert(batch.v_cache)
+    out = tree_attention_triton(*batch.args(), scale=0.125, block_size=16)
+    expected = tree_attention_ref(*batch.args(), scale=0.125, block_size=16)
+    assert out.dtype == torch.float32 and not out.isnan().any()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
