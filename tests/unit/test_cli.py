@@ -274,7 +274,8 @@ def test_url_unreachable_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("argv", [["serve", "verifier"], ["serve", "--embedded"], ["up"]])
 def test_kv_dtype_reaches_the_verifiers_cache(argv):
-    from specserve.cli import build_parser, cache_config
+    from specserve.cli import build_parser
+    from specserve.cli_serve import cache_config
 
     parser = build_parser()
     assert cache_config(parser.parse_args([*argv, "--kv-dtype", "bfloat16"])).dtype == "bfloat16"
@@ -285,7 +286,8 @@ def test_auto_picks_the_best_trained_default_checkpoint(tmp_path, monkeypatch):
     import torch
     from safetensors.torch import save_file
 
-    from specserve.cli import build_parser, drafter_sources
+    from specserve.cli import build_parser
+    from specserve.cli_common import drafter_sources
     from specserve.learned.checkpoint import FORMAT, FORMAT_VERSION
 
     monkeypatch.setenv("SPECSERVE_HOME", str(tmp_path))
