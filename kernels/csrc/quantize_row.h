@@ -67,13 +67,13 @@ inline float quantize_row(const float* row, int64_t width, uint8_t* q, int offse
 }
 
 // An int8 KV cache row (rope_write_kv writes it, tree_attention reads it): one token's head_dim values
-// quantized as above, then the scale's float32 bytes. kernels/paged_attention.py's quantize_kv is the
-// same rule in torch, bit for bit.
+// quantized as above, then the scale's float32 bytes. kernels/kv_cache.py's quantize_kv is the same rule
+// in torch, bit for bit. The bytes are quantize_row's with offset 0: its conversion to bytes keeps the low
+// 8 bits, which for [-127, 127] are the int8 values.
 constexpr int64_t kKvScaleBytes = 4;
 
 inline void quantize_kv_row(const float* x, int64_t head_dim, int8_t* row) {
-  const float scale = quantize_scale(x, head_dim);
-  for (int64_t i = 0; i < head_dim; ++i) row[i] = int8_t(std::nearbyint(x[i] / scale));
+  const float scale = quantize_row(x, head_dim, reinterpret_cast<uint8_t*>(row), 0);
   std::memcpy(row + head_dim, &scale, sizeof scale);
 }
 

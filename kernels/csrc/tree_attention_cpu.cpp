@@ -167,7 +167,7 @@ struct Accumulator<0> {
   }
 };
 
-template <typename KV>  // the cache's element type: float or at::BFloat16
+template <typename KV>  // the cache's element type: float, at::BFloat16 or int8_t
 struct Problem {
   const float* q;       // [num_tokens, num_heads, head_dim]
   const KV* k;          // [num_slots, num_kv_heads, row_width]
@@ -345,7 +345,7 @@ void attend(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t unit_begin
       const KV* k = k_row(base + o);
       for (int64_t u = 0; u < units; ++u) scores[u * width + start + o] = key_score(dot<kD>(q_of[u], k, head_dim), k);
     }
- }, p.k);
+  }, p.k);
   for (int64_t u = 0; u < units; ++u) {
     const int64_t r = row_of(u);
     for (int64_t j = 0; j < rows; ++j) {
@@ -362,7 +362,7 @@ void attend(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t unit_begin
     value_scales.resize(prefix);
     for_blocks([&](int64_t start, int64_t base, int64_t count) {
       for (int64_t o = 0; o < count; ++o) value_scales[start + o] = row_scale(v_row(base + o), head_dim);
-   }, p.v);
+    }, p.v);
   }
   for (int64_t u = 0; u < units; ++u) {
     float* w = scores.data() + u * width;
