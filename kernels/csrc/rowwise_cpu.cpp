@@ -27,6 +27,8 @@ namespace {
 
 // Rows per parallel task: below this a second thread costs more than it saves.
 constexpr int64_t kRowsPerTask = 16;
+// Partial sums of rms_norm's squares: two AVX-512 vectors of doubles.
+constexpr int64_t kLanes = 16;
 
 void check_rows(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, op, ": contiguous float32 input");
@@ -57,6 +59,8 @@ namespace specserve_cpu {
 
 // y = x / sqrt(mean(x^2) + eps) * weight, over the last dimension. The mean is accumulated in double,
 // so the result is the correctly rounded float32 of the exact value in all but rare last-bit cases.
+// kLanes independent partial sums (added in a fixed order at the end) let the compiler vectorize the
+// loop; one serial double sum cost ~1 us a row of 576, 6% of a long prefill.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rows(x, "rms_norm");
   const int64_t width = x.size(-1), rows = width == 0 ? 0 : x.numel() / width;
@@ -69,8 +73,14 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = xp + r * width;
+      double lanes[kLanes] = {};
+      int64_t i = 0;
+      for (; i + kLanes <= width; i += kLanes) {
+        for (int64_t j = 0; j < kLanes; ++j) lanes[j] += double(row[i + j]) * double(row[i + j]);
+      }
+      for (; i < width; ++i) lanes[0] += double(row[i]) * double(row[i]);
       double squares = 0.0;
-      for (int64_t i = 0; i < width; ++i) squares += double(row[i]) * double(row[i]);
+      for (double lane : lanes) squares += lane;
       const float inv = static_cast<float>(1.0 / std::sqrt(squares / double(width) + eps));
       float* o = op + r * width;
       for (int64_t i = 0; i < width; ++i) o[i] = (row[i] * inv) * wp[i];

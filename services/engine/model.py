@@ -98,6 +98,9 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
+        # What long prefill chunks' SDPA computes in (kernels/paged_attention.py, `_attend_group`); None: float32.
+        # engine/quant.py sets bfloat16 for bfloat16 and int8 weights.
+        self.sdpa_dtype: torch.dtype | None = None
 
     def forward(
         self,
@@ -117,7 +120,7 @@ class Attention(nn.Module):
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
             v = qkv[:, self.num_heads + self.num_kv_heads :]
             write_kv(*kv_cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, *kv_cache, meta, self.scale)  # [num_tokens, H, D]
+        out = paged_attention(q, *kv_cache, meta, self.scale, self.sdpa_dtype)  # [num_tokens, H, D]
         return self.o_proj(out.reshape(x.shape[0], -1))
 
 

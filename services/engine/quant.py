@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specserve.engine.model import LlamaModel
+from specserve.engine.model import Attention, LlamaModel
 from specserve.engine.smoothing import DEFAULT_ALPHA, collect_input_absmax, smooth_
 from specserve.kernels import cpu_ops
 from specserve.kernels.linear import INT8_MAX as _INT8_MAX, pack_int8_weight, quantize_rows_ref
@@ -227,6 +227,7 @@ def apply_weight_dtype(
     model: nn.Module, dtype: str, calibration_ids: list[int] | None = None, alpha: float = DEFAULT_ALPHA
 ) -> nn.Module:
     """Swap `model`'s modules in place for `dtype` in {"float32", "bfloat16", "int8"}; returns `model`.
+    bfloat16 and int8 also set the attention modules' prefill SDPA dtype (`_prefill_attention_in_bfloat16`).
 
     Every matmul of the model must be an `nn.Linear` (a tied LM head is an `nn.Linear` sharing the
     embedding's Parameter). A oneDNN-packed or int8 head is its own copy (`Float32Linear` shares the
@@ -248,14 +249,24 @@ def apply_weight_dtype(
         else:
             swap_modules(model, nn.Linear, lambda m: BF16Linear(to_bf16(m.weight), None if m.bias is None else to_bf16(m.bias)))
         swap_modules(model, nn.Embedding, lambda m: BF16Embedding(to_bf16(m.weight)))
-        return model
+        return _prefill_attention_in_bfloat16(model)
     if dtype == "int8":
         if calibration_ids is not None:
             assert isinstance(model, LlamaModel), "smoothing folds scales along the Llama layout"
             smooth_(model, collect_input_absmax(model, calibration_ids), alpha)
         swap_modules(model, nn.Linear, lambda m: Int8Linear(m.weight, m.bias))
-        return model
+        return _prefill_attention_in_bfloat16(model)
     raise InvalidRequestError(f"unknown weight dtype {dtype!r}; expected float32, bfloat16 or int8")
+
+
+def _prefill_attention_in_bfloat16(model: nn.Module) -> nn.Module:
+    """Long prefill chunks attend in bfloat16 (`Attention.sdpa_dtype`): these linears round every input
+    to 8 bits of mantissa or less anyway. SmolLM2-135M, 2-core AMX Xeon: int8 prefill ~1.3x faster,
+    perplexity +0.4% (int8) / +0.25% (bfloat16). Decode and draft-tree rows keep float32 attention."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.sdpa_dtype = torch.bfloat16
+    return model
 
 
 class _SharedCast:

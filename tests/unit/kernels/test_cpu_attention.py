@@ -222,6 +222,22 @@ def test_the_cpu_backend_splits_a_step_between_kernel_and_sdpa():
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
 
+def test_sdpa_dtype_rounds_the_sdpa_groups_only():
+    """bfloat16 SDPA (bfloat16 and int8 models' long prefill chunks): the group's rows move by bfloat16
+    rounding, the kernel's rows keep their bits, the output stays float32."""
+    long_chunk = CPU_KERNEL_MAX_QUERY + 9
+    case = Case([(0, chain(long_chunk)), (40, [-1, 0, 0, 1]), (17, [-1])], 9, 3, head_dim=64, block_size=16)
+    context_lens = [p + q for p, q in zip(case.prefix_lens, case.query_lens)]
+    tree_masks = [None, case.masks[1].tolist(), None]
+    meta = build_attention_metadata(case.query_lens, context_lens, case.tables, 16, tree_masks, backend="cpu")
+    exact = paged_attention(case.q, case.k, case.v, meta, case.scale)
+    rounded = paged_attention(case.q, case.k, case.v, meta, case.scale, torch.bfloat16)
+    assert rounded.dtype == torch.float32
+    assert torch.equal(rounded[long_chunk:], exact[long_chunk:])
+    error = (rounded[:long_chunk] - exact[:long_chunk]).abs().max().item()
+    assert 0 < error < 0.05
+
+
 def test_auto_backend_falls_back_to_torch_without_the_kernel(tmp_path):
     """A failed build (here: a compiler that always fails) warns once and leaves attention on torch."""
     script = (
