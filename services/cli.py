@@ -22,7 +22,7 @@ from specserve.cli_common import (
     add_drafter_flags, add_kv_dtype_flag, add_tls_client_flags, client_tls, drafter_sources, log, resolve_model,
 )
 from specserve.cli_serve import add_serve_parsers, add_up_parser
-from specserve.client import Chunk, Client, Generation
+from specserve.client import Chunk, Client, Generation, TokenLogprob
 from specserve.engine.config import (
     LEARNED_METHODS,
     SPEC_METHODS,
@@ -51,6 +51,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         min_p=args.min_p,
         seed=args.seed,
         stop=tuple(args.stop),
+        logprobs=args.logprobs,
     )
     if not args.prompt:
         raise InvalidRequestError("prompt is empty")
@@ -77,7 +78,7 @@ def generate_local(args: argparse.Namespace, params: SamplingParams) -> None:
     prompt_ids = engine.encode_prompt(args.prompt, chat=not args.raw)
     # The engine's deltas as the router would stream them, so both paths print alike.
     chunks = (Chunk(out.new_token_ids, out.text_delta, out.finished, out.finish_reason, prompt_ids if i == 0 else [],
-                    out.spec.as_dict() if out.spec else None, None)
+                    out.spec.as_dict() if out.spec else None, None, out.logprobs)
               for i, out in enumerate(engine.stream(prompt_ids, params)))
     generation, first_token_s = collect_stream(chunks, echo=not args.json)
     spec_stats = {"method": spec.method, **generation.spec, "draft_seconds": round(engine.draft_seconds, 4),
@@ -102,7 +103,7 @@ def generate_remote(args: argparse.Namespace, params: SamplingParams) -> None:
         stream = client.stream(
             args.prompt, raw=args.raw, max_tokens=params.max_tokens, temperature=params.temperature,
             top_p=params.top_p, top_k=params.top_k, min_p=params.min_p, seed=params.seed, stop=params.stop,
-            speculation=speculation, lossy=lossy, drafter=drafter,
+            logprobs=params.logprobs, speculation=speculation, lossy=lossy, drafter=drafter,
         )
         try:
             generation, first_token_s = collect_stream(stream, echo=not args.json)
@@ -120,10 +121,14 @@ def collect_stream(chunks: Iterable[Chunk], echo: bool) -> tuple[Generation, flo
     token_ids: list[int] = []
     text: list[str] = []
     prompt_ids: list[int] = []
+    logprobs: list[TokenLogprob] | None = None
     finish_reason, spec, usage = None, None, None
     for chunk in chunks:
         first_token_at = first_token_at or time.perf_counter()
         token_ids += chunk.token_ids
+        if chunk.logprobs is not None:
+            logprobs = logprobs or []
+            logprobs += chunk.logprobs
         text.append(chunk.text)
         prompt_ids = prompt_ids or chunk.prompt_token_ids
         finish_reason = chunk.finish_reason or finish_reason
@@ -131,7 +136,8 @@ def collect_stream(chunks: Iterable[Chunk], echo: bool) -> tuple[Generation, flo
         if echo:
             print(chunk.text, end="", flush=True)
     seconds = time.perf_counter() - start
-    generation = Generation("".join(text), token_ids, prompt_ids, finish_reason, spec or {}, usage or {}, seconds)
+    generation = Generation("".join(text), token_ids, prompt_ids, finish_reason, spec or {}, usage or {}, seconds,
+                            logprobs)
     return generation, (first_token_at or start) - start
 
 
@@ -150,13 +156,17 @@ def report_generation(args: argparse.Namespace, generation: Generation, first_to
         "spec": spec,
     }
     if args.json:
-        print(json.dumps({
+        answer = {
             "text": generation.text,
             "token_ids": generation.token_ids,
             "prompt_token_ids": generation.prompt_token_ids,
             "finish_reason": generation.finish_reason,
             "stats": stats,
-        }))
+        }
+        if generation.logprobs is not None:
+            answer["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
+                                  for lp in generation.logprobs]
+        print(json.dumps(answer))
         return
     print()
     where = f", dtype={dtype}" if dtype else f", router={args.url}"
@@ -205,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="makes sampled output reproducible")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--json", action="store_true", help="print exactly one JSON object instead of streaming")
+    gen.add_argument("--logprobs", type=int, metavar="N",
+                     help="with --json: each token's log probability and its position's N most likely tokens (0-20)")
     gen.add_argument("--spec", metavar="{" + ",".join(SPEC_METHODS) + "}",
                      help="speculative decoding drafter (lossless unless --lossy); auto merges the available ones "
                      "(default: off; with --url, the router's default)")

@@ -15,7 +15,8 @@ router requires client certificates).
 
 from specserve.client.aio import AsyncClient
 from specserve.client.messages import Chunk, Generation
+from specserve.engine.logprobs import TokenLogprob
 from specserve.client.sync import Client
 from specserve.rpc.tls import ClientTls
 
-__all__ = ["AsyncClient", "Chunk", "Client", "ClientTls", "Generation"]
+__all__ = ["AsyncClient", "Chunk", "Client", "ClientTls", "Generation", "TokenLogprob"]

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 from specserve.engine.config import SamplingParams
+from specserve.engine.logprobs import TokenLogprob
 from specserve.errors import InvalidRequestError
+from specserve.rpc.logprobs import logprobs_from_proto
 from specserve.v1 import common_pb2, router_pb2
 
 SPEC_MODES = {
@@ -35,6 +37,7 @@ class GenerateOptions(TypedDict, total=False):
     stop: Sequence[str]
     stop_token_ids: Sequence[int]
     ignore_eos: bool
+    logprobs: int | None
     speculation: str
     lossy: dict[str, float] | None
     drafter: str
@@ -56,13 +59,15 @@ def generate_request(
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
+    logprobs: int | None = None,
     speculation: str = "default",
     lossy: dict[str, float] | None = None,
     drafter: str = "",
     cache_salt: str = "",
 ) -> router_pb2.GenerateRequest:
     """Exactly one input: `prompt` (chat template applied unless `raw`), `messages` ([{"role", "content"}])
-    or `prompt_token_ids`. Sampling: temperature 0 is greedy; top_k 0 and min_p 0 are off. `speculation`:
+    or `prompt_token_ids`. Sampling: temperature 0 is greedy; top_k 0 and min_p 0 are off. `logprobs`: None,
+    or each generated token's log probability plus that many most likely alternatives (0-20). `speculation`:
     "default" (the router's), "off", "lossless" or "lossy" with `lossy` = {top_k, min_ratio, budget}
     (missing keys take the server's defaults). `drafter`: a name from `info()["drafters"]`, "" = default.
     `cache_salt`: prefix-cache blocks are shared only between requests with the same salt.
@@ -74,7 +79,7 @@ def generate_request(
     _set_input(request, prompt, messages, prompt_token_ids)
     sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                 "min_p": min_p, "seed": seed, "stop": tuple(stop), "stop_token_ids": tuple(stop_token_ids),
-                "ignore_eos": ignore_eos}
+                "ignore_eos": ignore_eos, "logprobs": logprobs}
     SamplingParams(**sampling)
     if seed is not None and seed < 0:
         raise InvalidRequestError(f"seed must be >= 0, got {seed}")
@@ -121,6 +126,7 @@ class Generation:
     spec: dict  # speculation counters, the keys of engine SpecStats.as_dict()
     usage: dict  # prompt_tokens, completion_tokens
     seconds: float  # server wall time from admission to the last token
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
 
 
 @dataclass
@@ -134,17 +140,22 @@ class Chunk:
     prompt_token_ids: list[int]  # on the first chunk, else empty
     spec: dict | None  # on the last chunk, as in Generation
     usage: dict | None  # on the last chunk
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
 
 
 def generation_from_proto(msg: router_pb2.GenerateResponse) -> Generation:
-    return Generation(msg.text, list(msg.token_ids), list(msg.prompt_token_ids), msg.finish_reason,
-                      spec_from_proto(msg.spec), usage_from_proto(msg.usage), msg.seconds)
+    token_ids = list(msg.token_ids)
+    return Generation(msg.text, token_ids, list(msg.prompt_token_ids), msg.finish_reason,
+                      spec_from_proto(msg.spec), usage_from_proto(msg.usage), msg.seconds,
+                      logprobs_from_proto(msg.logprobs, token_ids) if msg.HasField("logprobs") else None)
 
 
 def chunk_from_proto(msg: router_pb2.TokenChunk) -> Chunk:
-    return Chunk(list(msg.token_ids), msg.text, msg.finished, msg.finish_reason or None, list(msg.prompt_token_ids),
+    token_ids = list(msg.token_ids)
+    return Chunk(token_ids, msg.text, msg.finished, msg.finish_reason or None, list(msg.prompt_token_ids),
                  spec_from_proto(msg.spec) if msg.HasField("spec") else None,
-                 usage_from_proto(msg.usage) if msg.HasField("usage") else None)
+                 usage_from_proto(msg.usage) if msg.HasField("usage") else None,
+                 logprobs_from_proto(msg.logprobs, token_ids) if msg.HasField("logprobs") else None)
 
 
 def spec_from_proto(msg: common_pb2.SpecStats) -> dict:

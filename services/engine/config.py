@@ -82,6 +82,10 @@ class SchedulerConfig:
             raise InvalidRequestError("max_num_seqs and max_num_batched_tokens must be positive")
 
 
+# OpenAI's limit on top_logprobs; each costs a topk entry per generated token.
+MAX_TOP_LOGPROBS = 20
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding parameters; temperature 0 means greedy."""
@@ -95,6 +99,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # None: no log probabilities; n: each generated token's (engine/logprobs.py) and the n most likely
+    # tokens of its position (0-20, OpenAI's top_logprobs).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:
@@ -109,6 +116,8 @@ class SamplingParams:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:

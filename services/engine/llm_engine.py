@@ -18,6 +18,7 @@ from specserve.engine.acceptance import LossyConfig
 from specserve.engine.block_manager import BlockManager
 from specserve.engine.config import EngineConfig, SamplingParams
 from specserve.engine.draft_tree import DraftTree
+from specserve.engine.logprobs import TokenLogprob
 from specserve.engine.loader import load_checkpoint
 from specserve.engine.model import LlamaModel
 from specserve.engine.model_runner import ModelRunner
@@ -43,6 +44,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None
     spec: SpecStats | None = None  # the request's speculation counters, on its last output
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asks for them
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Completion:
     finish_reason: str
     seconds: float
     spec: SpecStats = field(default_factory=SpecStats)
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
 
 
 @dataclass
@@ -165,7 +168,8 @@ class LLMEngine:
         for s in plan.scheduled:
             if s.seq.seq_id not in emitted:  # a prefill chunk; the others commit once their tokens are in
                 self.block_manager.commit(s.seq)
-        return [self._emit(self.requests[seq_id], out.token_ids, out.tree) for seq_id, out in emitted.items()]
+        return [self._emit(self.requests[seq_id], out.token_ids, out.tree, out.logprobs)
+                for seq_id, out in emitted.items()]
 
     def _propose(self) -> dict[int, DraftTree]:
         """Draft trees for the sequences about to decode; none at all when the budget is 0 (no drafter call)."""
@@ -191,7 +195,8 @@ class LLMEngine:
         self.draft_seconds += time.perf_counter() - start
         return {r.seq_id: tree for r, tree in zip(requests, trees) if tree.num_nodes}
 
-    def _emit(self, request: _Request, token_ids: list[int], tree: DraftTree | None) -> RequestOutput:
+    def _emit(self, request: _Request, token_ids: list[int], tree: DraftTree | None,
+              logprobs: list[TokenLogprob] | None) -> RequestOutput:
         """Append a step's tokens one by one, stopping at the first that finishes the request; stream them."""
         seq = request.seq
         appended = append_tokens(seq, request.text, token_ids, self.tokenizer.eos_token_ids)
@@ -207,6 +212,7 @@ class LLMEngine:
             finished=seq.is_finished,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             spec=request.spec if seq.is_finished else None,
+            logprobs=None if logprobs is None else logprobs[: len(appended)],
         )
         if seq.is_finished:
             self._finish(request)
@@ -249,7 +255,7 @@ class LLMEngine:
             self.step()
         seconds = time.perf_counter() - start
         completions = []
-        for request_id, prompt in zip(ids, prompts):
+        for request_id, prompt, request_params in zip(ids, prompts, params_list):
             outs = collected[request_id]
             completions.append(Completion(
                 request_id=request_id,
@@ -259,5 +265,6 @@ class LLMEngine:
                 finish_reason=outs[-1].finish_reason or "",
                 seconds=seconds,
                 spec=outs[-1].spec or SpecStats(),
+                logprobs=None if request_params.logprobs is None else [lp for o in outs for lp in o.logprobs],
             ))
         return completions

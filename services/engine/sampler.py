@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from specserve.engine.config import SamplingParams
+from specserve.engine.logprobs import TokenLogprob
 
 # Top-k / top-p look at this many largest logits first: topk(1024) of a 49k vocabulary costs ~0.3 ms a
 # row on CPU, a full sort ~3 ms. Rows whose nucleus reaches past it fall back to the full sort.
@@ -117,6 +118,22 @@ def draw(
     # target stays strictly below the total, where the last token with mass ends.
     target = torch.minimum(uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, target, right=True).squeeze(1)
+
+
+def token_logprobs(
+    logits: torch.Tensor,  # [num_tokens, vocab] float32, the row that produced each token
+    token_ids: list[int],
+    num_top: int,
+) -> list[TokenLogprob]:
+    """Each token's log probability in its row, and the `num_top` most likely tokens of the row."""
+    assert logits.dim() == 2 and logits.shape[0] == len(token_ids)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [num_tokens, vocab]
+    chosen = logp.gather(1, torch.tensor(token_ids, dtype=torch.int64)[:, None]).squeeze(1).tolist()
+    if num_top == 0:
+        return [TokenLogprob(t, lp) for t, lp in zip(token_ids, chosen)]
+    top_logp, top_ids = logp.topk(num_top, dim=-1)  # [num_tokens, num_top], descending
+    return [TokenLogprob(t, lp, list(zip(ids, lps)))
+            for t, lp, ids, lps in zip(token_ids, chosen, top_ids.tolist(), top_logp.tolist())]
 
 
 def request_generator(params: SamplingParams) -> torch.Generator | None:

@@ -16,8 +16,9 @@ import torch
 
 from specserve.engine.acceptance import LossyConfig
 from specserve.engine.draft_tree import DraftTree
+from specserve.engine.logprobs import TokenLogprob
 from specserve.engine.model_runner import ModelRunner
-from specserve.engine.sampler import Sampler, seed_for_position
+from specserve.engine.sampler import Sampler, seed_for_position, token_logprobs
 from specserve.engine.scheduler import ScheduledSeq
 from specserve.engine.sequence import Sequence
 from specserve.engine.verify import accept, kv_moves
@@ -39,6 +40,7 @@ class StepTokens:
     num_accepted: int
     tree: DraftTree | None
     lossy_spent: float = 0.0  # nats of the lossy budget this step's acceptance used
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asks for them
 
 
 def step_tokens(
@@ -65,17 +67,26 @@ def step_tokens(
         seed_for_position(state.generator, seq.params, seq.num_tokens)
         result = accept(tree, logits[row : row + 1 + tree.num_nodes], seq.params, state.generator,
                         state.lossy, state.lossy_budget_left)
-        row += 1 + tree.num_nodes
         state.lossy_budget_left -= result.divergence
         runner.move_kv(seq.block_table, kv_moves(result.accepted_nodes, seq.num_computed_tokens))
         seq.num_computed_tokens += 1 + len(result.accepted_nodes)
         accepted = [tree.tokens[i] for i in result.accepted_nodes]
-        out[seq.seq_id] = StepTokens(accepted + [result.next_token], len(accepted), tree, result.divergence)
+        tokens = accepted + [result.next_token]
+        logprobs = None
+        if seq.params.logprobs is not None:
+            # Each token comes from its parent's row: the root's, then its accepted nodes'.
+            parent_rows = [row] + [row + 1 + i for i in result.accepted_nodes]
+            logprobs = token_logprobs(logits[parent_rows], tokens, seq.params.logprobs)
+        row += 1 + tree.num_nodes
+        out[seq.seq_id] = StepTokens(tokens, len(accepted), tree, result.divergence, logprobs)
     if plain:
         for seq, _ in plain:
             seed_for_position(states[seq.seq_id].generator, seq.params, seq.num_tokens)
         tokens = sampler.sample(logits[[r for _, r in plain]], [seq.params for seq, _ in plain],
                                 [states[seq.seq_id].generator for seq, _ in plain]).tolist()
-        for (seq, _), token in zip(plain, tokens):
-            out[seq.seq_id] = StepTokens([token], 0, None)
+        for (seq, row), token in zip(plain, tokens):
+            logprobs = None
+            if seq.params.logprobs is not None:
+                logprobs = token_logprobs(logits[row : row + 1], [token], seq.params.logprobs)
+            out[seq.seq_id] = StepTokens([token], 0, None, logprobs=logprobs)
     return out

@@ -32,6 +32,17 @@ _USER_DEFINED = 4  # added tokens such as <think>: matched whole in text but dec
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table), inverted: char -> byte.
+    Printable Latin-1 bytes stand for themselves; the other 68 map to U+0100 onwards, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(shifted)}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer | None:
     """How text is split before byte-level BPE, by llama.cpp's `tokenizer.ggml.pre` name."""
     if pre in ("default", "gpt2"):
@@ -131,6 +142,16 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (OpenAI's logprobs `bytes`): a byte-level BPE token may hold part of
+        a UTF-8 character, which its decoded text alone cannot show. Added tokens: their text."""
+        token = self._backend.id_to_token(token_id)
+        if token is None:
+            raise InvalidRequestError(f"token id {token_id} is outside the vocabulary")
+        if isinstance(self._backend.decoder, decoders.ByteLevel) and all(c in _BYTE_OF_CHAR for c in token):
+            return bytes(_BYTE_OF_CHAR[c] for c in token)
+        return self._backend.decode([token_id], skip_special_tokens=False).encode()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; BOS/EOS are added only where the model asks for them."""

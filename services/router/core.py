@@ -27,6 +27,7 @@ import torch
 from specserve.engine.acceptance import LossyConfig
 from specserve.engine.config import SamplingParams, SpecConfig
 from specserve.engine.draft_tree import DraftTree
+from specserve.engine.logprobs import TokenLogprob
 from specserve.engine.sequence import Sequence, check_prompt
 from specserve.engine.text_output import TextOutput, append_tokens
 from specserve.engine.tokenizer import Tokenizer
@@ -36,6 +37,7 @@ from specserve.errors import (
     InvalidRequestError,
     OverloadedError,
     RequestCancelledError,
+    RpcError,
     SpecserveError,
     UnavailableError,
 )
@@ -43,6 +45,7 @@ from specserve.router.ahead import AHEAD_MIN_CHANCE, AheadDrafts
 from specserve.router.backends import Replica, rendezvous_order
 from specserve.router.budget import RecentAcceptance, StepCost, acceptance_by_depth, draft_budgets
 from specserve.rpc import convert
+from specserve.rpc.logprobs import logprobs_from_proto
 from specserve.v1 import common_pb2, drafter_pb2, verifier_pb2
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,7 @@ class RouterOutput:
     spec: SpecStats | None = None  # on the last output
     prompt_token_ids: list[int] | None = None  # on the first output
     seconds: float = 0.0  # on the last output: from submission to the last token
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asks for them
 
 
 @dataclass(eq=False)  # identity: requests are compared with `in` on the running list
@@ -585,14 +589,23 @@ class Router:
         if result.HasField("hidden_states"):
             request.hidden.append(convert.tensor_from_proto(result.hidden_states))
         if result.token_ids:
-            self._emit(request, list(result.token_ids), result.num_accepted, tree if item.HasField("tree") else None)
+            token_ids, logprobs = list(result.token_ids), None
+            if request.seq.params.logprobs is not None:
+                try:
+                    logprobs = logprobs_from_proto(result.logprobs, token_ids)
+                except RpcError as exc:
+                    self._fail(request, RpcError(f"verifier {request.verifier.address}: {exc}"))
+                    return
+            self._emit(request, token_ids, result.num_accepted, tree if item.HasField("tree") else None, logprobs)
 
-    def _emit(self, request: _Request, token_ids: list[int], num_accepted: int, tree: DraftTree | None) -> None:
+    def _emit(self, request: _Request, token_ids: list[int], num_accepted: int, tree: DraftTree | None,
+              logprobs: list[TokenLogprob] | None = None) -> None:
         seq = request.seq
         appended = append_tokens(seq, request.text, token_ids, self.tokenizer.eos_token_ids)
         request.stats.record(tree, num_accepted, len(appended))
         request.recent.record(tree, num_accepted)
-        output = RouterOutput(appended, request.text.take_delta(final=seq.is_finished), seq.is_finished)
+        output = RouterOutput(appended, request.text.take_delta(final=seq.is_finished), seq.is_finished,
+                              logprobs=None if logprobs is None else logprobs[: len(appended)])
         if not request.sent_prompt:
             output.prompt_token_ids = seq.prompt_token_ids
             request.sent_prompt = True

@@ -176,7 +176,8 @@ class OpenAIHandler(BaseHTTPRequestHandler):
     def _generate(self, chat: bool) -> None:
         router = self.server.router
         request = parse_request(self._read_json(), router, chat)
-        reply = Reply(chat, router.model_name, request.include_usage)
+        token_bytes = router.tokenizer.token_bytes if request.params.logprobs is not None else None
+        reply = Reply(chat, router.model_name, request.include_usage, token_bytes)
         handles: list[RequestHandle] = []
         try:
             for prompt, params in request.choices():  # one router request per choice

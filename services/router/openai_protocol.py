@@ -3,7 +3,9 @@
 HTTP server (openai_http.py) owns sockets and threads.
 
 Accepted beyond OpenAI's fields: `top_k`, `min_p`, `speculation` (off | lossless | lossy) and `drafter`.
-Fields asking for what the router cannot do (n > 1, echo, logprobs, penalties, tools...) are refused
+Log probabilities: `logprobs` (completions: the number of alternatives, 0-20) or `logprobs` + `top_logprobs`
+(chat), answered in each API's shape (engine/logprobs.py says what they measure). Fields asking for what the
+router cannot do (echo, best_of, penalties, logit_bias, tools...) are refused
 with 400 rather than silently ignored. Unknown fields are ignored (as vLLM does; OpenAI refuses them) so
 that clients sending newer optional fields keep working. `model` is not checked: a router serves one model.
 """
@@ -12,10 +14,12 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from itertools import accumulate
 
-from specserve.engine.config import SamplingParams
+from specserve.engine.config import MAX_TOP_LOGPROBS, SamplingParams
+from specserve.engine.logprobs import TokenLogprob
 from specserve.errors import (
     DeadlineExceededError,
     InvalidRequestError,
@@ -30,7 +34,7 @@ COMPLETION_MAX_TOKENS = 16
 MAX_CHOICES = 64  # prompts x n of one request: each choice is a request of its own in the router
 # Fields this server cannot honour, with the values that ask for nothing and are therefore accepted.
 UNSUPPORTED = {
-    "echo": (False,), "logprobs": (False,), "top_logprobs": (0,), "best_of": (1,), "suffix": ("",),
+    "echo": (False,), "best_of": (1,), "suffix": ("",),
     "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,), "tools": ([],),
     "functions": ([],), "response_format": ({"type": "text"},),
 }
@@ -119,7 +123,8 @@ def parse_request(body: object, router: Router, chat: bool) -> OpenAIRequest:
     if speculation not in ("", *SPEC_MODES):
         raise ApiError.bad_field("speculation", f"speculation must be one of {', '.join(SPEC_MODES)}")
     return OpenAIRequest(
-        chat=chat, prompts=prompts, params=_sampling(body, max_tokens), n=n, speculation=speculation,
+        chat=chat, prompts=prompts, params=_sampling(body, max_tokens, _num_logprobs(body, chat)), n=n,
+        speculation=speculation,
         drafter=_get(body, "drafter", str, ""), stream=stream,
         include_usage=_get(stream_options or {}, "include_usage", bool, False),
     )
@@ -141,7 +146,26 @@ def json_type(value: object) -> str:
             dict: "object"}.get(type(value), type(value).__name__)
 
 
-def _sampling(body: dict, max_tokens: int) -> SamplingParams:
+def _num_logprobs(body: dict, chat: bool) -> int | None:
+    """SamplingParams.logprobs: completions send the number of alternatives as `logprobs`; chat sends
+    `logprobs: true` and the number as `top_logprobs`."""
+    if chat:
+        top = _get(body, "top_logprobs", int, None)
+        if not _get(body, "logprobs", bool, False):
+            if top is not None:
+                raise ApiError.bad_field("top_logprobs", "top_logprobs needs logprobs set to true")
+            return None
+        name, num = "top_logprobs", 0 if top is None else top
+    else:
+        name, num = "logprobs", _get(body, "logprobs", int, None)
+        if num is None:
+            return None
+    if not 0 <= num <= MAX_TOP_LOGPROBS:
+        raise ApiError.bad_field(name, f"{name} must be between 0 and {MAX_TOP_LOGPROBS}, got {num}")
+    return num
+
+
+def _sampling(body: dict, max_tokens: int, logprobs: int | None) -> SamplingParams:
     number = (int, float)
     stop = _get(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
@@ -152,6 +176,7 @@ def _sampling(body: dict, max_tokens: int) -> SamplingParams:
             max_tokens=max_tokens, temperature=float(_get(body, "temperature", number, 1.0)),
             top_p=float(_get(body, "top_p", number, 1.0)), top_k=_get(body, "top_k", int, 0),
             min_p=float(_get(body, "min_p", number, 0.0)), seed=_get(body, "seed", int, None), stop=tuple(stop),
+            logprobs=logprobs,
         )
     except InvalidRequestError as exc:  # an out-of-range value; the message names the field
         raise ApiError(400, str(exc)) from None
@@ -212,6 +237,8 @@ class Reply:
     chat: bool
     model: str
     include_usage: bool = False
+    # Set when the request asked for log probabilities: a token id's bytes (Tokenizer.token_bytes).
+    token_bytes: Callable[[int], bytes] | None = None
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -222,17 +249,20 @@ class Reply:
     def whole(self, outputs: Iterable[tuple[int, RouterOutput]], num_choices: int, prompt_tokens: int) -> dict:
         """`outputs`: (choice index, output) of every choice, in any interleaving."""
         texts: list[list[str]] = [[] for _ in range(num_choices)]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(num_choices)]
         finish_reasons: list[str | None] = [None] * num_choices
         completion_tokens = 0
         for index, output in outputs:
             texts[index].append(output.text)
+            logprobs[index] += output.logprobs or ()
             completion_tokens += len(output.token_ids)
             finish_reasons[index] = output.finish_reason
         choices = []
         for index, (parts, finish_reason) in enumerate(zip(texts, finish_reasons)):
             text = "".join(parts)
             content = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-            choices.append({"index": index, **content, "logprobs": None, "finish_reason": finish_reason})
+            choices.append({"index": index, **content, "logprobs": self._logprobs(logprobs[index], 0),
+                            "finish_reason": finish_reason})
         return {**self._envelope("chat.completion" if self.chat else "text_completion"), "choices": choices,
                 "usage": usage(prompt_tokens, completion_tokens)}
 
@@ -245,10 +275,13 @@ class Reply:
             for index in range(num_choices):
                 yield self._chunk(index, text="", role="assistant")
         completion_tokens = 0
+        text_offsets = [0] * num_choices  # completions' text_offset: characters of a choice streamed so far
         for index, output in outputs:
             completion_tokens += len(output.token_ids)
-            if output.text:
-                yield self._chunk(index, text=output.text)
+            if output.text or output.logprobs:
+                logprobs = self._logprobs(output.logprobs or [], text_offsets[index])
+                yield self._chunk(index, text=output.text, logprobs=logprobs)
+                text_offsets[index] += len(output.text)
             if output.finished:
                 yield self._chunk(index, text=None if self.chat else "", finish_reason=output.finish_reason)
         if self.include_usage:
@@ -260,15 +293,37 @@ class Reply:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
     def _chunk(self, index: int, text: str | None, role: str | None = None,
-               finish_reason: str | None = None) -> dict:
+               finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
         if self.chat:
             delta = {"role": role} if role else {}
             choice = {"index": index, "delta": delta | ({"content": text} if text is not None else {})}
         else:
             choice = {"index": index, "text": text}
         chunk = {**self._envelope(self._chunk_object),
-                 "choices": [{**choice, "logprobs": None, "finish_reason": finish_reason}]}
+                 "choices": [{**choice, "logprobs": logprobs, "finish_reason": finish_reason}]}
         return chunk | {"usage": None} if self.include_usage else chunk
+
+    def _logprobs(self, logprobs: list[TokenLogprob], text_offset: int) -> dict | None:
+        """A choice's `logprobs` for these tokens in the API's shape; None when the request asked for none.
+        Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: parallel lists, with each
+        token's character offset in the choice's text from `text_offset` on."""
+        if self.token_bytes is None:
+            return None
+        if self.chat:
+            return {"content": [{**self._token(lp.token_id, lp.logprob),
+                                 "top_logprobs": [self._token(t, v) for t, v in lp.top]} for lp in logprobs],
+                    "refusal": None}
+        tokens = [self._text(lp.token_id) for lp in logprobs]
+        offsets = list(accumulate((len(t) for t in tokens), initial=text_offset))[: len(tokens)]
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+                "top_logprobs": [{self._text(t): v for t, v in lp.top} for lp in logprobs], "text_offset": offsets}
+
+    def _token(self, token_id: int, logprob: float) -> dict:
+        raw = self.token_bytes(token_id)
+        return {"token": raw.decode(errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    def _text(self, token_id: int) -> str:
+        return self.token_bytes(token_id).decode(errors="replace")
 
     def _envelope(self, object_name: str) -> dict:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}

@@ -10,6 +10,7 @@ import grpc
 from specserve.errors import InvalidRequestError
 from specserve.router.core import RequestHandle, Router, RouterOutput
 from specserve.rpc import convert
+from specserve.rpc.logprobs import logprobs_to_proto
 from specserve.v1 import common_pb2, router_pb2
 
 _MODES = {
@@ -29,12 +30,15 @@ class RouterServicer:
         outputs = list(handle)
         last = outputs[-1]
         token_ids = [t for o in outputs for t in o.token_ids]
-        return router_pb2.GenerateResponse(
+        response = router_pb2.GenerateResponse(
             text="".join(o.text for o in outputs), token_ids=token_ids,
             prompt_token_ids=handle.prompt_token_ids, finish_reason=last.finish_reason or "",
             spec=convert.spec_stats_to_proto(last.spec), seconds=last.seconds,
             usage=router_pb2.Usage(prompt_tokens=len(handle.prompt_token_ids), completion_tokens=len(token_ids)),
         )
+        if last.logprobs is not None:
+            response.logprobs.CopyFrom(logprobs_to_proto([lp for o in outputs for lp in o.logprobs]))
+        return response
 
     def GenerateStream(self, request: router_pb2.GenerateRequest,
                        context: grpc.ServicerContext | None) -> Iterator[router_pb2.TokenChunk]:
@@ -82,6 +86,8 @@ class RouterServicer:
                                       finish_reason=output.finish_reason or "")
         if output.prompt_token_ids is not None:
             chunk.prompt_token_ids.extend(output.prompt_token_ids)
+        if output.logprobs is not None:
+            chunk.logprobs.CopyFrom(logprobs_to_proto(output.logprobs))
         if output.finished:
             chunk.spec.CopyFrom(convert.spec_stats_to_proto(output.spec))
             chunk.usage.CopyFrom(router_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))

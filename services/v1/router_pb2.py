@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specserve.v1 import common_pb2 as specserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specserve/v1/router.proto\x12\x0cspecserve.v1\x1a\x19specserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.specserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc9\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12.\n\x08messages\x18\x02 \x01(\x0b\x32\x1a.specserve.v1.ChatMessagesH\x00\x12\x32\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x16.specserve.v1.TokenIdsH\x00\x12\x0b\n\x03raw\x18\x04 \x01(\x08\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.specserve.v1.SamplingParams\x12+\n\x0bspeculation\x18\x06 \x01(\x0e\x32\x16.specserve.v1.SpecMode\x12(\n\x05lossy\x18\x07 \x01(\x0b\x32\x19.specserve.v1.LossyParams\x12\x0f\n\x07\x64rafter\x18\x08 \x01(\t\x12\x12\n\ncache_salt\x18\t \x01(\tB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xbb\x01\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12%\n\x04spec\x18\x06 \x01(\x0b\x32\x17.specserve.v1.SpecStats\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.specserve.v1.Usage\"\xc0\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12%\n\x04spec\x18\x05 \x01(\x0b\x32\x17.specserve.v1.SpecStats\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.specserve.v1.Usage\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\"\x13\n\x11RouterInfoRequest\"t\n\nRouterInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x64rafters\x18\x02 \x03(\t\x12\x18\n\x10max_total_tokens\x18\x03 \x01(\x05\x12\x15\n\rnum_verifiers\x18\x04 \x01(\x05\x12\x14\n\x0cnum_drafters\x18\x05 \x01(\x05\x32\xe3\x01\n\x06Router\x12I\n\x08Generate\x12\x1d.specserve.v1.GenerateRequest\x1a\x1e.specserve.v1.GenerateResponse\x12K\n\x0eGenerateStream\x12\x1d.specserve.v1.GenerateRequest\x1a\x18.specserve.v1.TokenChunk0\x01\x12\x41\n\x04Info\x12\x1f.specserve.v1.RouterInfoRequest\x1a\x18.specserve.v1.RouterInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specserve/v1/router.proto\x12\x0cspecserve.v1\x1a\x19specserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.specserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc9\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12.\n\x08messages\x18\x02 \x01(\x0b\x32\x1a.specserve.v1.ChatMessagesH\x00\x12\x32\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x16.specserve.v1.TokenIdsH\x00\x12\x0b\n\x03raw\x18\x04 \x01(\x08\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.specserve.v1.SamplingParams\x12+\n\x0bspeculation\x18\x06 \x01(\x0e\x32\x16.specserve.v1.SpecMode\x12(\n\x05lossy\x18\x07 \x01(\x0b\x32\x19.specserve.v1.LossyParams\x12\x0f\n\x07\x64rafter\x18\x08 \x01(\t\x12\x12\n\ncache_salt\x18\t \x01(\tB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xea\x01\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12%\n\x04spec\x18\x06 \x01(\x0b\x32\x17.specserve.v1.SpecStats\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.specserve.v1.Usage\x12-\n\x08logprobs\x18\x08 \x01(\x0b\x32\x1b.specserve.v1.TokenLogprobs\"\xef\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12%\n\x04spec\x18\x05 \x01(\x0b\x32\x17.specserve.v1.SpecStats\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.specserve.v1.Usage\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12-\n\x08logprobs\x18\x08 \x01(\x0b\x32\x1b.specserve.v1.TokenLogprobs\"\x13\n\x11RouterInfoRequest\"t\n\nRouterInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x64rafters\x18\x02 \x03(\t\x12\x18\n\x10max_total_tokens\x18\x03 \x01(\x05\x12\x15\n\rnum_verifiers\x18\x04 \x01(\x05\x12\x14\n\x0cnum_drafters\x18\x05 \x01(\x05\x32\xe3\x01\n\x06Router\x12I\n\x08Generate\x12\x1d.specserve.v1.GenerateRequest\x1a\x1e.specserve.v1.GenerateResponse\x12K\n\x0eGenerateStream\x12\x1d.specserve.v1.GenerateRequest\x1a\x18.specserve.v1.TokenChunk0\x01\x12\x41\n\x04Info\x12\x1f.specserve.v1.RouterInfoRequest\x1a\x18.specserve.v1.RouterInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,13 +43,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=534
   _globals['_USAGE']._serialized_end=591
   _globals['_TOKENCHUNK']._serialized_start=594
-  _globals['_TOKENCHUNK']._serialized_end=781
-  _globals['_GENERATERESPONSE']._serialized_start=784
-  _globals['_GENERATERESPONSE']._serialized_end=976
-  _globals['_ROUTERINFOREQUEST']._serialized_start=978
-  _globals['_ROUTERINFOREQUEST']._serialized_end=997
-  _globals['_ROUTERINFO']._serialized_start=999
-  _globals['_ROUTERINFO']._serialized_end=1115
-  _globals['_ROUTER']._serialized_start=1118
-  _globals['_ROUTER']._serialized_end=1345
+  _globals['_TOKENCHUNK']._serialized_end=828
+  _globals['_GENERATERESPONSE']._serialized_start=831
+  _globals['_GENERATERESPONSE']._serialized_end=1070
+  _globals['_ROUTERINFOREQUEST']._serialized_start=1072
+  _globals['_ROUTERINFOREQUEST']._serialized_end=1091
+  _globals['_ROUTERINFO']._serialized_start=1093
+  _globals['_ROUTERINFO']._serialized_end=1209
+  _globals['_ROUTER']._serialized_start=1212
+  _globals['_ROUTER']._serialized_end=1439
 # @@protoc_insertion_point(module_scope)

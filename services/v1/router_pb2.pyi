@@ -58,7 +58,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
-    __slots__ = ("token_ids", "text", "finished", "finish_reason", "prompt_token_ids", "spec", "usage")
+    __slots__ = ("token_ids", "text", "finished", "finish_reason", "prompt_token_ids", "spec", "usage", "logprobs")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class TokenChunk(_message.Message):
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     finished: bool
@@ -73,10 +74,11 @@ class TokenChunk(_message.Message):
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     spec: _common_pb2.SpecStats
     usage: Usage
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., spec: _Optional[_Union[_common_pb2.SpecStats, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    logprobs: _common_pb2.TokenLogprobs
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., spec: _Optional[_Union[_common_pb2.SpecStats, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., logprobs: _Optional[_Union[_common_pb2.TokenLogprobs, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "prompt_token_ids", "finish_reason", "spec", "usage", "seconds")
+    __slots__ = ("text", "token_ids", "prompt_token_ids", "finish_reason", "spec", "usage", "seconds", "logprobs")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +86,7 @@ class GenerateResponse(_message.Message):
     SPEC_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -91,7 +94,8 @@ class GenerateResponse(_message.Message):
     spec: _common_pb2.SpecStats
     usage: Usage
     seconds: float
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.SpecStats, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., seconds: _Optional[float] = ...) -> None: ...
+    logprobs: _common_pb2.TokenLogprobs
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.SpecStats, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., seconds: _Optional[float] = ..., logprobs: _Optional[_Union[_common_pb2.TokenLogprobs, _Mapping]] = ...) -> None: ...
 
 class RouterInfoRequest(_message.Message):
     __slots__ = ()

@@ -44,7 +44,7 @@ class VerifyRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[VerifyItem, _Mapping]]] = ..., return_hidden: _Optional[bool] = ...) -> None: ...
 
 class VerifyResult(_message.Message):
-    __slots__ = ("seq_id", "status", "token_ids", "num_accepted", "hidden_states", "num_computed_tokens", "lossy_spent")
+    __slots__ = ("seq_id", "status", "token_ids", "num_accepted", "hidden_states", "num_computed_tokens", "lossy_spent", "logprobs")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class VerifyResult(_message.Message):
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOSSY_SPENT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     status: ItemStatus
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -59,7 +60,8 @@ class VerifyResult(_message.Message):
     hidden_states: _common_pb2.Tensor
     num_computed_tokens: int
     lossy_spent: float
-    def __init__(self, seq_id: _Optional[int] = ..., status: _Optional[_Union[ItemStatus, str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_accepted: _Optional[int] = ..., hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_computed_tokens: _Optional[int] = ..., lossy_spent: _Optional[float] = ...) -> None: ...
+    logprobs: _common_pb2.TokenLogprobs
+    def __init__(self, seq_id: _Optional[int] = ..., status: _Optional[_Union[ItemStatus, str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_accepted: _Optional[int] = ..., hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_computed_tokens: _Optional[int] = ..., lossy_spent: _Optional[float] = ..., logprobs: _Optional[_Union[_common_pb2.TokenLogprobs, _Mapping]] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("results",)

@@ -20,6 +20,7 @@ from specserve.engine.acceptance import LossyConfig
 from specserve.engine.block_manager import BlockManager
 from specserve.engine.config import CacheConfig, SamplingParams
 from specserve.engine.draft_tree import DraftTree
+from specserve.engine.logprobs import TokenLogprob
 from specserve.engine.model import LlamaModel
 from specserve.engine.model_runner import ModelRunner
 from specserve.engine.sampler import Sampler, request_generator
@@ -59,6 +60,7 @@ class VerifyOutcome:
     hidden_states: torch.Tensor | None = None  # [rows, hidden] of the tokens computed and kept this step
     num_computed_tokens: int = 0
     lossy_spent: float = 0.0
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when the sequence's sampling asks
 
 
 @dataclass
@@ -201,6 +203,7 @@ class VerifierCore:
                 seq.prompt_token_ids.extend(out.token_ids)
                 outcome.token_ids, outcome.num_accepted = out.token_ids, out.num_accepted
                 outcome.lossy_spent = out.lossy_spent
+                outcome.logprobs = out.logprobs
             self.block_manager.commit(seq)
             outcome.num_computed_tokens = seq.num_computed_tokens
             if hidden_from is not None:

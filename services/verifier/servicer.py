@@ -7,6 +7,7 @@ import grpc
 
 from specserve.errors import InvalidRequestError
 from specserve.rpc import convert
+from specserve.rpc.logprobs import logprobs_to_proto
 from specserve.v1 import common_pb2, verifier_pb2
 from specserve.verifier.core import VerifierCore, VerifyWork
 
@@ -27,6 +28,8 @@ class VerifierServicer:
                 num_accepted=outcome.num_accepted, num_computed_tokens=outcome.num_computed_tokens,
                 lossy_spent=outcome.lossy_spent,
             )
+            if outcome.logprobs is not None:
+                result.logprobs.CopyFrom(logprobs_to_proto(outcome.logprobs))
             if outcome.hidden_states is not None:
                 result.hidden_states.CopyFrom(convert.tensor_to_proto(outcome.hidden_states))
             results.append(result)

@@ -112,6 +112,14 @@ def test_concurrent_streams_equal_plain_greedy(cluster, short_prompts, greedy_re
     assert_kv_free(replicas(cluster, "verifier"))
 
 
+def test_logprobs_cross_the_process_boundaries(cluster, short_prompts):
+    """Verifier replica -> router -> client, each in its own process."""
+    with Client(cluster.addresses["router"]) as client:
+        generation = client.generate(short_prompts[0], max_tokens=8, logprobs=2)
+    assert [lp.token_id for lp in generation.logprobs] == generation.token_ids and len(generation.token_ids) == 8
+    assert all(lp.top[0][0] == lp.token_id and lp.logprob == lp.top[0][1] < 0 for lp in generation.logprobs)
+
+
 def test_cancelled_stream_frees_its_kv(cluster, short_prompts):
     with Client(cluster.addresses["router"]) as client:
         chunks = client.stream(short_prompts[0], max_tokens=1000, ignore_eos=True)

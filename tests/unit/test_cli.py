@@ -62,6 +62,7 @@ def test_fixed_seed_gives_same_json(model_path, tmp_path):
         (("generate", "hi", "--temperature", "-1"), "temperature"),
         (("generate", "hi", "--top-p", "0"), "top_p"),
         (("generate", "hi", "--top-p", "1.5"), "top_p"),
+        (("generate", "hi", "--logprobs", "21"), "logprobs must be between 0 and 20"),
         (("generate", "hi", "--model", "/nonexistent/model.gguf"), "no such file"),
         (("generate", "hi", "--spec", "hydra"), "unknown drafter 'hydra'"),
         (("generate", "hi", "--spec", "ngram", "--num-draft-tokens", "0"), "budgets must be > 0"),
@@ -118,9 +119,11 @@ def test_corrupt_datastore_is_one_line(model_path, tmp_path):
 @pytest.mark.parametrize("spec_args", [("--spec", "ngram"), ("--spec", "early-exit", "--exit-layer", "24")])
 def test_speculative_json_reports_its_counters(model_path, tmp_path, spec_args):
     result = run_cli("generate", "Repeat exactly: one two three, one two three, one two three.", *spec_args,
-                     "--max-tokens", "24", "--json", "--model", str(model_path), cwd=tmp_path)
+                     "--max-tokens", "24", "--json", "--logprobs", "1", "--model", str(model_path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
+    assert [lp["token_id"] for lp in out["logprobs"]] == out["token_ids"]
+    assert all(lp["logprob"] <= 0 and len(lp["top"]) == 1 for lp in out["logprobs"])
     spec = out["stats"]["spec"]
     assert spec["method"] == spec_args[1]
     assert spec["forwards"] >= 1 and spec["accepted"] <= spec["drafted"]

@@ -148,6 +148,27 @@ def test_stop_string_truncates_and_streams_consistently(make_engine, tokenizer):
     assert_all_blocks_free(engine)
 
 
+def test_logprobs_follow_the_tokens_a_request_keeps(make_engine, tokenizer, prompts):
+    """One log probability per kept token (a stop string cuts both), read from the raw logits even when
+    sampling at a temperature; requests that ask for none get None beside those that do."""
+    prompt = tokenizer.render_prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
+    raw = torch.log_softmax(first_logits(make_engine(), prompt), dim=-1)
+    engine = make_engine()
+    stopped, sampled, plain = engine.generate(
+        [prompt, prompt, prompts[0]],
+        [SamplingParams(max_tokens=32, stop=("Paris",), logprobs=3),
+         SamplingParams(max_tokens=8, temperature=1.5, seed=3, logprobs=0), SamplingParams(max_tokens=4)])
+    assert "Paris" not in stopped.text and stopped.finish_reason == "stop"
+    assert [lp.token_id for lp in stopped.logprobs] == stopped.token_ids
+    first = stopped.logprobs[0]
+    assert first.logprob == pytest.approx(raw.max().item(), abs=1e-5)
+    assert [t for t, _ in first.top] == raw.topk(3).indices.tolist()
+    assert [lp.token_id for lp in sampled.logprobs] == sampled.token_ids and sampled.logprobs[0].top == []
+    assert sampled.logprobs[0].logprob == pytest.approx(raw[sampled.token_ids[0]].item(), abs=1e-5)
+    assert plain.logprobs is None
+    assert_all_blocks_free(engine)
+
+
 def test_finish_reasons(make_engine, tokenizer, prompts):
     engine = make_engine()
     prompt = tokenizer.render_prompt_ids([{"role": "user", "content": "Say hi."}])
@@ -180,6 +201,8 @@ def test_abort_frees_blocks_at_once(make_engine, prompts):
         lambda: SamplingParams(top_p=1.5),
         lambda: SamplingParams(top_k=-1),
         lambda: SamplingParams(stop=("",)),
+        lambda: SamplingParams(logprobs=-1),
+        lambda: SamplingParams(logprobs=21),
     ],
 )
 def test_bad_sampling_params_raise_typed_error(make_params):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from specserve.engine.config import SamplingParams
-from specserve.engine.sampler import Sampler, draw, greedy_tokens, probs_from_logits
+from specserve.engine.sampler import Sampler, draw, greedy_tokens, probs_from_logits, token_logprobs
 
 # Probabilities 1/2, 1/4, 1/8, 1/16, 1/16: every partial sum is exact in float32.
 HALVING = torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.0625]]).log()  # [1, 5]
@@ -178,3 +178,14 @@ def test_greedy_tokens_are_argmax_on_ties_and_nan():
         if trial % 7 == 0:
             logits[-1] = float("-inf")
         assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1))
+
+
+def test_token_logprobs_are_the_raw_log_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 0.5]])
+    expected = torch.log_softmax(logits, dim=-1)
+    got = token_logprobs(logits, [1, 3], 2)
+    assert [lp.token_id for lp in got] == [1, 3]
+    assert [lp.logprob for lp in got] == pytest.approx([expected[0, 1].item(), expected[1, 3].item()])
+    assert [t for t, _ in got[0].top] == [0, 1] and [t for t, _ in got[1].top] == [2, 3]
+    assert got[1].top[0][1] == pytest.approx(expected[1, 2].item())
+    assert [lp.top for lp in token_logprobs(logits, [0, 0], 0)] == [[], []]

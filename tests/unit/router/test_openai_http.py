@@ -173,6 +173,51 @@ def test_streamed_chat_with_n_choices_adds_up_to_each_choice(client, router):
     wait_until_idle(router)
 
 
+# ---- log probabilities ------------------------------------------------------------------------------
+
+def test_logprobs_of_speculated_tokens_equal_plain_decodings(router):
+    """Accepted drafts read their log probabilities from their parents' rows of the verified tree: the values
+    plain decoding computes, to float rounding."""
+    ids = router.encode(prompt="a b c d e f g a b c d e f g a b c d e f g a b c", raw=True)  # n-gram drafts hit
+    runs = {}
+    for mode in ("lossless", "off"):
+        outputs = list(router.submit(ids, SamplingParams(max_tokens=24, logprobs=2), mode=mode))
+        runs[mode] = ([t for o in outputs for t in o.token_ids], [lp for o in outputs for lp in o.logprobs])
+        if mode == "lossless":
+            assert outputs[-1].spec.accepted >= 8  # most tokens came from tree rows
+    (spec_ids, spec_lps), (plain_ids, plain_lps) = runs["lossless"], runs["off"]
+    assert spec_ids == plain_ids == [lp.token_id for lp in spec_lps] and len(spec_lps) == 24
+    for fast, plain in zip(spec_lps, plain_lps):
+        assert fast.top[0][0] == fast.token_id and len(fast.top) == 2  # greedy: the most likely token
+        assert fast.logprob == pytest.approx(plain.logprob, abs=1e-4)
+        assert [t for t, _ in fast.top] == [t for t, _ in plain.top]
+        assert fast.logprob < 0 and fast.top[0][1] >= fast.top[1][1]
+
+
+def test_chat_and_completion_logprobs_in_openais_shapes(client, router):
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": COUNTING}], max_tokens=12,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert b"".join(bytes(entry.bytes) for entry in content).decode().startswith(chat.choices[0].message.content)
+    for entry in content:
+        assert [alt.token for alt in entry.top_logprobs][0] == entry.token and len(entry.top_logprobs) == 3
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+    streamed = client.chat.completions.create(model="m", messages=[{"role": "user", "content": COUNTING}],
+                                              max_tokens=12, temperature=0, logprobs=True, stream=True)
+    entries = [e for chunk in streamed for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+    assert [e.token for e in entries] == [e.token for e in content]
+    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in content], abs=1e-4)
+    assert all(e.top_logprobs == [] for e in entries)  # top_logprobs unset: 0 alternatives
+    completion = client.completions.create(model="m", prompt=COUNTING, max_tokens=12, temperature=0, logprobs=1)
+    text, logprobs = completion.choices[0].text, completion.choices[0].logprobs
+    assert "".join(logprobs.tokens) == text and len(logprobs.token_logprobs) == 12
+    assert [text[offset:] for offset in logprobs.text_offset] == ["".join(logprobs.tokens[i:]) for i in range(12)]
+    assert [list(top) for top in logprobs.top_logprobs] == [[token] for token in logprobs.tokens]
+    plain = client.completions.create(model="m", prompt=COUNTING, max_tokens=12, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].text == text
+
+
 # ---- errors -----------------------------------------------------------------------------------------
 
 def create(client: openai.OpenAI, endpoint: str, **overrides: object):
@@ -193,7 +238,10 @@ def create(client: openai.OpenAI, endpoint: str, **overrides: object):
     ("chat", {"extra_body": {"speculation": "maybe"}}, "speculation"),
     ("chat", {"extra_body": {"drafter": "nope"}}, None),
     ("completion", {"echo": True}, "echo"),
-    ("completion", {"logprobs": 2}, "logprobs"),
+    ("completion", {"logprobs": 21}, "logprobs"),
+    ("chat", {"top_logprobs": 2}, "top_logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ("chat", {"logprobs": 1}, "logprobs"),
     ("completion", {"prompt": ["one", 2]}, "prompt"),
     ("completion", {"prompt": []}, "prompt"),
     ("completion", {"prompt": ["one"] * 9, "n": 8}, "n"),

@@ -37,10 +37,17 @@ CHUNKS = [
     router_pb2.TokenChunk(token_ids=[13], text="d", finished=True, finish_reason="stop", spec=SPEC, usage=USAGE),
 ]
 
+LOGPROBS = common_pb2.TokenLogprobs(
+    logprobs=[-0.5, -1.0, -1.5, -0.25],
+    top=[common_pb2.TopLogprobs(token_ids=[t, 3], logprobs=[lp, -3.0]) for t, lp in
+         [(10, -0.5), (11, -1.0), (12, -1.5), (13, -0.25)]],
+)
+
 
 class ScriptedRouter:
     """Answers by prompt: "fail CODE" aborts with that status, "slow" sleeps 2 s, "forever" streams until
-    cancelled, "big" returns 5 MB of text (past gRPC's 4 MB default); anything else gets CHUNKS."""
+    cancelled, "big" returns 5 MB of text (past gRPC's 4 MB default); anything else gets CHUNKS. Requests
+    for log probabilities get LOGPROBS with the tokens (a stream: one chunk), "short logprobs" one too few."""
 
     def __init__(self) -> None:
         self.requests: list[router_pb2.GenerateRequest] = []
@@ -49,8 +56,13 @@ class ScriptedRouter:
     def Generate(self, request: router_pb2.GenerateRequest, context: grpc.ServicerContext):
         self._script(request, context)
         text = "x" * (5 << 20) if request.prompt == "big" else "abcd"
-        return router_pb2.GenerateResponse(text=text, token_ids=[10, 11, 12, 13], prompt_token_ids=[1, 2, 3],
-                                           finish_reason="length", spec=SPEC, usage=USAGE, seconds=0.25)
+        response = router_pb2.GenerateResponse(text=text, token_ids=[10, 11, 12, 13], prompt_token_ids=[1, 2, 3],
+                                               finish_reason="length", spec=SPEC, usage=USAGE, seconds=0.25)
+        if request.sampling.HasField("logprobs"):
+            response.logprobs.CopyFrom(LOGPROBS)
+            if request.prompt == "short logprobs":
+                del response.logprobs.logprobs[-1]
+        return response
 
     def GenerateStream(self, request: router_pb2.GenerateRequest, context: grpc.ServicerContext):
         self._script(request, context)
@@ -59,6 +71,10 @@ class ScriptedRouter:
             while True:
                 yield router_pb2.TokenChunk(token_ids=[7], text="z")
                 time.sleep(0.01)
+        if request.sampling.HasField("logprobs"):
+            yield router_pb2.TokenChunk(token_ids=[10, 11, 12, 13], text="abcd", finished=True, finish_reason="length",
+                                        logprobs=LOGPROBS)
+            return
         yield from CHUNKS
 
     def Info(self, request: router_pb2.RouterInfoRequest, context: grpc.ServicerContext):
@@ -97,6 +113,7 @@ def test_defaults_leave_the_server_its_choices():
     assert request.WhichOneof("input") == "prompt" and not request.raw
     assert request.speculation == common_pb2.SPEC_MODE_UNSPECIFIED and not request.HasField("lossy")
     assert not request.sampling.HasField("seed") and request.drafter == request.cache_salt == ""
+    assert not request.sampling.HasField("logprobs")
     assert (request.sampling.max_tokens, request.sampling.top_p) == (256, 1.0)
 
 
@@ -135,6 +152,7 @@ def test_speculation_modes(speculation, mode):
     (("hi",), {"max_tokens": 0}, "max_tokens must be > 0"),  # 0 would mean "default" on the wire
     (("hi",), {"top_p": 0.0}, "top_p must be in (0, 1]"),
     (("hi",), {"seed": -1}, "seed must be >= 0"),
+    (("hi",), {"logprobs": 21}, "logprobs must be between 0 and 20"),
     (("hi",), {"speculation": "fast"}, "unknown speculation 'fast'"),
     (("hi",), {"lossy": {"budget": 1.0}}, "lossy parameters need speculation='lossy'"),
     (("hi",), {"speculation": "lossy", "lossy": {"eps": 1.0}}, "unknown lossy parameters ['eps']"),
@@ -158,6 +176,19 @@ def test_generate_returns_a_generation(client):
     assert (generation.finish_reason, generation.seconds) == ("length", 0.25)
     assert generation.spec == SPEC_DICT
     assert generation.usage == {"prompt_tokens": 3, "completion_tokens": 4}
+
+
+def test_log_probabilities_come_one_per_token(client, router):
+    generation = client.generate("hi", logprobs=0)
+    assert router[0].requests[-1].sampling.HasField("logprobs") and router[0].requests[-1].sampling.logprobs == 0
+    assert [(lp.token_id, lp.logprob) for lp in generation.logprobs] == [(10, -0.5), (11, -1.0), (12, -1.5),
+                                                                          (13, -0.25)]
+    assert generation.logprobs[2].top == [(12, -1.5), (3, -3.0)]
+    [chunk] = client.stream("hi", logprobs=1)
+    assert chunk.logprobs == generation.logprobs
+    assert client.generate("hi").logprobs is None
+    with pytest.raises(RpcError, match="3 log probabilities for 4 tokens"):
+        client.generate("short logprobs", logprobs=1)
 
 
 def test_stream_yields_chunks_in_order(client):
