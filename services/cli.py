@@ -52,6 +52,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
         logprobs=args.logprobs,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
     )
     if not args.prompt:
         raise InvalidRequestError("prompt is empty")
@@ -103,7 +106,9 @@ def generate_remote(args: argparse.Namespace, params: SamplingParams) -> None:
         stream = client.stream(
             args.prompt, raw=args.raw, max_tokens=params.max_tokens, temperature=params.temperature,
             top_p=params.top_p, top_k=params.top_k, min_p=params.min_p, seed=params.seed, stop=params.stop,
-            logprobs=params.logprobs, speculation=speculation, lossy=lossy, drafter=drafter,
+            logprobs=params.logprobs, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
+            speculation=speculation, lossy=lossy, drafter=drafter,
         )
         try:
             generation, first_token_s = collect_stream(stream, echo=not args.json)
@@ -214,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--min-p", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None, help="makes sampled output reproducible")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]; 0 = off")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]; 0 = off")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0,
+                     help="divides the logits of tokens already in the prompt or output (> 0; 1 = off)")
     gen.add_argument("--json", action="store_true", help="print exactly one JSON object instead of streaming")
     gen.add_argument("--logprobs", type=int, metavar="N",
                      help="with --json: each token's log probability and its position's N most likely tokens (0-20)")

@@ -38,6 +38,9 @@ class GenerateOptions(TypedDict, total=False):
     stop_token_ids: Sequence[int]
     ignore_eos: bool
     logprobs: int | None
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
     speculation: str
     lossy: dict[str, float] | None
     drafter: str
@@ -60,6 +63,9 @@ def generate_request(
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
     logprobs: int | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
     speculation: str = "default",
     lossy: dict[str, float] | None = None,
     drafter: str = "",
@@ -67,7 +73,9 @@ def generate_request(
 ) -> router_pb2.GenerateRequest:
     """Exactly one input: `prompt` (chat template applied unless `raw`), `messages` ([{"role", "content"}])
     or `prompt_token_ids`. Sampling: temperature 0 is greedy; top_k 0 and min_p 0 are off. `logprobs`: None,
-    or each generated token's log probability plus that many most likely alternatives (0-20). `speculation`:
+    or each generated token's log probability plus that many most likely alternatives (0-20). Penalties:
+    `presence_penalty` and `frequency_penalty` (OpenAI's, in [-2, 2]) and `repetition_penalty` (> 0, 1 =
+    off) as SamplingParams documents them. `speculation`:
     "default" (the router's), "off", "lossless" or "lossy" with `lossy` = {top_k, min_ratio, budget}
     (missing keys take the server's defaults). `drafter`: a name from `info()["drafters"]`, "" = default.
     `cache_salt`: prefix-cache blocks are shared only between requests with the same salt.
@@ -79,7 +87,8 @@ def generate_request(
     _set_input(request, prompt, messages, prompt_token_ids)
     sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                 "min_p": min_p, "seed": seed, "stop": tuple(stop), "stop_token_ids": tuple(stop_token_ids),
-                "ignore_eos": ignore_eos, "logprobs": logprobs}
+                "ignore_eos": ignore_eos, "logprobs": logprobs, "presence_penalty": presence_penalty,
+                "frequency_penalty": frequency_penalty, "repetition_penalty": repetition_penalty}
     SamplingParams(**sampling)
     if seed is not None and seed < 0:
         raise InvalidRequestError(f"seed must be >= 0, got {seed}")

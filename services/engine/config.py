@@ -102,6 +102,13 @@ class SamplingParams:
     # None: no log probabilities; n: each generated token's (engine/logprobs.py) and the n most likely
     # tokens of its position (0-20, OpenAI's top_logprobs).
     logprobs: int | None = None
+    # OpenAI's penalties on tokens generated so far: logit -= presence_penalty if the token occurred,
+    # and frequency_penalty times its count; both in [-2, 2], 0 = off. repetition_penalty (vLLM, HF): a
+    # token of the prompt or the output has a positive logit divided by it, a negative one multiplied;
+    # > 0, 1 = off. All apply to the raw logits before temperature and filters (engine/sampler.py).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:
@@ -116,12 +123,21 @@ class SamplingParams:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0.0:
+            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 SPEC_METHODS = ("off", "ngram", "rest", "early-exit", "eagle", "medusa", "draft-model", "exit-head", "auto")

@@ -72,6 +72,10 @@ class _Request:
     lossy: LossyConfig | None = None  # relaxed acceptance, or None = lossless
     lossy_budget_left: float = 0.0
 
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.seq.output_token_ids
+
 
 def load_tokenizer(model_path: str) -> Tokenizer:
     """The tokenizer that ships with a checkpoint: GGUF metadata or a HF directory's tokenizer.json."""

@@ -120,6 +120,39 @@ def draw(
     return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
+def apply_penalties(
+    logits: torch.Tensor,  # [num_rows, vocab] float32, rows of one sequence
+    params: SamplingParams,
+    context_ids: list[int],  # the sequence's tokens (prompt and output) before the rows' positions
+    output_ids: list[int],  # the output part of context_ids
+    extra_ids: Sequence[Sequence[int]] | None = None,  # per row: tokens generated after context_ids (a tree path)
+) -> torch.Tensor:  # [num_rows, vocab], a new tensor
+    """`params`' presence, frequency and repetition penalties on each row, as plain decoding would apply them
+    at that row's position: row r's output is `output_ids` + `extra_ids[r]`. Speculative verification
+    penalizes each tree row with its path, so greedy speculation still equals plain greedy decoding."""
+    num_rows, vocab = logits.shape
+    extra_ids = extra_ids or [()] * num_rows
+    assert len(extra_ids) == num_rows
+    extra = [torch.tensor(list(ids), dtype=torch.int64) for ids in extra_ids]
+
+    def counts(ids: list[int]) -> torch.Tensor:  # [num_rows, vocab] occurrences, each row with its extra ids
+        base = torch.bincount(torch.tensor(ids, dtype=torch.int64), minlength=vocab).float()
+        rows = base.repeat(num_rows, 1)
+        for r, path in enumerate(extra):
+            rows[r].index_add_(0, path, torch.ones(len(path)))
+        return rows
+
+    out = logits.float().clone()
+    if params.repetition_penalty != 1.0:
+        seen = counts(context_ids) > 0
+        scaled = torch.where(out > 0, out / params.repetition_penalty, out * params.repetition_penalty)
+        out = torch.where(seen, scaled, out)
+    if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+        occurrences = counts(output_ids)
+        out -= params.frequency_penalty * occurrences + params.presence_penalty * (occurrences > 0).float()
+    return out
+
+
 def token_logprobs(
     logits: torch.Tensor,  # [num_tokens, vocab] float32, the row that produced each token
     token_ids: list[int],

@@ -543,6 +543,7 @@ class Router:
                                                max_compute_tokens=chunk)
                 if request.v_tokens == 0:
                     item.sampling.CopyFrom(convert.sampling_to_proto(seq.params))
+                    item.num_prompt_tokens = seq.num_prompt_tokens
                     if request.lossy is not None:  # a rebuilt sequence goes on with what is left of its budget
                         left = replace(request.lossy, budget=max(0.0, request.lossy.budget - request.lossy_spent))
                         item.lossy.CopyFrom(convert.lossy_to_proto(left))

@@ -2,10 +2,11 @@
 `Router.submit` arguments; whole responses, stream chunks and error bodies out. Pure translation: the
 HTTP server (openai_http.py) owns sockets and threads.
 
-Accepted beyond OpenAI's fields: `top_k`, `min_p`, `speculation` (off | lossless | lossy) and `drafter`.
+Accepted beyond OpenAI's fields: `top_k`, `min_p`, `repetition_penalty` (vLLM's), `speculation` (off |
+lossless | lossy) and `drafter`.
 Log probabilities: `logprobs` (completions: the number of alternatives, 0-20) or `logprobs` + `top_logprobs`
 (chat), answered in each API's shape (engine/logprobs.py says what they measure). Fields asking for what the
-router cannot do (echo, best_of, penalties, logit_bias, tools...) are refused
+router cannot do (echo, best_of, logit_bias, tools...) are refused
 with 400 rather than silently ignored. Unknown fields are ignored (as vLLM does; OpenAI refuses them) so
 that clients sending newer optional fields keep working. `model` is not checked: a router serves one model.
 """
@@ -35,7 +36,7 @@ MAX_CHOICES = 64  # prompts x n of one request: each choice is a request of its 
 # Fields this server cannot honour, with the values that ask for nothing and are therefore accepted.
 UNSUPPORTED = {
     "echo": (False,), "best_of": (1,), "suffix": ("",),
-    "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,), "tools": ([],),
+    "logit_bias": ({},), "tools": ([],),
     "functions": ([],), "response_format": ({"type": "text"},),
 }
 # Error class -> (HTTP status, OpenAI error type); anything else is a 500 "server_error".
@@ -176,7 +177,9 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None) -> SamplingPara
             max_tokens=max_tokens, temperature=float(_get(body, "temperature", number, 1.0)),
             top_p=float(_get(body, "top_p", number, 1.0)), top_k=_get(body, "top_k", int, 0),
             min_p=float(_get(body, "min_p", number, 0.0)), seed=_get(body, "seed", int, None), stop=tuple(stop),
-            logprobs=logprobs,
+            logprobs=logprobs, presence_penalty=float(_get(body, "presence_penalty", number, 0.0)),
+            frequency_penalty=float(_get(body, "frequency_penalty", number, 0.0)),
+            repetition_penalty=float(_get(body, "repetition_penalty", number, 1.0)),
         )
     except InvalidRequestError as exc:  # an out-of-range value; the message names the field
         raise ApiError(400, str(exc)) from None

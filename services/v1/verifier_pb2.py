@@ -25,27 +25,27 @@ _sym_db = _symbol_database.Default()
 from specserve.v1 import common_pb2 as specserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspecserve/v1/verifier.proto\x12\x0cspecserve.v1\x1a\x19specserve/v1/common.proto\"\xe2\x01\n\nVerifyItem\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.specserve.v1.SamplingParams\x12\x1a\n\x12max_compute_tokens\x18\x04 \x01(\x05\x12%\n\x04tree\x18\x05 \x01(\x0b\x32\x17.specserve.v1.DraftTree\x12(\n\x05lossy\x18\x06 \x01(\x0b\x32\x19.specserve.v1.LossyParams\x12\x10\n\x08position\x18\x07 \x01(\x05\"O\n\rVerifyRequest\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.specserve.v1.VerifyItem\x12\x15\n\rreturn_hidden\x18\x02 \x01(\x08\"\xff\x01\n\x0cVerifyResult\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.specserve.v1.ItemStatus\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x14\n\x0cnum_accepted\x18\x04 \x01(\x05\x12+\n\rhidden_states\x18\x05 \x01(\x0b\x32\x14.specserve.v1.Tensor\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\x05\x12\x13\n\x0blossy_spent\x18\x07 \x01(\x01\x12-\n\x08logprobs\x18\x08 \x01(\x0b\x32\x1b.specserve.v1.TokenLogprobs\"=\n\x0eVerifyResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.specserve.v1.VerifyResult\"\x15\n\x13VerifierInfoRequest\"\xcf\x01\n\x0cVerifierInfo\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x05\x12\x18\n\x10max_total_tokens\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\x12\n\nnum_blocks\x18\x07 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x08 \x01(\x05\x12\x15\n\rnum_sequences\x18\t \x01(\x05*_\n\nItemStatus\x12\x12\n\x0eITEM_STATUS_OK\x10\x00\x12 \n\x1cITEM_STATUS_UNKNOWN_SEQUENCE\x10\x01\x12\x1b\n\x17ITEM_STATUS_NO_CAPACITY\x10\x02\x32\xa4\x02\n\x08Verifier\x12\x43\n\x06Verify\x12\x1b.specserve.v1.VerifyRequest\x1a\x1c.specserve.v1.VerifyResponse\x12\x44\n\x07Prefill\x12\x1b.specserve.v1.VerifyRequest\x1a\x1c.specserve.v1.VerifyResponse\x12\x46\n\x07Release\x12\x1c.specserve.v1.ReleaseRequest\x1a\x1d.specserve.v1.ReleaseResponse\x12\x45\n\x04Info\x12!.specserve.v1.VerifierInfoRequest\x1a\x1a.specserve.v1.VerifierInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspecserve/v1/verifier.proto\x12\x0cspecserve.v1\x1a\x19specserve/v1/common.proto\"\xfd\x01\n\nVerifyItem\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.specserve.v1.SamplingParams\x12\x1a\n\x12max_compute_tokens\x18\x04 \x01(\x05\x12%\n\x04tree\x18\x05 \x01(\x0b\x32\x17.specserve.v1.DraftTree\x12(\n\x05lossy\x18\x06 \x01(\x0b\x32\x19.specserve.v1.LossyParams\x12\x10\n\x08position\x18\x07 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x08 \x01(\x05\"O\n\rVerifyRequest\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.specserve.v1.VerifyItem\x12\x15\n\rreturn_hidden\x18\x02 \x01(\x08\"\xff\x01\n\x0cVerifyResult\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.specserve.v1.ItemStatus\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x14\n\x0cnum_accepted\x18\x04 \x01(\x05\x12+\n\rhidden_states\x18\x05 \x01(\x0b\x32\x14.specserve.v1.Tensor\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\x05\x12\x13\n\x0blossy_spent\x18\x07 \x01(\x01\x12-\n\x08logprobs\x18\x08 \x01(\x0b\x32\x1b.specserve.v1.TokenLogprobs\"=\n\x0eVerifyResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.specserve.v1.VerifyResult\"\x15\n\x13VerifierInfoRequest\"\xcf\x01\n\x0cVerifierInfo\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x05\x12\x18\n\x10max_total_tokens\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\x12\n\nnum_blocks\x18\x07 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x08 \x01(\x05\x12\x15\n\rnum_sequences\x18\t \x01(\x05*_\n\nItemStatus\x12\x12\n\x0eITEM_STATUS_OK\x10\x00\x12 \n\x1cITEM_STATUS_UNKNOWN_SEQUENCE\x10\x01\x12\x1b\n\x17ITEM_STATUS_NO_CAPACITY\x10\x02\x32\xa4\x02\n\x08Verifier\x12\x43\n\x06Verify\x12\x1b.specserve.v1.VerifyRequest\x1a\x1c.specserve.v1.VerifyResponse\x12\x44\n\x07Prefill\x12\x1b.specserve.v1.VerifyRequest\x1a\x1c.specserve.v1.VerifyResponse\x12\x46\n\x07Release\x12\x1c.specserve.v1.ReleaseRequest\x1a\x1d.specserve.v1.ReleaseResponse\x12\x45\n\x04Info\x12!.specserve.v1.VerifierInfoRequest\x1a\x1a.specserve.v1.VerifierInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specserve.v1.verifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ITEMSTATUS']._serialized_start=936
-  _globals['_ITEMSTATUS']._serialized_end=1031
+  _globals['_ITEMSTATUS']._serialized_start=963
+  _globals['_ITEMSTATUS']._serialized_end=1058
   _globals['_VERIFYITEM']._serialized_start=73
-  _globals['_VERIFYITEM']._serialized_end=299
-  _globals['_VERIFYREQUEST']._serialized_start=301
-  _globals['_VERIFYREQUEST']._serialized_end=380
-  _globals['_VERIFYRESULT']._serialized_start=383
-  _globals['_VERIFYRESULT']._serialized_end=638
-  _globals['_VERIFYRESPONSE']._serialized_start=640
-  _globals['_VERIFYRESPONSE']._serialized_end=701
-  _globals['_VERIFIERINFOREQUEST']._serialized_start=703
-  _globals['_VERIFIERINFOREQUEST']._serialized_end=724
-  _globals['_VERIFIERINFO']._serialized_start=727
-  _globals['_VERIFIERINFO']._serialized_end=934
-  _globals['_VERIFIER']._serialized_start=1034
-  _globals['_VERIFIER']._serialized_end=1326
+  _globals['_VERIFYITEM']._serialized_end=326
+  _globals['_VERIFYREQUEST']._serialized_start=328
+  _globals['_VERIFYREQUEST']._serialized_end=407
+  _globals['_VERIFYRESULT']._serialized_start=410
+  _globals['_VERIFYRESULT']._serialized_end=665
+  _globals['_VERIFYRESPONSE']._serialized_start=667
+  _globals['_VERIFYRESPONSE']._serialized_end=728
+  _globals['_VERIFIERINFOREQUEST']._serialized_start=730
+  _globals['_VERIFIERINFOREQUEST']._serialized_end=751
+  _globals['_VERIFIERINFO']._serialized_start=754
+  _globals['_VERIFIERINFO']._serialized_end=961
+  _globals['_VERIFIER']._serialized_start=1061
+  _globals['_VERIFIER']._serialized_end=1353
 # @@protoc_insertion_point(module_scope)

@@ -18,7 +18,7 @@ ITEM_STATUS_UNKNOWN_SEQUENCE: ItemStatus
 ITEM_STATUS_NO_CAPACITY: ItemStatus
 
 class VerifyItem(_message.Message):
-    __slots__ = ("seq_id", "new_token_ids", "sampling", "max_compute_tokens", "tree", "lossy", "position")
+    __slots__ = ("seq_id", "new_token_ids", "sampling", "max_compute_tokens", "tree", "lossy", "position", "num_prompt_tokens")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class VerifyItem(_message.Message):
     TREE_FIELD_NUMBER: _ClassVar[int]
     LOSSY_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     new_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -33,7 +34,8 @@ class VerifyItem(_message.Message):
     tree: _common_pb2.DraftTree
     lossy: _common_pb2.LossyParams
     position: int
-    def __init__(self, seq_id: _Optional[int] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_compute_tokens: _Optional[int] = ..., tree: _Optional[_Union[_common_pb2.DraftTree, _Mapping]] = ..., lossy: _Optional[_Union[_common_pb2.LossyParams, _Mapping]] = ..., position: _Optional[int] = ...) -> None: ...
+    num_prompt_tokens: int
+    def __init__(self, seq_id: _Optional[int] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_compute_tokens: _Optional[int] = ..., tree: _Optional[_Union[_common_pb2.DraftTree, _Mapping]] = ..., lossy: _Optional[_Union[_common_pb2.LossyParams, _Mapping]] = ..., position: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("items", "return_hidden")

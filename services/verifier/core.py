@@ -49,6 +49,7 @@ class VerifyWork:
     tree: DraftTree | None = None
     lossy: LossyConfig | None = None
     position: int = 0  # tokens the router believes this verifier holds
+    num_prompt_tokens: int = 0  # first item: how many of new_token_ids are the prompt (0 = all)
 
 
 @dataclass
@@ -65,10 +66,15 @@ class VerifyOutcome:
 
 @dataclass
 class _SeqState:
-    seq: Sequence
+    seq: Sequence  # its prompt_token_ids hold the whole history
     generator: torch.Generator | None
     lossy: LossyConfig | None
     lossy_budget_left: float
+    num_prompt_tokens: int  # of the history: the rest was generated
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.seq.prompt_token_ids[self.num_prompt_tokens:]
 
 
 class VerifierCore:
@@ -145,6 +151,8 @@ class VerifierCore:
                 raise InvalidRequestError(f"sequence {w.seq_id}: draft token ids must lie in [0, {vocab})")
             if w.max_compute_tokens < 0 or w.position < 0:
                 raise InvalidRequestError(f"sequence {w.seq_id}: max_compute_tokens and position must be >= 0")
+            if not 0 <= w.num_prompt_tokens <= len(w.new_token_ids):
+                raise InvalidRequestError(f"sequence {w.seq_id}: num_prompt_tokens must lie in [0, new tokens]")
             if w.position == 0 and (not w.new_token_ids or w.params is None):
                 raise InvalidRequestError(f"sequence {w.seq_id}: a first item needs new_token_ids and sampling")
             if w.position + len(w.new_token_ids) >= self.max_total_tokens:
@@ -162,7 +170,8 @@ class VerifierCore:
             seq = Sequence(w.new_token_ids, w.params, self.max_total_tokens)
             seq.seq_id = w.seq_id
             self.block_manager.allocate_cached_prefix(seq)
-            state = _SeqState(seq, request_generator(w.params), w.lossy, w.lossy.budget if w.lossy is not None else 0.0)
+            state = _SeqState(seq, request_generator(w.params), w.lossy, w.lossy.budget if w.lossy is not None else 0.0,
+                              w.num_prompt_tokens or len(w.new_token_ids))
             self.seqs[w.seq_id] = state
             return state
         if state is None or state.seq.num_tokens != w.position:

@@ -64,4 +64,5 @@ class VerifierServicer:
             tree=convert.tree_from_proto(item.tree) if item.tree.tokens else None,
             lossy=convert.lossy_from_proto(item.lossy) if item.HasField("lossy") else None,
             position=item.position,
+            num_prompt_tokens=item.num_prompt_tokens,
         )

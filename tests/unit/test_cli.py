@@ -63,6 +63,7 @@ def test_fixed_seed_gives_same_json(model_path, tmp_path):
         (("generate", "hi", "--top-p", "0"), "top_p"),
         (("generate", "hi", "--top-p", "1.5"), "top_p"),
         (("generate", "hi", "--logprobs", "21"), "logprobs must be between 0 and 20"),
+        (("generate", "hi", "--presence-penalty", "3"), "presence_penalty must be in [-2, 2]"),
         (("generate", "hi", "--model", "/nonexistent/model.gguf"), "no such file"),
         (("generate", "hi", "--spec", "hydra"), "unknown drafter 'hydra'"),
         (("generate", "hi", "--spec", "ngram", "--num-draft-tokens", "0"), "budgets must be > 0"),

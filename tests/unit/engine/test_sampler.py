@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from specserve.engine.config import SamplingParams
-from specserve.engine.sampler import Sampler, draw, greedy_tokens, probs_from_logits, token_logprobs
+from specserve.engine.sampler import (
+    Sampler,
+    apply_penalties,
+    draw,
+    greedy_tokens,
+    probs_from_logits,
+    token_logprobs,
+)
+from specserve.errors import InvalidRequestError
 
 # Probabilities 1/2, 1/4, 1/8, 1/16, 1/16: every partial sum is exact in float32.
 HALVING = torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.0625]]).log()  # [1, 5]
@@ -189,3 +197,31 @@ def test_token_logprobs_are_the_raw_log_softmax():
     assert [t for t, _ in got[0].top] == [0, 1] and [t for t, _ in got[1].top] == [2, 3]
     assert got[1].top[0][1] == pytest.approx(expected[1, 2].item())
     assert [lp.top for lp in token_logprobs(logits, [0, 0], 0)] == [[], []]
+
+
+def test_penalties_follow_openai_and_vllm():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0]])
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0)
+    # prompt [0, 1], output [3, 3, 1]: repetition divides 0 and 3 by 2, multiplies 1 by 2 (negative);
+    # presence and frequency count the output only: 3 twice, 1 once.
+    got = apply_penalties(logits, params, context_ids=[0, 1, 3, 3, 1], output_ids=[3, 3, 1])
+    expected = [[1.0, -2.0 - 0.5 - 0.25, 0.5, 1.5 - 0.5 - 0.5, 1.0]]
+    torch.testing.assert_close(got, torch.tensor(expected))
+    assert logits[0, 0] == 2.0  # the input is left alone
+
+
+def test_penalties_of_tree_rows_count_their_paths():
+    logits = torch.zeros(3, 4)
+    params = SamplingParams(frequency_penalty=1.0)
+    got = apply_penalties(logits, params, context_ids=[0, 2], output_ids=[2], extra_ids=[[], [1], [1, 1]])
+    torch.testing.assert_close(got, torch.tensor([[0.0, 0.0, -1.0, 0.0], [0.0, -1.0, -1.0, 0.0],
+                                                  [0.0, -2.0, -1.0, 0.0]]))
+    plain = apply_penalties(logits[2:], params, context_ids=[0, 2, 1, 1], output_ids=[2, 1, 1])
+    torch.testing.assert_close(got[2:], plain)  # a path row is penalized as plain decoding would be there
+
+
+@pytest.mark.parametrize("field,value", [("presence_penalty", 2.5), ("frequency_penalty", -3.0),
+                                         ("repetition_penalty", 0.0)])
+def test_out_of_range_penalties_are_refused(field, value):
+    with pytest.raises(InvalidRequestError, match=field):
+        SamplingParams(**{field: value})

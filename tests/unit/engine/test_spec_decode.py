@@ -227,6 +227,21 @@ def test_greedy_speculation_is_exact_over_a_rounded_kv_cache(models, tokenizer, 
     assert engine.spec_stats.verify_steps > 0 and engine.spec_stats.accepted > 0
 
 
+def test_penalized_greedy_speculation_equals_penalized_plain_greedy(llama_model, tokenizer, spread_prompts):
+    """Each tree row is penalized with its own path (engine/step_outcome.py), as plain decoding would be at
+    that position; batch-invariant attention, so no tie is allowed."""
+    penalties = {"presence_penalty": 0.4, "frequency_penalty": 0.3, "repetition_penalty": 1.2}
+    params = SamplingParams(max_tokens=48, ignore_eos=True, **penalties)
+    prompts = spread_prompts[::4]
+    runs = {method: make_engine(llama_model, tokenizer, "float32", SpecConfig(method=method), 8, True)
+            .generate(prompts, params) for method in ("off", "ngram")}
+    unpenalized = make_engine(llama_model, tokenizer, "float32", SpecConfig(), 8, True).generate(
+        prompts, SamplingParams(max_tokens=48, ignore_eos=True))
+    assert [c.token_ids for c in runs["ngram"]] == [c.token_ids for c in runs["off"]]
+    assert sum(c.spec.accepted for c in runs["ngram"]) > 0  # few: penalties discourage the repeats n-grams find
+    assert sum(a.token_ids != b.token_ids for a, b in zip(runs["off"], unpenalized)) >= 3
+
+
 def test_speculation_stats_reach_completions(llama_model, tokenizer, spread_prompts):
     engine = make_engine(llama_model, tokenizer, "float32", SpecConfig(method="ngram"), 1)
     (completion,) = engine.generate(spread_prompts[:1], SamplingParams(max_tokens=64))

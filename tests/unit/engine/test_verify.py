@@ -3,11 +3,17 @@ verifying each of the tree's paths on its own."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from specserve.engine.config import CacheConfig
+from specserve.engine.config import CacheConfig, SamplingParams
 from specserve.engine.draft_tree import ROOT, DraftTree
 from specserve.engine.model_runner import allocate_kv_cache
+from specserve.engine.sampler import Sampler
+from specserve.engine.scheduler import ScheduledSeq
+from specserve.engine.sequence import Sequence
+from specserve.engine.step_outcome import step_tokens
 from specserve.engine.verify import SpecStats, kv_moves, verify_layout
 from specserve.kernels.paged_attention import build_attention_metadata
 
@@ -80,3 +86,33 @@ def test_tree_verify_equals_verifying_each_path_alone(llama_model, tokenizer):
         chain_logits = forward_rows(llama_model, cache, prefix, chain, list(range(len(chain))), causal)
         torch.testing.assert_close(tree_logits[1 + node], chain_logits[-1], atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(tree_logits[0], chain_logits[0], atol=2e-4, rtol=1e-4)
+
+
+class _NoKv:
+    """step_tokens' runner, for logits given by hand: no cache to move."""
+
+    def move_kv(self, block_table: list[int], moves: list[tuple[int, int]]) -> None:
+        pass
+
+
+@dataclass
+class _State:
+    seq: Sequence
+    generator: None = None
+    lossy: None = None
+    lossy_budget_left: float = 0.0
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.seq.output_token_ids
+
+
+def test_a_tree_row_is_penalized_with_its_path():
+    """Chain 1 -> 1 after the prompt [0]. Row 1 (after node 0) favours 1 over 2 by 0.1; a frequency penalty of
+    0.5 on node 0's token turns that, as plain decoding would after emitting 1: node 1 is rejected, 2 follows."""
+    seq = Sequence([0], SamplingParams(frequency_penalty=0.5), max_total_tokens=16)
+    seq.num_computed_tokens = 0
+    tree = DraftTree.chain([1, 1])
+    logits = torch.tensor([[0.0, 2.0, 0.0, 0.0], [0.0, 1.0, 0.9, 0.0], [0.0, 0.0, 0.0, 3.0]])
+    out = step_tokens([ScheduledSeq(seq, 1, 2)], [tree], logits, {seq.seq_id: _State(seq)}, _NoKv(), Sampler())
+    assert out[seq.seq_id].token_ids == [1, 2] and out[seq.seq_id].num_accepted == 1

@@ -15,7 +15,7 @@ import pytest
 
 from specserve.engine.config import CacheConfig, SamplingParams
 from specserve.errors import DeadlineExceededError, InvalidRequestError, OverloadedError, UnavailableError
-from specserve.router.core import RouterOutput
+from specserve.router.core import RouterConfig, RouterOutput
 from specserve.router.openai_http import start_openai_http
 from specserve.router.server import build_embedded_router
 
@@ -25,7 +25,11 @@ CHAT = [{"role": "user", "content": "Name a colour."}]
 
 @pytest.fixture(scope="module")
 def router(model_path):
-    router = build_embedded_router(str(model_path), "float32", ["ngram"], CacheConfig(block_size=16, num_blocks=64))
+    # The static speculation budget: the cost budget prices drafts by measured step times, so whether a step
+    # speculates would vary between runs, and with it a seeded request's draws and the speculated share of
+    # a request (tests below compare runs).
+    router = build_embedded_router(str(model_path), "float32", ["ngram"], CacheConfig(block_size=16, num_blocks=64),
+                                   RouterConfig(speculation_budget="static"))
     yield router.start()
     router.stop()
 
@@ -218,6 +222,17 @@ def test_chat_and_completion_logprobs_in_openais_shapes(client, router):
     assert plain.choices[0].logprobs is None and plain.choices[0].text == text
 
 
+def test_penalties_change_the_answer_and_survive_speculation(client):
+    prompt = "a b c d e f g a b c d e f g a b c"
+    penalties = {"presence_penalty": 0.6, "frequency_penalty": 0.6}
+    texts = {speculation: client.completions.create(model="m", prompt=prompt, max_tokens=16, temperature=0,
+                                                    extra_body={"speculation": speculation, "repetition_penalty": 1.3},
+                                                    **penalties).choices[0].text
+             for speculation in ("lossless", "off")}
+    plain = client.completions.create(model="m", prompt=prompt, max_tokens=16, temperature=0).choices[0].text
+    assert texts["lossless"] == texts["off"] != plain
+
+
 # ---- errors -----------------------------------------------------------------------------------------
 
 def create(client: openai.OpenAI, endpoint: str, **overrides: object):
@@ -242,6 +257,9 @@ def create(client: openai.OpenAI, endpoint: str, **overrides: object):
     ("chat", {"top_logprobs": 2}, "top_logprobs"),
     ("chat", {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
     ("chat", {"logprobs": 1}, "logprobs"),
+    ("chat", {"presence_penalty": 2.5}, None),
+    ("completion", {"frequency_penalty": "high"}, "frequency_penalty"),
+    ("completion", {"extra_body": {"repetition_penalty": 0}}, None),
     ("completion", {"prompt": ["one", 2]}, "prompt"),
     ("completion", {"prompt": []}, "prompt"),
     ("completion", {"prompt": ["one"] * 9, "n": 8}, "n"),

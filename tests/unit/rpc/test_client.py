@@ -120,7 +120,8 @@ def test_defaults_leave_the_server_its_choices():
 def test_every_option_reaches_the_server(client, router):
     client.generate("hi", raw=True, max_tokens=5, temperature=0.5, top_p=0.9, top_k=40, min_p=0.05, seed=0,
                     stop=["\n"], stop_token_ids=[2], ignore_eos=True, speculation="lossy", lossy={"budget": 2.0},
-                    drafter="rest", cache_salt="tenant-a")
+                    drafter="rest", cache_salt="tenant-a", presence_penalty=0.5, frequency_penalty=-0.5,
+                    repetition_penalty=1.25)
     [request] = router[0].requests
     sampling = request.sampling
     assert (request.prompt, request.raw, request.drafter, request.cache_salt) == ("hi", True, "rest", "tenant-a")
@@ -128,6 +129,7 @@ def test_every_option_reaches_the_server(client, router):
     assert sampling.temperature == pytest.approx(0.5) and sampling.top_p == pytest.approx(0.9)
     assert sampling.min_p == pytest.approx(0.05) and sampling.ignore_eos
     assert sampling.HasField("seed") and sampling.seed == 0  # seed 0 is a seed, not "unset"
+    assert (sampling.presence_penalty, sampling.frequency_penalty, sampling.repetition_penalty) == (0.5, -0.5, 1.25)
     assert request.speculation == common_pb2.SPEC_MODE_LOSSY
     assert request.lossy.budget == 2.0 and not request.lossy.HasField("top_k")
 
@@ -153,6 +155,7 @@ def test_speculation_modes(speculation, mode):
     (("hi",), {"top_p": 0.0}, "top_p must be in (0, 1]"),
     (("hi",), {"seed": -1}, "seed must be >= 0"),
     (("hi",), {"logprobs": 21}, "logprobs must be between 0 and 20"),
+    (("hi",), {"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
     (("hi",), {"speculation": "fast"}, "unknown speculation 'fast'"),
     (("hi",), {"lossy": {"budget": 1.0}}, "lossy parameters need speculation='lossy'"),
     (("hi",), {"speculation": "lossy", "lossy": {"eps": 1.0}}, "unknown lossy parameters ['eps']"),

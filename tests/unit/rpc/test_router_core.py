@@ -170,7 +170,8 @@ def test_a_failed_verifier_costs_a_reprefill_not_a_token(llama_model, tokenizer,
     drafters = {"ngram": [Replica("ngram", InProcessStub(DrafterServicer(drafter, fingerprint)))]}
     router = Router(tokenizer, verifiers, drafters, RouterConfig(affinity_slack=0)).start()
     try:
-        params = SamplingParams(max_tokens=40, ignore_eos=True)
+        # Penalties: the rebuilt sequence's verifier must count what was generated before the failure.
+        params = SamplingParams(max_tokens=40, ignore_eos=True, presence_penalty=0.5, frequency_penalty=0.5)
         ids = [router.encode(p) for p in prompts[:4]]
         expected = [c.token_ids for c in engine.generate(ids, params)]
         handles = [router.submit(i, params) for i in ids]
