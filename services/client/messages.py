@@ -41,6 +41,7 @@ class GenerateOptions(TypedDict, total=False):
     presence_penalty: float
     frequency_penalty: float
     repetition_penalty: float
+    logit_bias: dict[int, float] | None
     speculation: str
     lossy: dict[str, float] | None
     drafter: str
@@ -66,6 +67,7 @@ def generate_request(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     repetition_penalty: float = 1.0,
+    logit_bias: dict[int, float] | None = None,
     speculation: str = "default",
     lossy: dict[str, float] | None = None,
     drafter: str = "",
@@ -75,7 +77,7 @@ def generate_request(
     or `prompt_token_ids`. Sampling: temperature 0 is greedy; top_k 0 and min_p 0 are off. `logprobs`: None,
     or each generated token's log probability plus that many most likely alternatives (0-20). Penalties:
     `presence_penalty` and `frequency_penalty` (OpenAI's, in [-2, 2]) and `repetition_penalty` (> 0, 1 =
-    off) as SamplingParams documents them. `speculation`:
+    off) as SamplingParams documents them; `logit_bias` {token id: bias in [-100, 100]}. `speculation`:
     "default" (the router's), "off", "lossless" or "lossy" with `lossy` = {top_k, min_ratio, budget}
     (missing keys take the server's defaults). `drafter`: a name from `info()["drafters"]`, "" = default.
     `cache_salt`: prefix-cache blocks are shared only between requests with the same salt.
@@ -89,10 +91,10 @@ def generate_request(
                 "min_p": min_p, "seed": seed, "stop": tuple(stop), "stop_token_ids": tuple(stop_token_ids),
                 "ignore_eos": ignore_eos, "logprobs": logprobs, "presence_penalty": presence_penalty,
                 "frequency_penalty": frequency_penalty, "repetition_penalty": repetition_penalty}
-    SamplingParams(**sampling)
+    SamplingParams(**sampling, logit_bias=tuple((logit_bias or {}).items()))
     if seed is not None and seed < 0:
         raise InvalidRequestError(f"seed must be >= 0, got {seed}")
-    request.sampling.CopyFrom(common_pb2.SamplingParams(**sampling))
+    request.sampling.CopyFrom(common_pb2.SamplingParams(**sampling, logit_bias=logit_bias or {}))
     if speculation not in SPEC_MODES:
         raise InvalidRequestError(f"unknown speculation {speculation!r}; expected one of {', '.join(SPEC_MODES)}")
     request.speculation = SPEC_MODES[speculation]

@@ -109,6 +109,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # OpenAI's logit_bias: (token id, bias in [-100, 100]) pairs added to those tokens' logits after the
+    # penalties; -100 bans a token, +100 all but forces it.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:
@@ -126,6 +129,11 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise InvalidRequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if any(not -100.0 <= bias <= 100.0 for _, bias in self.logit_bias):
+            raise InvalidRequestError("logit_bias values must be in [-100, 100]")
+        tokens = [token for token, _ in self.logit_bias]
+        if any(not isinstance(t, int) or t < 0 for t in tokens) or len(set(tokens)) != len(tokens):
+            raise InvalidRequestError("logit_bias token ids must be >= 0, each at most once")
         if not self.repetition_penalty > 0.0:
             raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
@@ -136,8 +144,10 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
-    def penalized(self) -> bool:
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+    def adjusts_logits(self) -> bool:
+        """Penalties or a logit bias apply (`sampler.adjust_logits`)."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+                or bool(self.logit_bias))
 
 
 SPEC_METHODS = ("off", "ngram", "rest", "early-exit", "eagle", "medusa", "draft-model", "exit-head", "auto")

@@ -27,7 +27,7 @@ from specserve.engine.sampler import Sampler, request_generator
 from specserve.engine.scheduler import Scheduler
 from specserve.engine.smoothing import calibration_text
 from specserve.engine.step_outcome import step_tokens
-from specserve.engine.sequence import FinishReason, Sequence, check_prompt
+from specserve.engine.sequence import FinishReason, Sequence, check_logit_bias, check_prompt
 from specserve.engine.text_output import TextOutput, append_tokens
 from specserve.engine.tokenizer import Tokenizer
 from specserve.engine.verify import SpecStats
@@ -137,6 +137,7 @@ class LLMEngine:
     ) -> int:
         """Queue a request; it joins the running batch at the next step. Returns its id."""
         check_prompt(prompt_token_ids, self.max_total_tokens, self.model_config.vocab_size)
+        check_logit_bias(params, self.model_config.vocab_size)
         seq = Sequence(prompt_token_ids, params, self.max_total_tokens)
         request = _Request(seq, TextOutput(self.tokenizer, params.stop), request_generator(params), on_output)
         if self.config.spec.lossy is not None:

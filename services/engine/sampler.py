@@ -120,16 +120,17 @@ def draw(
     return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
-def apply_penalties(
+def adjust_logits(
     logits: torch.Tensor,  # [num_rows, vocab] float32, rows of one sequence
     params: SamplingParams,
     context_ids: list[int],  # the sequence's tokens (prompt and output) before the rows' positions
     output_ids: list[int],  # the output part of context_ids
     extra_ids: Sequence[Sequence[int]] | None = None,  # per row: tokens generated after context_ids (a tree path)
 ) -> torch.Tensor:  # [num_rows, vocab], a new tensor
-    """`params`' presence, frequency and repetition penalties on each row, as plain decoding would apply them
-    at that row's position: row r's output is `output_ids` + `extra_ids[r]`. Speculative verification
-    penalizes each tree row with its path, so greedy speculation still equals plain greedy decoding."""
+    """`params`' presence, frequency and repetition penalties, then its logit bias, on each row, as plain
+    decoding would apply them at that row's position: row r's output is `output_ids` + `extra_ids[r]`.
+    Speculative verification penalizes each tree row with its path, so greedy speculation still equals
+    plain greedy decoding."""
     num_rows, vocab = logits.shape
     extra_ids = extra_ids or [()] * num_rows
     assert len(extra_ids) == num_rows
@@ -150,6 +151,9 @@ def apply_penalties(
     if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
         occurrences = counts(output_ids)
         out -= params.frequency_penalty * occurrences + params.presence_penalty * (occurrences > 0).float()
+    if params.logit_bias:
+        tokens, biases = zip(*params.logit_bias)
+        out[:, list(tokens)] += torch.tensor(biases, dtype=out.dtype)
     return out
 
 

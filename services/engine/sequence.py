@@ -92,6 +92,11 @@ class Sequence:
         )
 
 
+def check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
+    if any(token >= vocab_size for token, _ in params.logit_bias):
+        raise InvalidRequestError(f"logit_bias token ids must lie in [0, {vocab_size})")
+
+
 def check_prompt(prompt_token_ids: list[int], max_total_tokens: int, vocab_size: int) -> None:
     """Raise InvalidRequestError unless the prompt is non-empty, leaves room for one generated token in
     `max_total_tokens`, and holds only ids in [0, vocab_size)."""

@@ -18,7 +18,7 @@ from specserve.engine.acceptance import LossyConfig
 from specserve.engine.draft_tree import DraftTree
 from specserve.engine.logprobs import TokenLogprob
 from specserve.engine.model_runner import ModelRunner
-from specserve.engine.sampler import Sampler, apply_penalties, seed_for_position, token_logprobs
+from specserve.engine.sampler import Sampler, adjust_logits, seed_for_position, token_logprobs
 from specserve.engine.scheduler import ScheduledSeq
 from specserve.engine.sequence import Sequence
 from specserve.engine.verify import accept, kv_moves
@@ -70,9 +70,9 @@ def step_tokens(
         state = states[seq.seq_id]
         seed_for_position(state.generator, seq.params, seq.num_tokens)
         rows = logits[row : row + 1 + tree.num_nodes]
-        if seq.params.penalized:  # row 1 + i continues the sequence with node i's path
+        if seq.params.adjusts_logits:  # row 1 + i continues the sequence with node i's path
             paths = [[]] + [[tree.tokens[n] for n in tree.path_to(i)] for i in range(tree.num_nodes)]
-            rows = apply_penalties(rows, seq.params, seq.all_token_ids, state.output_token_ids, paths)
+            rows = adjust_logits(rows, seq.params, seq.all_token_ids, state.output_token_ids, paths)
         result = accept(tree, rows, seq.params, state.generator, state.lossy, state.lossy_budget_left)
         state.lossy_budget_left -= result.divergence
         runner.move_kv(seq.block_table, kv_moves(result.accepted_nodes, seq.num_computed_tokens))
@@ -91,8 +91,8 @@ def step_tokens(
             seed_for_position(states[seq.seq_id].generator, seq.params, seq.num_tokens)
         rows = logits[[r for _, r in plain]]
         for i, (seq, _) in enumerate(plain):
-            if seq.params.penalized:
-                rows[i : i + 1] = apply_penalties(rows[i : i + 1], seq.params, seq.all_token_ids,
+            if seq.params.adjusts_logits:
+                rows[i : i + 1] = adjust_logits(rows[i : i + 1], seq.params, seq.all_token_ids,
                                                   states[seq.seq_id].output_token_ids)
         tokens = sampler.sample(rows, [seq.params for seq, _ in plain],
                                 [states[seq.seq_id].generator for seq, _ in plain]).tolist()

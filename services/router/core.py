@@ -28,7 +28,7 @@ from specserve.engine.acceptance import LossyConfig
 from specserve.engine.config import SamplingParams, SpecConfig
 from specserve.engine.draft_tree import DraftTree
 from specserve.engine.logprobs import TokenLogprob
-from specserve.engine.sequence import Sequence, check_prompt
+from specserve.engine.sequence import Sequence, check_logit_bias, check_prompt
 from specserve.engine.text_output import TextOutput, append_tokens
 from specserve.engine.tokenizer import Tokenizer
 from specserve.engine.verify import SpecStats
@@ -282,6 +282,7 @@ class Router:
         """Queue a request (it joins the batch at the next step). `mode`: off | lossless | lossy, "" = the
         router's default; `drafter`: a name in `self.drafters`, "" = the first; `timeout`: seconds."""
         check_prompt(prompt_token_ids, self.max_total_tokens, self.vocab_size)
+        check_logit_bias(params, self.vocab_size)
         mode = mode or self.config.default_speculation
         if mode not in SPEC_MODES:
             raise InvalidRequestError(f"speculation must be one of {', '.join(SPEC_MODES)}, got {mode!r}")

@@ -6,7 +6,7 @@ Accepted beyond OpenAI's fields: `top_k`, `min_p`, `repetition_penalty` (vLLM's)
 lossless | lossy) and `drafter`.
 Log probabilities: `logprobs` (completions: the number of alternatives, 0-20) or `logprobs` + `top_logprobs`
 (chat), answered in each API's shape (engine/logprobs.py says what they measure). Fields asking for what the
-router cannot do (echo, best_of, logit_bias, tools...) are refused
+router cannot do (echo, best_of, tools...) are refused
 with 400 rather than silently ignored. Unknown fields are ignored (as vLLM does; OpenAI refuses them) so
 that clients sending newer optional fields keep working. `model` is not checked: a router serves one model.
 """
@@ -35,8 +35,7 @@ COMPLETION_MAX_TOKENS = 16
 MAX_CHOICES = 64  # prompts x n of one request: each choice is a request of its own in the router
 # Fields this server cannot honour, with the values that ask for nothing and are therefore accepted.
 UNSUPPORTED = {
-    "echo": (False,), "best_of": (1,), "suffix": ("",),
-    "logit_bias": ({},), "tools": ([],),
+    "echo": (False,), "best_of": (1,), "suffix": ("",), "tools": ([],),
     "functions": ([],), "response_format": ({"type": "text"},),
 }
 # Error class -> (HTTP status, OpenAI error type); anything else is a 500 "server_error".
@@ -180,9 +179,22 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None) -> SamplingPara
             logprobs=logprobs, presence_penalty=float(_get(body, "presence_penalty", number, 0.0)),
             frequency_penalty=float(_get(body, "frequency_penalty", number, 0.0)),
             repetition_penalty=float(_get(body, "repetition_penalty", number, 1.0)),
+            logit_bias=_logit_bias(body),
         )
     except InvalidRequestError as exc:  # an out-of-range value; the message names the field
         raise ApiError(400, str(exc)) from None
+
+
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as SamplingParams.logit_bias."""
+    bias = _get(body, "logit_bias", dict, {})
+    try:
+        pairs = tuple(sorted((int(token), float(value)) for token, value in bias.items()))
+    except (TypeError, ValueError):
+        raise ApiError.bad_field("logit_bias", "logit_bias maps token ids to numbers") from None
+    if any(isinstance(value, bool) or not isinstance(value, (int, float)) for value in bias.values()):
+        raise ApiError.bad_field("logit_bias", "logit_bias maps token ids to numbers")
+    return pairs
 
 
 def _completion_prompts(router: Router, prompt: object) -> list[list[int]]:

@@ -24,33 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specserve/v1/common.proto\x12\x0cspecserve.v1\"\xb1\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\r \x01(\x02\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"I\n\rTokenLogprobs\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12&\n\x03top\x18\x02 \x03(\x0b\x32\x19.specserve.v1.TopLogprobs\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"q\n\x0bLossyParams\x12\x12\n\x05top_k\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tmin_ratio\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x13\n\x06\x62udget\x18\x03 \x01(\x02H\x02\x88\x01\x01\x42\x08\n\x06_top_kB\x0c\n\n_min_ratioB\t\n\x07_budget\"o\n\tDraftTree\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\x13\n\x0b\x64raft_probs\x18\x03 \x03(\x02\x12,\n\x0b\x64raft_dists\x18\x04 \x03(\x0b\x32\x17.specserve.v1.DraftDist\":\n\tDraftDist\x12\x0b\n\x03row\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x03(\x02\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9e\x01\n\tSpecStats\x12\x10\n\x08\x66orwards\x18\x01 \x01(\x03\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x14\n\x0cverify_steps\x18\x03 \x01(\x03\x12\x0f\n\x07\x64rafted\x18\x04 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x05 \x01(\x03\x12\x19\n\x11mean_accepted_len\x18\x06 \x01(\x01\x12\x1b\n\x13\x61\x63\x63\x65ptance_by_depth\x18\x07 \x03(\x01\"!\n\x0eReleaseRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\"\x11\n\x0fReleaseResponse*e\n\x08SpecMode\x12\x19\n\x15SPEC_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rSPEC_MODE_OFF\x10\x01\x12\x16\n\x12SPEC_MODE_LOSSLESS\x10\x02\x12\x13\n\x0fSPEC_MODE_LOSSY\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specserve/v1/common.proto\x12\x0cspecserve.v1\"\xa4\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\r \x01(\x02\x12?\n\nlogit_bias\x18\x0e \x03(\x0b\x32+.specserve.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"I\n\rTokenLogprobs\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12&\n\x03top\x18\x02 \x03(\x0b\x32\x19.specserve.v1.TopLogprobs\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"q\n\x0bLossyParams\x12\x12\n\x05top_k\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tmin_ratio\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x13\n\x06\x62udget\x18\x03 \x01(\x02H\x02\x88\x01\x01\x42\x08\n\x06_top_kB\x0c\n\n_min_ratioB\t\n\x07_budget\"o\n\tDraftTree\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\x13\n\x0b\x64raft_probs\x18\x03 \x03(\x02\x12,\n\x0b\x64raft_dists\x18\x04 \x03(\x0b\x32\x17.specserve.v1.DraftDist\":\n\tDraftDist\x12\x0b\n\x03row\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x03(\x02\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9e\x01\n\tSpecStats\x12\x10\n\x08\x66orwards\x18\x01 \x01(\x03\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x14\n\x0cverify_steps\x18\x03 \x01(\x03\x12\x0f\n\x07\x64rafted\x18\x04 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x05 \x01(\x03\x12\x19\n\x11mean_accepted_len\x18\x06 \x01(\x01\x12\x1b\n\x13\x61\x63\x63\x65ptance_by_depth\x18\x07 \x03(\x01\"!\n\x0eReleaseRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\"\x11\n\x0fReleaseResponse*e\n\x08SpecMode\x12\x19\n\x15SPEC_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rSPEC_MODE_OFF\x10\x01\x12\x16\n\x12SPEC_MODE_LOSSLESS\x10\x02\x12\x13\n\x0fSPEC_MODE_LOSSY\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specserve.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SPECMODE']._serialized_start=1035
-  _globals['_SPECMODE']._serialized_end=1136
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_SPECMODE']._serialized_start=1150
+  _globals['_SPECMODE']._serialized_end=1251
   _globals['_SAMPLINGPARAMS']._serialized_start=44
-  _globals['_SAMPLINGPARAMS']._serialized_end=349
-  _globals['_TOKENLOGPROBS']._serialized_start=351
-  _globals['_TOKENLOGPROBS']._serialized_end=424
-  _globals['_TOPLOGPROBS']._serialized_start=426
-  _globals['_TOPLOGPROBS']._serialized_end=476
-  _globals['_LOSSYPARAMS']._serialized_start=478
-  _globals['_LOSSYPARAMS']._serialized_end=591
-  _globals['_DRAFTTREE']._serialized_start=593
-  _globals['_DRAFTTREE']._serialized_end=704
-  _globals['_DRAFTDIST']._serialized_start=706
-  _globals['_DRAFTDIST']._serialized_end=764
-  _globals['_TENSOR']._serialized_start=766
-  _globals['_TENSOR']._serialized_end=818
-  _globals['_SPECSTATS']._serialized_start=821
-  _globals['_SPECSTATS']._serialized_end=979
-  _globals['_RELEASEREQUEST']._serialized_start=981
-  _globals['_RELEASEREQUEST']._serialized_end=1014
-  _globals['_RELEASERESPONSE']._serialized_start=1016
-  _globals['_RELEASERESPONSE']._serialized_end=1033
+  _globals['_SAMPLINGPARAMS']._serialized_end=464
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=394
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=442
+  _globals['_TOKENLOGPROBS']._serialized_start=466
+  _globals['_TOKENLOGPROBS']._serialized_end=539
+  _globals['_TOPLOGPROBS']._serialized_start=541
+  _globals['_TOPLOGPROBS']._serialized_end=591
+  _globals['_LOSSYPARAMS']._serialized_start=593
+  _globals['_LOSSYPARAMS']._serialized_end=706
+  _globals['_DRAFTTREE']._serialized_start=708
+  _globals['_DRAFTTREE']._serialized_end=819
+  _globals['_DRAFTDIST']._serialized_start=821
+  _globals['_DRAFTDIST']._serialized_end=879
+  _globals['_TENSOR']._serialized_start=881
+  _globals['_TENSOR']._serialized_end=933
+  _globals['_SPECSTATS']._serialized_start=936
+  _globals['_SPECSTATS']._serialized_end=1094
+  _globals['_RELEASEREQUEST']._serialized_start=1096
+  _globals['_RELEASEREQUEST']._serialized_end=1129
+  _globals['_RELEASERESPONSE']._serialized_start=1131
+  _globals['_RELEASERESPONSE']._serialized_end=1148
 # @@protoc_insertion_point(module_scope)

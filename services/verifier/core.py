@@ -25,7 +25,7 @@ from specserve.engine.model import LlamaModel
 from specserve.engine.model_runner import ModelRunner
 from specserve.engine.sampler import Sampler, request_generator
 from specserve.engine.scheduler import ScheduledSeq
-from specserve.engine.sequence import Sequence
+from specserve.engine.sequence import Sequence, check_logit_bias
 from specserve.engine.step_outcome import step_tokens
 from specserve.errors import InvalidRequestError
 
@@ -155,6 +155,8 @@ class VerifierCore:
                 raise InvalidRequestError(f"sequence {w.seq_id}: num_prompt_tokens must lie in [0, new tokens]")
             if w.position == 0 and (not w.new_token_ids or w.params is None):
                 raise InvalidRequestError(f"sequence {w.seq_id}: a first item needs new_token_ids and sampling")
+            if w.params is not None:
+                check_logit_bias(w.params, vocab)
             if w.position + len(w.new_token_ids) >= self.max_total_tokens:
                 raise InvalidRequestError(
                     f"sequence {w.seq_id} would hold {w.position + len(w.new_token_ids)} tokens; the context "

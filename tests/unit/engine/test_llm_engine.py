@@ -169,6 +169,19 @@ def test_logprobs_follow_the_tokens_a_request_keeps(make_engine, tokenizer, prom
     assert_all_blocks_free(engine)
 
 
+def test_logit_bias_bans_and_forces_tokens(make_engine, prompts):
+    engine = make_engine()
+    [free] = engine.generate([prompts[0]], SamplingParams(max_tokens=4))
+    banned, forced = engine.generate([prompts[0]] * 2, [
+        SamplingParams(max_tokens=4, logit_bias=((free.token_ids[0], -100.0),)),
+        SamplingParams(max_tokens=4, logit_bias=((42, 100.0),)),
+    ])
+    assert banned.token_ids[0] != free.token_ids[0] and forced.token_ids == [42] * 4
+    with pytest.raises(InvalidRequestError, match="logit_bias token ids must lie in"):
+        engine.add_request(prompts[0], SamplingParams(logit_bias=((10**6, 1.0),)))
+    assert_all_blocks_free(engine)
+
+
 def test_finish_reasons(make_engine, tokenizer, prompts):
     engine = make_engine()
     prompt = tokenizer.render_prompt_ids([{"role": "user", "content": "Say hi."}])

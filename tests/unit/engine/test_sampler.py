@@ -12,7 +12,7 @@ import torch
 from specserve.engine.config import SamplingParams
 from specserve.engine.sampler import (
     Sampler,
-    apply_penalties,
+    adjust_logits,
     draw,
     greedy_tokens,
     probs_from_logits,
@@ -204,24 +204,32 @@ def test_penalties_follow_openai_and_vllm():
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0)
     # prompt [0, 1], output [3, 3, 1]: repetition divides 0 and 3 by 2, multiplies 1 by 2 (negative);
     # presence and frequency count the output only: 3 twice, 1 once.
-    got = apply_penalties(logits, params, context_ids=[0, 1, 3, 3, 1], output_ids=[3, 3, 1])
+    got = adjust_logits(logits, params, context_ids=[0, 1, 3, 3, 1], output_ids=[3, 3, 1])
     expected = [[1.0, -2.0 - 0.5 - 0.25, 0.5, 1.5 - 0.5 - 0.5, 1.0]]
     torch.testing.assert_close(got, torch.tensor(expected))
     assert logits[0, 0] == 2.0  # the input is left alone
 
 
+def test_logit_bias_adds_after_the_penalties():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    params = SamplingParams(repetition_penalty=2.0, logit_bias=((0, -100.0), (2, 1.5)))
+    got = adjust_logits(logits, params, context_ids=[0], output_ids=[])
+    torch.testing.assert_close(got, torch.tensor([[1.0 - 100.0, 1.0, 1.5]]))
+
+
 def test_penalties_of_tree_rows_count_their_paths():
     logits = torch.zeros(3, 4)
     params = SamplingParams(frequency_penalty=1.0)
-    got = apply_penalties(logits, params, context_ids=[0, 2], output_ids=[2], extra_ids=[[], [1], [1, 1]])
+    got = adjust_logits(logits, params, context_ids=[0, 2], output_ids=[2], extra_ids=[[], [1], [1, 1]])
     torch.testing.assert_close(got, torch.tensor([[0.0, 0.0, -1.0, 0.0], [0.0, -1.0, -1.0, 0.0],
                                                   [0.0, -2.0, -1.0, 0.0]]))
-    plain = apply_penalties(logits[2:], params, context_ids=[0, 2, 1, 1], output_ids=[2, 1, 1])
+    plain = adjust_logits(logits[2:], params, context_ids=[0, 2, 1, 1], output_ids=[2, 1, 1])
     torch.testing.assert_close(got[2:], plain)  # a path row is penalized as plain decoding would be there
 
 
 @pytest.mark.parametrize("field,value", [("presence_penalty", 2.5), ("frequency_penalty", -3.0),
-                                         ("repetition_penalty", 0.0)])
+                                         ("repetition_penalty", 0.0), ("logit_bias", ((3, 101.0),)),
+                                         ("logit_bias", ((-1, 1.0),)), ("logit_bias", ((3, 1.0), (3, 2.0)))])
 def test_out_of_range_penalties_are_refused(field, value):
     with pytest.raises(InvalidRequestError, match=field):
         SamplingParams(**{field: value})

@@ -229,8 +229,9 @@ def test_greedy_speculation_is_exact_over_a_rounded_kv_cache(models, tokenizer, 
 
 def test_penalized_greedy_speculation_equals_penalized_plain_greedy(llama_model, tokenizer, spread_prompts):
     """Each tree row is penalized with its own path (engine/step_outcome.py), as plain decoding would be at
-    that position; batch-invariant attention, so no tie is allowed."""
-    penalties = {"presence_penalty": 0.4, "frequency_penalty": 0.3, "repetition_penalty": 1.2}
+    that position, and biased; batch-invariant attention, so no tie is allowed."""
+    penalties = {"presence_penalty": 0.4, "frequency_penalty": 0.3, "repetition_penalty": 1.2,
+                 "logit_bias": ((tokenizer.encode(" the")[0], -100.0), (tokenizer.encode(",")[0], 2.0))}
     params = SamplingParams(max_tokens=48, ignore_eos=True, **penalties)
     prompts = spread_prompts[::4]
     runs = {method: make_engine(llama_model, tokenizer, "float32", SpecConfig(method=method), 8, True)

@@ -233,6 +233,14 @@ def test_penalties_change_the_answer_and_survive_speculation(client):
     assert texts["lossless"] == texts["off"] != plain
 
 
+def test_logit_bias_bans_a_token(client, router):
+    first = router.encode(prompt=" 5", raw=True)[0]  # greedy's next token after COUNTING
+    plain = client.completions.create(model="m", prompt=COUNTING, max_tokens=2, temperature=0)
+    banned = client.completions.create(model="m", prompt=COUNTING, max_tokens=2, temperature=0,
+                                       logit_bias={str(first): -100})
+    assert plain.choices[0].text.startswith(" 5") and not banned.choices[0].text.startswith(" 5")
+
+
 # ---- errors -----------------------------------------------------------------------------------------
 
 def create(client: openai.OpenAI, endpoint: str, **overrides: object):
@@ -260,6 +268,10 @@ def create(client: openai.OpenAI, endpoint: str, **overrides: object):
     ("chat", {"presence_penalty": 2.5}, None),
     ("completion", {"frequency_penalty": "high"}, "frequency_penalty"),
     ("completion", {"extra_body": {"repetition_penalty": 0}}, None),
+    ("completion", {"logit_bias": {"x": 1}}, "logit_bias"),
+    ("completion", {"logit_bias": {"5": "high"}}, "logit_bias"),
+    ("completion", {"logit_bias": {"5": 200}}, None),
+    ("completion", {"logit_bias": {"999999": 1}}, None),
     ("completion", {"prompt": ["one", 2]}, "prompt"),
     ("completion", {"prompt": []}, "prompt"),
     ("completion", {"prompt": ["one"] * 9, "n": 8}, "n"),

@@ -121,7 +121,7 @@ def test_every_option_reaches_the_server(client, router):
     client.generate("hi", raw=True, max_tokens=5, temperature=0.5, top_p=0.9, top_k=40, min_p=0.05, seed=0,
                     stop=["\n"], stop_token_ids=[2], ignore_eos=True, speculation="lossy", lossy={"budget": 2.0},
                     drafter="rest", cache_salt="tenant-a", presence_penalty=0.5, frequency_penalty=-0.5,
-                    repetition_penalty=1.25)
+                    repetition_penalty=1.25, logit_bias={7: -100.0})
     [request] = router[0].requests
     sampling = request.sampling
     assert (request.prompt, request.raw, request.drafter, request.cache_salt) == ("hi", True, "rest", "tenant-a")
@@ -130,6 +130,7 @@ def test_every_option_reaches_the_server(client, router):
     assert sampling.min_p == pytest.approx(0.05) and sampling.ignore_eos
     assert sampling.HasField("seed") and sampling.seed == 0  # seed 0 is a seed, not "unset"
     assert (sampling.presence_penalty, sampling.frequency_penalty, sampling.repetition_penalty) == (0.5, -0.5, 1.25)
+    assert dict(sampling.logit_bias) == {7: -100.0}
     assert request.speculation == common_pb2.SPEC_MODE_LOSSY
     assert request.lossy.budget == 2.0 and not request.lossy.HasField("top_k")
 
