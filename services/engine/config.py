@@ -133,7 +133,7 @@ class SamplingParams:
             raise InvalidRequestError("logit_bias values must be in [-100, 100]")
         tokens = [token for token, _ in self.logit_bias]
         if any(not isinstance(t, int) or t < 0 for t in tokens) or len(set(tokens)) != len(tokens):
-            raise InvalidRequestError("logit_bias token ids must be >= 0, each at most once")
+            raise InvalidRequestError("logit_bias token ids must be integers >= 0, each at most once")
         if not self.repetition_penalty > 0.0:
             raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
