@@ -295,9 +295,9 @@ def test_lossy_acceptance_spends_at_most_its_budget(llama_model, tokenizer, spre
     seen_budgets: list[float] = []
     original = engine._emit
 
-    def spy(request, token_ids, tree):
+    def spy(request, *emitted):
         seen_budgets.append(request.lossy_budget_left)
-        return original(request, token_ids, tree)
+        return original(request, *emitted)
 
     engine._emit = spy
     completions = engine.generate(spread_prompts[:4], SamplingParams(max_tokens=64))
