@@ -188,13 +188,10 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None) -> SamplingPara
 def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
     """OpenAI's {"token id": bias} as SamplingParams.logit_bias."""
     bias = _get(body, "logit_bias", dict, {})
-    try:
-        pairs = tuple(sorted((int(token), float(value)) for token, value in bias.items()))
-    except (TypeError, ValueError):
-        raise ApiError.bad_field("logit_bias", "logit_bias maps token ids to numbers") from None
-    if any(isinstance(value, bool) or not isinstance(value, (int, float)) for value in bias.values()):
+    if not all(isinstance(value, (int, float)) and not isinstance(value, bool) and token.lstrip("-").isdigit()
+               for token, value in bias.items()):
         raise ApiError.bad_field("logit_bias", "logit_bias maps token ids to numbers")
-    return pairs
+    return tuple(sorted((int(token), float(value)) for token, value in bias.items()))
 
 
 def _completion_prompts(router: Router, prompt: object) -> list[list[int]]:
