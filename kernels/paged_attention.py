@@ -348,12 +348,23 @@ def _attend_groups(
     sdpa_dtype: torch.dtype | None,
 ) -> None:
     for group in meta.groups:
-        rows = q[group.token_index]
-        if meta.batch_invariant:
-            attended = _attend_group_float64(rows, k_cache, v_cache, group, scale)
-        else:
-            attended = _attend_group(rows, k_cache, v_cache, group, scale, sdpa_dtype)
+        attended = _attend(q[group.token_index], k_cache, v_cache, group, meta, scale, sdpa_dtype)
         out.index_copy_(0, group.token_index, attended)
+
+
+def _attend(
+    q: torch.Tensor,  # [num_seqs * query_len, num_heads, head_dim], the group's rows
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    group: AttentionGroup,
+    meta: AttentionMetadata,
+    scale: float,
+    sdpa_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """One group: float64 where the step must be batch-invariant, else SDPA in `sdpa_dtype`."""
+    if meta.batch_invariant:
+        return _attend_group_float64(q, k_cache, v_cache, group, scale)
+    return _attend_group(q, k_cache, v_cache, group, scale, sdpa_dtype)
 
 
 def paged_attention_ref(
@@ -367,10 +378,7 @@ def paged_attention_ref(
     """Plain-torch paged attention: gather each group's keys, one masked SDPA per group (GQA native)."""
     assert q.shape[0] == meta.num_tokens and kv_row_width(q.shape[2], k_cache.dtype) == k_cache.shape[2]
     if len(meta.groups) == 1 and meta.groups[0].token_index.numel() == meta.num_tokens:
-        group = meta.groups[0]  # tokens already in group order
-        if meta.batch_invariant:
-            return _attend_group_float64(q, k_cache, v_cache, group, scale)
-        return _attend_group(q, k_cache, v_cache, group, scale, sdpa_dtype)
+        return _attend(q, k_cache, v_cache, meta.groups[0], meta, scale, sdpa_dtype)  # tokens already in group order
     out = torch.empty_like(q)
     _attend_groups(out, q, k_cache, v_cache, meta, scale, sdpa_dtype)
     return out
