@@ -75,6 +75,13 @@ def _try_load() -> bool:
     return True
 
 
+def has_cpu_flag(*names: str) -> bool:
+    """Whether /proc/cpuinfo lists any of these feature flags (False where there is no /proc/cpuinfo)."""
+    flags = {flag for line in _cpu_identity().splitlines() if line.startswith(("flags", "Features"))
+             for flag in line.split(":", 1)[-1].split()}
+    return any(name in flags for name in names)
+
+
 def _cpu_identity() -> str:
     """The CPU's model name and feature flags (Linux), or the platform string elsewhere."""
     try:

@@ -1,6 +1,6 @@
 """The batch-invariant linears of kernels/csrc/ rewritten in plain torch, with the same bits: the float32
-one of linear_cpu.cpp (tests/unit/kernels/test_linear_cpu.py) and the W8A8 one of int8_linear_cpu.cpp,
-with its weight packing (tests/unit/kernels/test_int8_linear_cpu.py).
+one of linear_cpu.cpp (float32 or bfloat16 weights; tests/unit/kernels/test_linear_cpu.py) and the W8A8
+one of int8_linear_cpu.cpp, with its weight packing (tests/unit/kernels/test_int8_linear_cpu.py).
 
 float32 (linear_cpu.cpp): the same summation order, so it gives the kernel's bits.
 
@@ -38,9 +38,11 @@ def _sum_lanes(lanes: torch.Tensor) -> torch.Tensor:  # [..., 16] float32 -> [..
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x` `# [M, K]` float32, `weight` `# [N, K]` float32, `bias` `# [N]` -> `# [M, N]` float32, in the
-    kernel's order. Slow (a Python loop over K / 16): for tests of small shapes only."""
+    """`x` `# [M, K]` float32, `weight` `# [N, K]` float32 or bfloat16 (widened exactly, as the kernel does),
+    `bias` `# [N]` -> `# [M, N]` float32, in the kernel's order. Slow (a Python loop over K / 16): for tests of
+    small shapes only."""
     assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1], "x [M, K] and weight [N, K]"
+    weight = weight.float()
     (num_rows, width), out_features = x.shape, weight.shape[0]
     chunks = width // LANES
     xs = x[:, None, : chunks * LANES].reshape(num_rows, 1, chunks, LANES)  # [M, 1, chunks, 16]
@@ -75,6 +77,20 @@ def pack_int8_weight(w_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     packed = padded.view(rows // INT8_BLOCK, INT8_BLOCK, width // INT8_GROUP, INT8_GROUP).transpose(1, 2)
     compensation = padded.sum(dim=1, dtype=torch.int32) * INT8_OFFSET  # [N']
     return packed.contiguous().view(-1), compensation
+
+
+EXACT_FLOAT32_K = 1024  # 127 * 127 * 1024 < 2^24: a float32 sum of that many int8 products is exact
+
+
+def exact_int_matmul(x_int: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
+    """`x_int` `# [M, K]` @ `w_int` `# [N, K]`^T, both float32 tensors of integers in [-127, 127] -> `# [M, N]`
+    float64, exact: float32 GEMMs over K chunks of EXACT_FLOAT32_K, where every partial sum in any order is
+    an integer below 2^24, then added in float64. The speed of a float32 linear, the sums of an int8 one."""
+    acc = torch.zeros(x_int.shape[0], w_int.shape[0], dtype=torch.float64)
+    for start in range(0, x_int.shape[1], EXACT_FLOAT32_K):
+        end = start + EXACT_FLOAT32_K
+        acc += (x_int[:, start:end] @ w_int[:, start:end].T).double()
+    return acc
 
 
 def int8_linear_ref(

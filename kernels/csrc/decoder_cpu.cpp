@@ -1,6 +1,7 @@
 // The decoder layers of one forward in one call (engine/model.py, LlamaModel.forward), for steps whose
 // every row the attention kernel takes: decode rows and draft-tree verify rows, with float32 or int8
-// weights on specserve's own linear kernels or bfloat16 ones on oneDNN's.
+// weights on specserve's own linear kernels, bfloat16 ones on oneDNN's or (where oneDNN has no bfloat16
+// linear) on specserve's float32 kernel reading bfloat16 weights.
 //
 // Why: a batch-1 decode step of the 135M model was ~24 ms in float32 (~9 ms in int8), of which ~19 ms
 // (~6 ms) are the linears moving the weights; most of the rest was Python and torch's per-op dispatch
@@ -13,8 +14,8 @@
 // Linears: `linears` holds, layer by layer, the QKV, output, gate/up and down projections, all of one
 // kind, told by the first tensor's dtype: a float32 weight `[N, K]` each (linear_cpu.cpp); for int8 three
 // tensors each: packed weight, compensation, weight scales (int8_linear_cpu.cpp); for bfloat16 oneDNN's
-// prepacked weight, called as engine/quant.py's PackedLinear calls it. `norms` holds each layer's two
-// RMSNorm weights. Bias-free.
+// prepacked weight, called as engine/quant.py's PackedLinear calls it, or a plain `[N, K]` bfloat16 weight
+// for linear_cpu.cpp. `norms` holds each layer's two RMSNorm weights. Bias-free.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -73,6 +74,7 @@ at::Tensor decoder_layers(const at::Tensor& x_in, const at::Tensor& rotations, a
   TORCH_CHECK(kind == at::kFloat || kind == at::kChar || kind == at::kBFloat16,
               "decoder_layers: float32, int8 or bfloat16 linear operands");
   const bool int8 = kind == at::kChar;
+  const bool onednn = linears[0].is_mkldnn();
   const int64_t per_linear = int8 ? 3 : 1;
   TORCH_CHECK(static_cast<int64_t>(linears.size()) == layers * kLinearsPerLayer * per_linear,
               "decoder_layers: ", per_linear, " tensor(s) per linear, 4 linears per layer");
@@ -80,8 +82,8 @@ at::Tensor decoder_layers(const at::Tensor& x_in, const at::Tensor& rotations, a
   const int64_t tokens = x_in.size(0);
 
   auto project = [&](const at::Tensor& rows, int64_t index) {  // index = layer * 4 + which
-    if (kind == at::kFloat) return specserve_cpu::linear(rows, linears[index], c10::nullopt);
-    if (kind == at::kBFloat16) return onednn_bf16_linear(rows, linears[index]);
+    if (onednn) return onednn_bf16_linear(rows, linears[index]);
+    if (!int8) return specserve_cpu::linear(rows, linears[index], c10::nullopt);
     const int64_t i = index * 3;
     return specserve_cpu::int8_linear(rows, linears[i], linears[i + 1], linears[i + 2], c10::nullopt);
   };

@@ -35,6 +35,9 @@
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define SPECSERVE_VNNI 1
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define SPECSERVE_AVX2 1
 #endif
 
 #include "ops.h"
@@ -183,11 +186,74 @@ void amx_tile(const uint8_t* x, int64_t kp, const int8_t* w, int32_t* sums) {
 using AmxTileFn = void (*)(const uint8_t*, int64_t, const int8_t*, int32_t*);
 constexpr std::array<AmxTileFn, 4> kAmxTiles = {&amx_tile<1>, &amx_tile<2>, &amx_tile<3>, &amx_tile<4>};
 #endif
+#elif defined(SPECSERVE_AVX2)
+// AVX2 without VNNI: vpmaddubsw multiplies unsigned by signed bytes into int16 sums of pairs, which
+// saturate for offset inputs (2 * 255 * 127 > 32767; fbgemm's AVX2 path does, which is why torch's x86
+// quantization keeps activations to 7 bits on such CPUs). The inputs stay signed here (kInputOffset 0, no
+// compensation) and vpsignb moves each input's sign onto the weight: |x| * (w * sign(x)), at most
+// 2 * 127 * 127 = 32258 a pair, exact; vpmaddwd with ones then adds pairs into int32 lanes, one lane per
+// channel as vpdpbusd's. So the sums, and with the same epilogue the bits, are the VNNI path's.
+constexpr int kInputOffset = 0;
+// All 121 linears of the 135M model, 2 cores of an AVX2 AMD EPYC, ms at M = 1 / 4 / 8 / 16 / 256 (best of
+// noisy runs): 6.2 / 6.4 / 11.0 / 20.0 / 315 with 6-row tiles; 4 rows 6.6 / 6.6 / 11.3 / 20.6 / 342; without
+// the prefetch of the next block M = 1 took 10.2. From M ~ 8 on the multiplies bound it (vpmaddubsw and
+// vpmaddwd share one port here: 16 products a cycle, float32's FMA rate). fbgemm (saturating) 16.6 / 19.6 /
+// 20.1 / 27.2 / 359.
+constexpr int kRows = 6, kBlocks = 1;
+
+// The multiplications of the epilogue, each rounded on its own: GCC may contract a plain `a * b + c` of
+// vectors into one FMA, which would change the bits against the reference.
+inline __m256 rounded(__m256 v) {
+  asm("" : "+x"(v));
+  return v;
+}
+
+// Outputs [R rows] x [one block of 16 channels]. `x`: R rows of `kp` signed bytes; `w`: the block.
+template <int R>
+void tile_avx2(const uint8_t* x, int64_t kp, const int8_t* w, const float* w_scale, const float* row_scale,
+               const float* bias, float* out, int64_t n_out, int channels, const int8_t* next) {
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t k = 0; k < kp; k += kGroup) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * kBlock));       // channels 0-7
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * kBlock + 32));  // 8-15
+    if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + k * kBlock), _MM_HINT_T0);
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, x + r * kp + k, sizeof(four));
+      const __m256i xv = _mm256_set1_epi32(four);
+      const __m256i magnitude = _mm256_abs_epi8(xv);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w0, xv)), ones));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w1, xv)), ones));
+    }
+  }
+  for (int half = 0; half < 2; ++half) {
+    const int count = std::min(8, channels - 8 * half);
+    if (count <= 0) break;
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 scale = _mm256_maskload_ps(w_scale + 8 * half, mask);
+    const __m256 add = bias != nullptr ? _mm256_maskload_ps(bias + 8 * half, mask) : _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      __m256 v = rounded(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][half]), scale));
+      v = rounded(_mm256_mul_ps(v, _mm256_set1_ps(row_scale[r])));
+      if (bias != nullptr) v = _mm256_add_ps(v, add);
+      _mm256_maskstore_ps(out + r * n_out + 8 * half, mask, v);
+    }
+  }
+}
+
+template <int... Rs>
+constexpr std::array<decltype(&tile_avx2<1>), kRows> avx2_tiles(std::integer_sequence<int, Rs...>) {
+  return {&tile_avx2<Rs + 1>...};
+}
+constexpr auto kAvx2Tiles = avx2_tiles(std::make_integer_sequence<int, kRows>());
 #else
 constexpr int kRows = 1, kBlocks = 1;
 
-// Portable path (no AVX-512 VNNI): the same integers and epilogue, one output at a time. Int8Linear
-// uses fbgemm instead where `int8_linear_fast()` is false, so this only keeps the op correct everywhere.
+// Portable path (neither AVX-512 VNNI nor AVX2): the same integers and epilogue, one output at a time.
+// Int8Linear uses fbgemm instead where `int8_linear_fast()` is false, so this only keeps the op correct
+// everywhere.
 void tile_generic(const uint8_t* x, int64_t kp, const int8_t* w, const int32_t* compensation, const float* w_scale,
                   const float* row_scale, const float* bias, float* out, int64_t, int channels) {
   for (int c = 0; c < channels; ++c) {
@@ -195,10 +261,14 @@ void tile_generic(const uint8_t* x, int64_t kp, const int8_t* w, const int32_t* 
     for (int64_t k = 0; k < kp; ++k) {
       acc += int32_t(x[k]) * int32_t(w[(k / kGroup) * kGroup * kBlock + c * kGroup + k % kGroup]);
     }
-    const float v = (float(acc - compensation[c]) * w_scale[c]) * row_scale[0];
+    const volatile float v = (float(acc - compensation[c]) * w_scale[c]) * row_scale[0];  // no FMA with the bias
     out[c] = bias != nullptr ? v + bias[c] : v;
   }
 }
+#endif
+
+#if !defined(SPECSERVE_AVX2)
+constexpr int kInputOffset = kOffset;  // inputs as unsigned bytes; `compensation` takes the offset back out
 #endif
 
 // A thread walks its blocks in chunks of about this many weight bytes (kept in L2) and runs all rows of x
@@ -208,7 +278,7 @@ constexpr int64_t kBlocksPerTask = 8;  // fewer per thread and a second thread c
 constexpr int64_t kRowsPerTask = 16;
 
 bool fast() {
-#if defined(SPECSERVE_VNNI)
+#if defined(SPECSERVE_VNNI) || defined(SPECSERVE_AVX2)
   return true;
 #else
   return false;
@@ -240,14 +310,14 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
 
-  // Each row quantized once, offset to unsigned bytes; K's padding to a multiple of 4 is the offset
-  // itself (zero), and meets zero weights anyway.
-  std::vector<uint8_t> xq(static_cast<size_t>(M * kp), uint8_t{kOffset});
+  // Each row quantized once (offset to unsigned bytes except on AVX2); K's padding to a multiple of 4 is the
+  // offset itself (zero), and meets zero weights anyway.
+  std::vector<uint8_t> xq(static_cast<size_t>(M * kp), uint8_t{kInputOffset});
   std::vector<float> row_scale(static_cast<size_t>(M));
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, M, kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      row_scale[m] = specserve_cpu::quantize_row(xp + m * K, K, xq.data() + m * kp, kOffset);
+      row_scale[m] = specserve_cpu::quantize_row(xp + m * K, K, xq.data() + m * kp, kInputOffset);
     }
   });
 
@@ -298,6 +368,11 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 #if defined(SPECSERVE_VNNI)
           kTiles[rows - 1][count - 1](xq.data() + m * kp, kp, wp + b * block_bytes, cp + n0, sp + n0,
                                       row_scale.data() + m, bp ? bp + n0 : nullptr, op + m * N + n0, N, channels);
+#elif defined(SPECSERVE_AVX2)
+          // Only the first pass over a chunk reads it from memory: it prefetches the next block.
+          const int8_t* next = m == 0 && b + 1 < end ? wp + (b + 1) * block_bytes : nullptr;
+          kAvx2Tiles[rows - 1](xq.data() + m * kp, kp, wp + b * block_bytes, sp + n0, row_scale.data() + m,
+                               bp ? bp + n0 : nullptr, op + m * N + n0, N, channels, next);
 #else
           tile_generic(xq.data() + m * kp, kp, wp + b * block_bytes, cp + n0, sp + n0, row_scale.data() + m,
                        bp ? bp + n0 : nullptr, op + m * N + n0, N, channels);

@@ -16,6 +16,10 @@
 // M rows at a time, with software prefetch of the next tile; a register tile of kRows x kCols outputs
 // reuses each loaded weight vector kRows times and each input vector kCols times. Large M (prefill) stays
 // compute-bound and slower than oneDNN's blocked GEMM: the price of one kernel for every M.
+// bfloat16 weights: the same kernel reads each weight as bfloat16 and widens it to float32 (exact: the 16
+// bits move to the top of a float), so the bits are those of the float32 kernel on `weight.float()`, at
+// half the bytes streamed. engine/quant.py uses it for bfloat16 where oneDNN has no bfloat16 linear (CPUs
+// without AVX-512 BF16 or AVX-NE-CONVERT, such as AVX2-only ones).
 // Reference: linear_ref in kernels/linear.py reproduces these bits in plain torch
 // (tests/unit/kernels/test_linear_cpu.py).
 
@@ -28,6 +32,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 
 #include "ops.h"
@@ -40,17 +45,30 @@ namespace {
 
 constexpr int kLanes = 16;
 
+// A weight as float32: itself, or a bfloat16 (its 16 bits are a float32's top half) widened exactly.
+inline float widen(float w) { return w; }
+inline float widen(uint16_t w) {
+  const uint32_t bits = uint32_t(w) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
 #if defined(__AVX512F__)
 struct Lanes {
   __m512 v;
 };
 inline Lanes lanes_zero() { return {_mm512_setzero_ps()}; }
 inline Lanes lanes_load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline Lanes lanes_load(const uint16_t* p) {  // 16 bfloat16 -> float32
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))};
+}
 inline Lanes lanes_fma(Lanes a, Lanes b, Lanes acc) { return {_mm512_fmadd_ps(a.v, b.v, acc.v)}; }
 inline __m256 lanes_fold(Lanes a) {  // lane j + 8 onto lane j
   return _mm256_add_ps(_mm512_castps512_ps256(a.v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a.v), 1)));
 }
-inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+inline void prefetch(const void* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 constexpr int kRows = 6, kCols = 4;  // 24 accumulators + 4 weight vectors + 1 input vector of 32 registers
 // (and 8 x 3 for M = 7-8, see linear())
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -59,12 +77,24 @@ struct Lanes {
 };
 inline Lanes lanes_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
 inline Lanes lanes_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline __m256 widen8(const uint16_t* p) {  // 8 bfloat16 -> float32
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline Lanes lanes_load(const uint16_t* p) { return {widen8(p), widen8(p + 8)}; }
+inline __m256 half_load(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 half_load(const uint16_t* p) { return widen8(p); }
 inline Lanes lanes_fma(Lanes a, Lanes b, Lanes acc) {
   return {_mm256_fmadd_ps(a.lo, b.lo, acc.lo), _mm256_fmadd_ps(a.hi, b.hi, acc.hi)};
 }
 inline __m256 lanes_fold(Lanes a) { return _mm256_add_ps(a.lo, a.hi); }
-inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
-constexpr int kRows = 2, kCols = 2;  // 8 accumulators + 2 weight + 1 input, two registers each, of 16
+inline void prefetch(const void* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+// 12 accumulators + 1 weight half + 1 input half of 16 registers (see tile()). All 121 linears of the 135M
+// model, 2 cores of an AVX2 AMD EPYC, ms at M = 1 / 4 / 8 / 16 / 256, float32 weights (bfloat16 ones), best
+// of noisy runs: 6 x 1 tiles 19.9 / 22.8 / 29.9 / 46.7 / 616 (12.0 / 12.0 / 23.0 / 38.9 / 593); 2 x 2 tiles
+// holding both halves at once, as before, 26.2 / 37.5 / 57.0 / 85.1 / 1339 (21.8 / 33.0 / 51.7 / 90.4 / 928);
+// MKL's float32 F.linear 45.9 / 75.6 / 70.9 / 101.8 / 575.
+constexpr int kRows = 6, kCols = 1;
 #else
 struct Lanes {
   float v[kLanes];
@@ -75,11 +105,16 @@ inline Lanes lanes_load(const float* p) {
   std::copy(p, p + kLanes, a.v);
   return a;
 }
+inline Lanes lanes_load(const uint16_t* p) {
+  Lanes a;
+  for (int j = 0; j < kLanes; ++j) a.v[j] = widen(p[j]);
+  return a;
+}
 inline Lanes lanes_fma(Lanes a, Lanes b, Lanes acc) {
   for (int j = 0; j < kLanes; ++j) acc.v[j] = std::fma(a.v[j], b.v[j], acc.v[j]);
   return acc;
 }
-inline void prefetch(const float* p) { __builtin_prefetch(p); }
+inline void prefetch(const void* p) { __builtin_prefetch(p); }
 constexpr int kRows = 2, kCols = 2;
 #endif
 
@@ -113,22 +148,38 @@ inline __m128 lanes_sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 #endif
 
 // Outputs [R rows of x] x [C rows of weight]; `next` (or nullptr) is the next tile's weight, prefetched
-// while this one streams.
-template <int R, int C>
-void tile(const float* x, const float* w, int64_t K, float* out, int64_t N, const float* bias, const float* next) {
+// while this one streams. W: float (float32 weights) or uint16_t (bfloat16 ones).
+template <typename W, int R, int C>
+void tile(const float* x, const W* w, int64_t K, float* out, int64_t N, const float* bias, const W* next) {
   Lanes acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = lanes_zero();
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes) {
-    Lanes wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = lanes_load(w + c * K + k);
     if (next != nullptr)
       for (int c = 0; c < C; ++c) prefetch(next + c * K + k);
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+    // AVX2 has 16 registers and a 16-lane accumulator takes two: the low 8 lanes of this k step, then the
+    // high 8 (each lane's FMAs in the same order, so the same bits), to hold 3 x 2 accumulators unspilled.
+    for (int h = 0; h < 2; ++h) {
+      __m256 wv[C];
+      for (int c = 0; c < C; ++c) wv[c] = half_load(w + c * K + k + 8 * h);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_loadu_ps(x + r * K + k + 8 * h);
+        for (int c = 0; c < C; ++c) {
+          __m256& a = h == 0 ? acc[r][c].lo : acc[r][c].hi;
+          a = _mm256_fmadd_ps(wv[c], xv, a);
+        }
+      }
+    }
+#else
+    Lanes wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = lanes_load(w + c * K + k);
     for (int r = 0; r < R; ++r) {
       const Lanes xv = lanes_load(x + r * K + k);
       for (int c = 0; c < C; ++c) acc[r][c] = lanes_fma(wv[c], xv, acc[r][c]);
     }
+#endif
   }
 #if defined(__AVX512F__)
   if constexpr (C == 4) {
@@ -145,20 +196,22 @@ void tile(const float* x, const float* w, int64_t K, float* out, int64_t N, cons
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
       float s = lanes_sum(acc[r][c]);
-      for (int64_t j = k; j < K; ++j) s = std::fma(w[c * K + j], x[r * K + j], s);
+      for (int64_t j = k; j < K; ++j) s = std::fma(widen(w[c * K + j]), x[r * K + j], s);
       out[r * N + c] = bias != nullptr ? s + bias[c] : s;
     }
 }
 
-using TileFn = void (*)(const float*, const float*, int64_t, float*, int64_t, const float*, const float*);
+template <typename W>
+using TileFnOf = void (*)(const float*, const W*, int64_t, float*, int64_t, const float*, const W*);
 
-// Shape<Rows, Cols>::tiles[r - 1][c - 1] = tile<r, c>: full tiles and the ragged ones at the bottom and
-// right edges.
-template <int Rows, int Cols>
+// Shape<W, Rows, Cols>::tiles[r - 1][c - 1] = tile<W, r, c>: full tiles and the ragged ones at the bottom
+// and right edges.
+template <typename W, int Rows, int Cols>
 struct Shape {
+  using TileFn = TileFnOf<W>;
   template <int R, int... Cs>
   static constexpr std::array<TileFn, Cols> row(std::integer_sequence<int, Cs...>) {
-    return {&tile<R, Cs + 1>...};
+    return {&tile<W, R, Cs + 1>...};
   }
   template <int... Rs>
   static constexpr std::array<std::array<TileFn, Cols>, Rows> table(std::integer_sequence<int, Rs...>) {
@@ -174,10 +227,10 @@ constexpr int64_t kChunkBytes = 256 * 1024;
 constexpr int64_t kTilesPerTask = 8;
 
 // out [M, N] = x [M, K] . weight [N, K]^T (+ bias) in register tiles of Rows x Cols outputs.
-template <int Rows, int Cols>
-void run(const float* xp, const float* wp, const float* bp, float* op, int64_t M, int64_t K, int64_t N) {
+template <int Rows, int Cols, typename W>
+void run(const float* xp, const W* wp, const float* bp, float* op, int64_t M, int64_t K, int64_t N) {
   const int64_t col_tiles = (N + Cols - 1) / Cols;
-  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (Cols * std::max<int64_t>(K, 1) * int64_t(sizeof(float))));
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (Cols * std::max<int64_t>(K, 1) * int64_t(sizeof(W))));
   at::parallel_for(0, col_tiles, kTilesPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t t0 = begin; t0 < end; t0 += chunk) {
       const int64_t t1 = std::min(end, t0 + chunk);
@@ -187,13 +240,26 @@ void run(const float* xp, const float* wp, const float* bp, float* op, int64_t M
           const int64_t n0 = t * Cols;
           const int cols = int(std::min<int64_t>(Cols, N - n0));
           // Only the first pass over a chunk reads it from memory; later row groups find it in cache.
-          const float* next = m == 0 && t + 1 < end ? wp + (n0 + Cols) * K : nullptr;
-          Shape<Rows, Cols>::tiles[rows - 1][cols - 1](xp + m * K, wp + n0 * K, K, op + m * N + n0, N,
+          const W* next = m == 0 && t + 1 < end ? wp + (n0 + Cols) * K : nullptr;
+          Shape<W, Rows, Cols>::tiles[rows - 1][cols - 1](xp + m * K, wp + n0 * K, K, op + m * N + n0, N,
                                                        bp ? bp + n0 : nullptr, next);
         }
       }
     }
   });
+}
+
+template <typename W>
+void run_weights(const float* xp, const W* wp, const float* bp, float* op, int64_t M, int64_t K, int64_t N) {
+#if defined(__AVX512F__)
+  // 7 or 8 rows (a verify of 6-7 drafted tokens) in one 8 x 3 row group rather than a 6-row and a 1-2 row
+  // group, which stream each weight chunk twice: all linears 26.2-27.5 -> 25.1-26.1 ms at M = 7-8; other M
+  // gain nothing or lose. The tile shape never changes an output's bits (the sum order is per element).
+  if (M == 7 || M == 8) return run<8, 3>(xp, wp, bp, op, M, K, N);
+#elif defined(__AVX2__) && defined(__FMA__)
+  if (M == 1) return run<1, 4>(xp, wp, bp, op, M, K, N);  // more outputs in flight when no row is reused
+#endif
+  run<kRows, kCols>(xp, wp, bp, op, M, K, N);
 }
 
 }  // namespace
@@ -202,9 +268,9 @@ namespace specserve_cpu {
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "linear: contiguous [M, K] float32 input");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.dim() == 2 &&
-                  weight.size(1) == x.size(1),
-              "linear: contiguous [N, K] float32 weight with the input's K");
+  TORCH_CHECK((weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16) && weight.is_contiguous() &&
+                  weight.dim() == 2 && weight.size(1) == x.size(1),
+              "linear: contiguous [N, K] float32 or bfloat16 weight with the input's K");
   const bool has_bias = bias.has_value() && bias->defined();
   TORCH_CHECK(!has_bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == weight.size(0)),
               "linear: contiguous float32 bias [N]");
@@ -212,19 +278,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
   const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-#if defined(__AVX512F__)
-  // 7 or 8 rows (a verify of 6-7 drafted tokens) in one 8 x 3 row group rather than a 6-row and a 1-2 row
-  // group, which stream each weight chunk twice: all linears 26.2-27.5 -> 25.1-26.1 ms at M = 7-8; other M
-  // gain nothing or lose. The tile shape never changes an output's bits (the sum order is per element).
-  if (M == 7 || M == 8) {
-    run<8, 3>(xp, wp, bp, op, M, K, N);
-    return out;
+  if (weight.scalar_type() == at::kBFloat16) {
+    run_weights(xp, reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), bp, op, M, K, N);
+  } else {
+    run_weights(xp, weight.data_ptr<float>(), bp, op, M, K, N);
   }
-#endif
-  run<kRows, kCols>(xp, wp, bp, op, M, K, N);
   return out;
 }
 

@@ -2,7 +2,7 @@
 layers over the target's embedding, ending in the draft-vocabulary LM head, with their own paged K/V
 (the chain machinery is drafters/layer_chain.py's). It needs tokens only, no target hidden state.
 
-The layers and the draft LM head run as bfloat16 prepacked linears where this torch has them (float32
+The layers and the draft LM head run as bfloat16 linears (`decode_linear`) where a kernel has them (float32
 otherwise): each draft forward reads every draft weight for a few rows, memory-bound, and drafts are only
 proposals the target verifies, so their precision never changes the output.
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from specserve.drafters.layer_chain import TRAINED_CHAIN, ChainConfig, LayerChainDrafter
-from specserve.engine.quant import PackedLinear, can_pack, swap_modules
+from specserve.engine.quant import decode_linear, has_bfloat16_linear, swap_modules
 from specserve.learned.draft_model import DraftModel, serving_model
 
 
@@ -32,6 +32,6 @@ class DraftModelDrafter(LayerChainDrafter):
 
     def __init__(self, draft: DraftModel, config: ChainConfig = TRAINED_CHAIN) -> None:
         model = serving_model(draft)
-        if can_pack():
-            swap_modules(model, nn.Linear, lambda m: PackedLinear(m.weight, None, torch.bfloat16))
+        if has_bfloat16_linear():
+            swap_modules(model, nn.Linear, lambda m: decode_linear(m.weight, None, torch.bfloat16))
         super().__init__(model, model.config.num_layers, config, token_map=draft.token_map)

@@ -2,7 +2,7 @@
 layers (its weights, no copy; the drafter's own paged K/V) read through the trained draft-vocabulary head
 instead of the full LM head (the chain machinery is drafters/layer_chain.py's).
 
-The head runs as a bfloat16 prepacked linear where this torch has it (float32 otherwise): it is read in full
+The head runs as a bfloat16 linear (`decode_linear`) where a kernel has it (float32 otherwise): it is read in full
 for a few rows each draft forward, and drafts are only proposals the target verifies.
 
 Measured with the default checkpoint (train-draft --kind exit-head --prompts 800, L 4: held-out accuracy 35%)
@@ -18,7 +18,7 @@ import torch
 
 from specserve.drafters.layer_chain import TRAINED_CHAIN, ChainConfig, LayerChainDrafter
 from specserve.engine.model import LlamaModel
-from specserve.engine.quant import PackedLinear, can_pack
+from specserve.engine.quant import decode_linear, has_bfloat16_linear
 from specserve.learned.exit_head import ExitHead, exit_model
 
 
@@ -28,6 +28,6 @@ class ExitHeadDrafter(LayerChainDrafter):
     def __init__(self, head: ExitHead, target: LlamaModel, config: ChainConfig = TRAINED_CHAIN,
                  pack: bool = True) -> None:
         model = exit_model(head, target)
-        if pack and can_pack():  # pack=False: the head's float32 nn.Linear as trained
-            model.lm_head = PackedLinear(head.proj.weight, None, torch.bfloat16)
+        if pack and has_bfloat16_linear():  # pack=False: the head's float32 nn.Linear as trained
+            model.lm_head = decode_linear(head.proj.weight, None, torch.bfloat16)
         super().__init__(model, head.config.exit_layer, config, token_map=head.token_map)

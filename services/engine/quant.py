@@ -38,13 +38,21 @@ from torch import nn
 from specserve.engine.model import Attention, LlamaModel
 from specserve.engine.smoothing import DEFAULT_ALPHA, collect_input_absmax, smooth_
 from specserve.kernels import cpu_ops
-from specserve.kernels.linear import INT8_MAX as _INT8_MAX, pack_int8_weight, quantize_rows_ref
+from specserve.kernels.linear import INT8_MAX as _INT8_MAX, exact_int_matmul, pack_int8_weight, quantize_rows_ref
 from specserve.errors import InvalidRequestError
 
 
-def can_pack() -> bool:
-    """Whether oneDNN's prepacked CPU linear is in this torch build (it is in the pinned CPU wheel)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+def can_pack(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN's prepacked CPU linear is in this torch build (it is in the pinned CPU wheel) and, for
+    bfloat16, runs on this CPU: it needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, which AVX2-only CPUs lack."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def has_bfloat16_linear() -> bool:
+    """Whether `decode_linear(..., torch.bfloat16)` has a fast kernel here (oneDNN's or specserve's)."""
+    return can_pack(torch.bfloat16) or cpu_ops.load()
 
 
 # All 121 linears of the 135M model, median ms on AMD EPYC (Zen 4, 2 cores) by M = 1 / 2 / 3 / 4 / 5 / 6 / 8:
@@ -95,14 +103,19 @@ class PackedLinear(nn.Module):
 
 
 class Float32Linear(nn.Module):
-    """float32 weights as loaded (row-major, sharing the loaded tensor, so a tied head adds no copy of the
-    embedding table), multiplied by the batch-invariant C++ kernel; `F.linear` where the kernels did not
-    build (`apply_weight_dtype` then picks `PackedLinear` instead) or for another device or dtype."""
+    """float32 arithmetic on float32 weights as loaded (row-major, sharing the loaded tensor, so a tied head
+    adds no copy of the embedding table) or on bfloat16 ones, multiplied by the batch-invariant C++ kernel
+    (a bfloat16 weight is widened to float32 in registers: the bits of the float32 kernel on the widened
+    weight, half the bytes streamed); `F.linear` where the kernels did not build (`apply_weight_dtype`
+    then picks `PackedLinear` instead) or for another device or dtype."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
+        assert weight_dtype in (torch.float32, torch.bfloat16), "float32 or bfloat16 weights"
         self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(weight.detach().float().contiguous(), requires_grad=False)  # [out, in]
+        self.weight = nn.Parameter(weight.detach().to(weight_dtype).contiguous(), requires_grad=False)  # [out, in]
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)  # [out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] float32 -> [..., out] float32
@@ -110,7 +123,7 @@ class Float32Linear(nn.Module):
         if cpu_ops.applies(rows):
             out = torch.ops.specserve_cpu.linear(rows.contiguous(), self.weight, self.bias)
         else:
-            out = F.linear(rows, self.weight, self.bias)
+            out = F.linear(rows, self.weight.to(rows.dtype), self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     def fused_operands(self) -> list[torch.Tensor] | None:
@@ -119,11 +132,18 @@ class Float32Linear(nn.Module):
 
 
 def decode_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
-    """The fastest batch-invariant linear for `dtype` (float32 or bfloat16) on this machine: float32 in
-    specserve's kernel when it built, else (and for bfloat16) oneDNN's prepacked one."""
-    if dtype == torch.float32 and cpu_ops.load():
-        return Float32Linear(weight, bias)
-    return PackedLinear(weight, bias, dtype)
+    """The fastest batch-invariant linear for `dtype` (float32 or bfloat16 weights) on this machine: float32
+    in specserve's kernel when it built, else oneDNN's prepacked one; bfloat16 in oneDNN's prepacked one
+    where this CPU has it (AMX makes it the fastest at prefill), else specserve's kernel reading bfloat16,
+    else `BF16Linear`."""
+    if dtype == torch.float32:
+        return Float32Linear(weight, bias) if cpu_ops.load() else PackedLinear(weight, bias, dtype)
+    if can_pack(dtype):
+        return PackedLinear(weight, bias, dtype)
+    if cpu_ops.load():
+        return Float32Linear(weight, bias, dtype)
+    cast = _SharedCast(dtype)
+    return BF16Linear(cast(weight), None if bias is None else cast(bias))
 
 
 class BF16Linear(nn.Module):
@@ -160,16 +180,20 @@ class Int8Linear(nn.Module):
     token alone (batch-invariant), unlike `quantized::linear_dynamic`, which picks one scale per call.
     The int32 accumulation is exact, and the float epilogue is per element:
         y[m, n] = (sum_k xq[m, k] * wq[n, k]) * w_scale[n] * s[m]        (+ bias[n])
-    Two kernels give these same bits (kernels/linear.py, int8_linear_ref, is the reference):
-      * specserve's own (kernels/csrc/int8_linear_cpu.cpp), where the CPU has AVX-512 VNNI: AMX tiles
-        where the CPU has them and K is a multiple of 64, else VNNI vectors. All 121 linears of the 135M
-        model, 2 cores of an AMX Xeon, ms at M = 1 / 4 / 8 / 16 / 64 / 256: ~5.7 / 6.3 / 6.6 / 7.4 / 15 /
-        58, against fbgemm's ~10 / 14 / 16 / 19 / 40 / 141 (the C++ file has the details). One op for every
-        M: the exact integer sums make AMX and VNNI agree.
-      * elsewhere fbgemm's fixed-input-scale linear: the row is pre-scaled and rounded here, so the op's own
-        quantization (scale 1, zero point 128) is exact. fbgemm needs a deprecated quantized tensor to
-        prepack the weight; that happens once here, with its warning silenced. This class is the only
-        place specserve touches torch's quantization ops.
+    Three paths give these same bits (kernels/linear.py, int8_linear_ref, is the reference):
+      * specserve's own (kernels/csrc/int8_linear_cpu.cpp), where the CPU has AVX-512 VNNI or AVX2: AMX
+        tiles where the CPU has them and K is a multiple of 64, else VNNI vectors, else AVX2 ones. All 121
+        linears of the 135M model, 2 cores of an AMX Xeon, ms at M = 1 / 4 / 8 / 16 / 64 / 256: ~5.7 / 6.3 /
+        6.6 / 7.4 / 15 / 58, against fbgemm's ~10 / 14 / 16 / 19 / 40 / 141 (the C++ file has the details).
+        One op for every M: the exact integer sums make AMX, VNNI and AVX2 agree.
+      * elsewhere fbgemm's fixed-input-scale linear, where the CPU has VNNI: the row is pre-scaled and
+        rounded here, so the op's own quantization (scale 1, zero point 128) is exact. fbgemm needs a
+        deprecated quantized tensor to prepack the weight; that happens once here, with its warning
+        silenced. This class is the only place specserve touches torch's quantization ops.
+      * elsewhere (no specserve kernel, no VNNI) float32 GEMMs over K chunks short enough to be exact
+        (kernels/linear.py, exact_int_matmul). Not fbgemm: without VNNI it multiplies with vpmaddubsw, whose
+        int16 pair sums saturate for these 0-255 inputs (int8 perplexity +25% on an AVX2 AMD EPYC).
+    `path` says which: "kernel", "fbgemm" or "exact".
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -181,12 +205,18 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float())  # [out]
         # Kernel operands, not state: kept out of state_dict like fbgemm's opaque packed weight.
         self.register_buffer("w_scale", w_scale, persistent=False)  # [out]
-        self.packed_weight = None  # fbgemm's, where specserve's kernel has no fast path
+        self.packed_weight = None  # fbgemm's
         if cpu_ops.load() and torch.ops.specserve_cpu.int8_linear_fast():
+            self.path = "kernel"
             packed, compensation = pack_int8_weight(w_int.to(torch.int8))
             self.register_buffer("packed", packed, persistent=False)  # int8_linear_cpu.cpp's layout
             self.register_buffer("compensation", compensation, persistent=False)  # [ceil(out / 16) * 16]
             return
+        if not cpu_ops.has_cpu_flag("avx512_vnni", "avx_vnni"):
+            self.path = "exact"
+            self.register_buffer("int_weight", w_int, persistent=False)  # [out, in] float32 integers
+            return
+        self.path = "fbgemm"
         # quantize_per_channel rounds w * (1 / scale), which can land on the other side of a .5 than
         # w / scale; handing it w_int * scale (integers within an ulp) makes it reproduce w_int exactly.
         with warnings.catch_warnings():
@@ -198,7 +228,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] float32 -> [..., out] float32
         rows = x.reshape(-1, self.in_features)  # [M, in]
-        if self.packed_weight is None:  # quantizes each row itself
+        if self.path == "kernel":  # quantizes each row itself
             out = torch.ops.specserve_cpu.int8_linear(
                 rows.contiguous().float(), self.packed, self.compensation, self.w_scale, self.bias
             )
@@ -207,10 +237,12 @@ class Int8Linear(nn.Module):
             rows_int, row_scale = torch.ops.specserve_cpu.quantize_rows(rows.contiguous())
         else:
             rows_int, row_scale = quantize_rows_ref(rows)
-        # uint8 = rows_int + 128 exactly; the row scale is applied after, and the bias after that.
-        out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            rows_int, 1.0, 128, self.packed_weight
-        )  # [M, out]
+        if self.path == "fbgemm":  # uint8 = rows_int + 128 exactly; the row scale is applied after
+            out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+                rows_int, 1.0, 128, self.packed_weight
+            )  # [M, out]
+        else:
+            out = exact_int_matmul(rows_int, self.int_weight).float().mul_(self.w_scale)  # [M, out]
         out = out.mul_(row_scale)
         if self.bias is not None:
             out = out.add_(self.bias)
@@ -218,7 +250,7 @@ class Int8Linear(nn.Module):
 
     def fused_operands(self) -> list[torch.Tensor] | None:
         """What `specserve_cpu::decoder_layers` needs to run this linear (engine/model.py), or None."""
-        if self.packed_weight is not None or self.bias is not None:
+        if self.path != "kernel" or self.bias is not None:
             return None
         return [self.packed, self.compensation, self.w_scale]
 
@@ -243,11 +275,8 @@ def apply_weight_dtype(
             swap_modules(model, nn.Linear, lambda m: decode_linear(m.weight, m.bias, torch.float32))
         return model
     if dtype == "bfloat16":
-        to_bf16 = _SharedCast(torch.bfloat16)
-        if can_pack():
-            swap_modules(model, nn.Linear, lambda m: PackedLinear(m.weight, m.bias, torch.bfloat16))
-        else:
-            swap_modules(model, nn.Linear, lambda m: BF16Linear(to_bf16(m.weight), None if m.bias is None else to_bf16(m.bias)))
+        to_bf16 = _SharedCast(torch.bfloat16)  # a tied head's kernel weight is the embedding's bfloat16 table
+        swap_modules(model, nn.Linear, lambda m: decode_linear(to_bf16(m.weight), m.bias, torch.bfloat16))
         swap_modules(model, nn.Embedding, lambda m: BF16Embedding(to_bf16(m.weight)))
         return _prefill_attention_in_bfloat16(model)
     if dtype == "int8":

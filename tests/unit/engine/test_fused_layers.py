@@ -14,7 +14,7 @@ from torch import nn
 from specserve.engine.config import CacheConfig, ModelConfig
 from specserve.engine.model import LlamaModel
 from specserve.engine.model_runner import allocate_kv_cache
-from specserve.engine.quant import apply_weight_dtype, can_pack
+from specserve.engine.quant import apply_weight_dtype, can_pack, has_bfloat16_linear
 from specserve.kernels import cpu_ops
 from specserve.kernels.paged_attention import build_attention_metadata
 
@@ -103,8 +103,8 @@ def count_fused_calls(monkeypatch) -> list[int]:
 def test_fused_layers_equal_the_layer_modules(dtype: str, monkeypatch):
     if dtype == "int8" and not torch.ops.specserve_cpu.int8_linear_fast():
         pytest.skip("int8 runs on fbgemm here, which the fused call does not take")
-    if dtype == "bfloat16" and not can_pack():
-        pytest.skip("no oneDNN: bfloat16 runs on F.linear, which the fused call does not take")
+    if dtype == "bfloat16" and not has_bfloat16_linear():
+        pytest.skip("no bfloat16 kernel: bfloat16 runs on F.linear, which the fused call does not take")
     model = random_llama(dtype)
     calls = count_fused_calls(monkeypatch)
     results = run_both(model)
@@ -151,7 +151,7 @@ def test_fused_equals_layer_modules_on_the_real_model(llama_model, monkeypatch):
     assert_same_bits(results)
 
 
-@pytest.mark.skipif(not can_pack(), reason="no oneDNN")
+@pytest.mark.skipif(not can_pack(torch.bfloat16), reason="no oneDNN bfloat16 linear on this CPU")
 def test_bfloat16_pieces_of_32_rows_equal_the_layer_modules(monkeypatch):
     """A step of 37 rows (one decode row, 36 rows of a chain draft): oneDNN's bfloat16 linear is fed
     pieces of at most 32 rows, short ones padded to 4, in both paths."""
@@ -173,13 +173,13 @@ def test_bfloat16_pieces_of_32_rows_equal_the_layer_modules(monkeypatch):
     assert_same_bits(results)
 
 
-def test_not_fused_for_fbgemm_int8_or_a_biased_linear(monkeypatch):
+def test_not_fused_for_fallback_int8_or_a_biased_linear(monkeypatch):
     calls = count_fused_calls(monkeypatch)
     with monkeypatch.context() as patch:  # int8 built as where specserve's kernel has no fast path
         patch.setattr(cpu_ops, "load", lambda: False)
-        fbgemm = random_llama("int8")
-    assert fbgemm.layers[0].mlp.down_proj.packed_weight is not None
-    run_both(fbgemm)
+        fallback = random_llama("int8")
+    assert fallback.layers[0].mlp.down_proj.path in ("fbgemm", "exact")
+    run_both(fallback)
     biased = random_llama("float32")
     biased.layers[1].mlp.down_proj.bias = nn.Parameter(torch.zeros(REAL_SHAPES.hidden_size), requires_grad=False)
     results = run_both(biased)

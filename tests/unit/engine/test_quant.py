@@ -86,6 +86,7 @@ def test_bf16_close_to_float32(in_features: int, out_features: int):
 
 
 needs_onednn = pytest.mark.skipif(not can_pack(), reason="this torch build has no oneDNN prepacked linear")
+needs_onednn_bf16 = pytest.mark.skipif(not can_pack(torch.bfloat16), reason="oneDNN has no bfloat16 linear on this CPU")
 
 
 @needs_onednn
@@ -102,7 +103,7 @@ def test_packed_float32_is_float32_accurate(in_features: int, out_features: int,
     assert relative_error(out.double(), exact) < 1e-6
 
 
-@needs_onednn
+@needs_onednn_bf16
 @pytest.mark.parametrize("in_features,out_features", SHAPES)
 def test_packed_bfloat16_close_to_float32(in_features: int, out_features: int):
     weight = torch.randn(out_features, in_features) * 0.02
@@ -113,7 +114,7 @@ def test_packed_bfloat16_close_to_float32(in_features: int, out_features: int):
 
 
 @needs_onednn
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_onednn_bf16)])
 @pytest.mark.parametrize("in_features,out_features", SHAPES)
 @pytest.mark.parametrize("batch", [2, 3, 9, 33, 65, 72, 300])  # 33+: other AMX kernels
 def test_packed_is_batch_invariant(in_features: int, out_features: int, batch: int, dtype: torch.dtype):
@@ -187,14 +188,15 @@ def prefill_logits(model: LlamaModel, token_ids: list[int]) -> torch.Tensor:
 PROMPT = [3, 17, 42, 5, 88, 60, 1, 9]
 
 
-PACKED_OR_PLAIN = PackedLinear if can_pack() else BF16Linear
+# bfloat16: oneDNN's where this CPU has a bfloat16 linear, else specserve's kernel reading bfloat16 weights.
+BFLOAT16_SWAP = PackedLinear if can_pack(torch.bfloat16) else Float32Linear if cpu_ops.load() else BF16Linear
 FLOAT32_SWAP = Float32Linear if cpu_ops.load() else PackedLinear
 needs_a_float32_swap = pytest.mark.skipif(not (cpu_ops.load() or can_pack()), reason="no C++ kernels, no oneDNN")
 
 
 @pytest.mark.parametrize("tie_word_embeddings", [False, True])
 @pytest.mark.parametrize("dtype,swapped,tolerance", [
-    ("int8", Int8Linear, 0.05), ("bfloat16", PACKED_OR_PLAIN, 0.02),
+    ("int8", Int8Linear, 0.05), ("bfloat16", BFLOAT16_SWAP, 0.02),
     pytest.param("float32", FLOAT32_SWAP, 1e-5, marks=needs_a_float32_swap),
 ])
 def test_swap_replaces_every_linear(tie_word_embeddings: bool, dtype: str, swapped: type, tolerance: float):
@@ -224,6 +226,8 @@ def test_bf16_tied_head_matches_its_embedding():
     hidden = activations(4, TINY.hidden_size, None)
     expected = F.linear(hidden.bfloat16(), model.embed_tokens.weight).float()
     torch.testing.assert_close(model.lm_head(hidden), expected, rtol=1e-2, atol=1e-2)
+    if isinstance(model.lm_head, Float32Linear):  # the kernel reads the embedding's table, no copy
+        assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
 
 
 @pytest.mark.skipif(cpu_ops.load() or can_pack(), reason="float32 is swapped where either kernel exists")

@@ -1,7 +1,8 @@
 """The W8A8 linear (kernels/csrc/int8_linear_cpu.cpp) against its plain-torch reference (kernels/linear.py,
 exact integer sums and the same float epilogue: equal bits), against fbgemm's path of Int8Linear (the
-same bits again), and itself at other batch sizes and thread counts. K a multiple of 64 takes the AMX tiles
-where the CPU has them, other K the VNNI vectors: both are covered by the shapes below."""
+same bits again; on CPUs without VNNI, the exact float32 fallback instead), and itself at other batch
+sizes and thread counts. K a multiple of 64 takes the AMX tiles where the CPU has them, other K the VNNI
+vectors (AVX2 ones on CPUs without VNNI): all are covered by the shapes below."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from specserve.engine.quant import Int8Linear
 from specserve.kernels import cpu_ops
-from specserve.kernels.linear import INT8_BLOCK, INT8_GROUP, int8_linear_ref, pack_int8_weight
+from specserve.kernels.linear import INT8_BLOCK, INT8_GROUP, exact_int_matmul, int8_linear_ref, pack_int8_weight
 
 pytestmark = pytest.mark.skipif(not cpu_ops.load(), reason="the C++ CPU kernels did not build here (no compiler)")
 
@@ -103,18 +104,34 @@ def test_bad_operands_raise():
 
 
 @pytest.mark.skipif(not (cpu_ops.load() and torch.ops.specserve_cpu.int8_linear_fast()),
-                    reason="no AVX-512 VNNI: Int8Linear uses fbgemm only")
+                    reason="no AVX-512 VNNI or AVX2: Int8Linear has only its fallbacks here")
+@pytest.mark.parametrize("fallback", ["fbgemm", "exact"])
 @pytest.mark.parametrize("in_features,out_features", [(576, 960), (1536, 576), (100, 40)])
-def test_int8linear_kernels_agree(monkeypatch, in_features: int, out_features: int):
-    # Where specserve's kernel is fast Int8Linear uses it; elsewhere fbgemm. Both must give one token the
-    # same bits, or a model's int8 outputs would depend on the CPU's instruction set.
+def test_int8linear_paths_agree(monkeypatch, fallback: str, in_features: int, out_features: int):
+    # Where specserve's kernel is fast Int8Linear uses it; elsewhere fbgemm where the CPU has VNNI (exact
+    # there), else exact float32 GEMMs. All must give one token the same bits, or a model's int8 outputs
+    # would depend on the CPU's instruction set.
+    if fallback == "fbgemm" and not cpu_ops.has_cpu_flag("avx512_vnni", "avx_vnni"):
+        pytest.skip("without VNNI fbgemm's int16 pair sums saturate: Int8Linear does not use it here")
     gen = torch.Generator().manual_seed(in_features)
     weight = torch.randn(out_features, in_features, generator=gen) * 0.05
     bias = torch.randn(out_features, generator=gen)
     x = torch.randn(9, in_features, generator=gen) * 4
     own = Int8Linear(weight, bias)
-    assert own.packed_weight is None
+    assert own.path == "kernel"
     monkeypatch.setattr(cpu_ops, "load", lambda: False)
-    fbgemm = Int8Linear(weight, bias)
-    assert fbgemm.packed_weight is not None
-    assert torch.equal(own(x), fbgemm(x))
+    monkeypatch.setattr(cpu_ops, "has_cpu_flag", lambda *names: fallback == "fbgemm")
+    other = Int8Linear(weight, bias)
+    assert other.path == fallback
+    assert torch.equal(own(x), other(x))
+
+
+def test_exact_int_matmul_is_exact_where_float32_sums_are_not():
+    # 127 * 127 * 1536 = 24.8M > 2^24: one float32 GEMM over all of K may round; the chunked one may not.
+    x_int = torch.full((2, 1536), 127.0)
+    x_int[1, ::2] = -127.0
+    x_int[1, :3] = 1.0
+    w_int = torch.full((3, 1536), 127.0)
+    w_int[2, 5] = 126.0
+    exact = x_int.double() @ w_int.double().T
+    assert torch.equal(exact_int_matmul(x_int, w_int), exact)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specserve.engine.quant import Float32Linear, decode_linear
+from specserve.engine.quant import Float32Linear, can_pack, decode_linear
 from specserve.kernels import cpu_ops
 from specserve.kernels.linear import linear_ref
 
@@ -39,6 +39,21 @@ def test_bits_equal_the_reference(rows: int, in_features: int, out_features: int
     x, weight, bias = inputs(rows, in_features, out_features, seed=rows * 1000 + in_features * 10 + out_features)
     bias = bias if with_bias else None
     assert torch.equal(linear(x, weight, bias), linear_ref(x, weight, bias))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("in_features", [3, 100])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bfloat16_weights_give_the_float32_kernels_bits_on_the_widened_weight(rows, in_features, with_bias):
+    # Where oneDNN has no bfloat16 linear (AVX2-only CPUs) the bfloat16 model runs on this kernel.
+    x, weight, bias = inputs(rows, in_features, 9, seed=rows + in_features)
+    weight = weight.bfloat16()
+    bias = bias if with_bias else None
+    out = linear(x, weight, bias)
+    assert torch.equal(out, linear(x, weight.float(), bias))
+    assert torch.equal(out, linear_ref(x, weight, bias))
+    # Widened, not rounded back: the result differs from a float32 weight that was never rounded.
+    assert not torch.equal(out, linear(x, weight.float() * (1 + 2**-12), bias))
 
 
 @pytest.mark.parametrize("in_features,out_features", MODEL_SHAPES[:2])
@@ -89,6 +104,7 @@ def test_no_rows_no_outputs():
     (torch.randn(16, 2).t(), torch.randn(4, 16), "contiguous"),
     (torch.randn(2, 16), torch.randn(4, 15), "input's K"),
     (torch.randn(2, 16), torch.randn(16, 4).t(), "weight"),
+    (torch.randn(2, 16), torch.randn(4, 16).half(), "float32 or bfloat16 weight"),
 ])
 def test_bad_operands_are_refused(x: torch.Tensor, weight: torch.Tensor, message: str):
     with pytest.raises(RuntimeError, match=message):
@@ -109,3 +125,12 @@ def test_module_keeps_leading_dimensions_and_shares_the_weight():
     out = layer(x)
     assert out.shape == (2, 3, 9)
     assert torch.equal(out.view(6, 9), linear_ref(x.view(6, 100), weight, bias))
+
+
+@pytest.mark.skipif(can_pack(torch.bfloat16), reason="oneDNN's bfloat16 linear runs bfloat16 on this CPU")
+def test_bfloat16_runs_on_this_kernel_where_onednn_has_no_bfloat16():
+    _, weight, bias = inputs(1, 100, 9, seed=6)
+    layer = decode_linear(weight, bias, torch.bfloat16)
+    assert isinstance(layer, Float32Linear) and layer.weight.dtype == torch.bfloat16
+    x = torch.randn(5, 100)
+    assert torch.equal(layer(x), linear_ref(x, weight.bfloat16(), bias))
