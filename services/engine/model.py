@@ -219,8 +219,8 @@ class LlamaModel(nn.Module):
         `specserve_cpu::decoder_layers` (kernels/csrc/decoder_cpu.cpp: the same kernel calls as the layer
         modules, in one C++ call, the same bits); None where that call does not apply: the C++ kernels are
         not loaded, gradients are wanted, some rows go to SDPA (a long prefill chunk) or another attention
-        backend, the cache is neither float32 nor bfloat16, or a linear has no `fused_operands` (fbgemm
-        int8, bfloat16 without oneDNN, a bias). The operands are gathered once and kept while the layers
+        backend, the cache is neither float32 nor bfloat16, or a linear has no `fused_operands` (int8 on
+        fbgemm or float32 GEMMs, bfloat16 on F.linear, a bias). The operands are gathered once and kept while the layers
         hold the same linear modules.
         """
         if not (self.fuse_layers and meta.cpu_args is not None and not meta.groups and cpu_ops.applies(x)
