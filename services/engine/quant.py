@@ -118,6 +118,11 @@ class Float32Linear(nn.Module):
         self.weight = nn.Parameter(weight.detach().to(weight_dtype).contiguous(), requires_grad=False)  # [out, in]
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)  # [out]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype, as `PackedLinear.dtype` (the other linear `decode_linear` picks)."""
+        return self.weight.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] float32 -> [..., out] float32
         rows = x.reshape(-1, self.in_features)  # [M, in]
         if cpu_ops.applies(rows):
