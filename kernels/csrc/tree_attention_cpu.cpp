@@ -55,48 +55,7 @@ inline Lanes load_lanes(const float* x) {
   return v;
 }
 
-// 16 bfloat16 values widened to float32 (exact: a bfloat16 is the top half of a float32's bits).
-inline Lanes load_lanes(const at::BFloat16* x) {
-#if defined(__AVX512F__)
-  const __m256i narrow = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(narrow), 16);
-  return reinterpret_cast<Lanes>(_mm512_castsi512_ps(wide));
-#else
-  typedef uint16_t Bits16 __attribute__((vector_size(32)));
-  typedef uint32_t Bits32 __attribute__((vector_size(64)));
-  Bits16 narrow;
-  std::memcpy(&narrow, x, sizeof narrow);
-  const Bits32 wide = __builtin_convertvector(narrow, Bits32) << 16;
-  Lanes v;
-  std::memcpy(&v, &wide, sizeof v);
-  return v;
-#endif
-}
-
-// 16 int8 values of an int8 cache row as float32 (exact); the row's scale is applied by the caller.
-inline Lanes load_lanes(const int8_t* x) {
-#if defined(__AVX512F__)
-  const __m128i narrow = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-  return reinterpret_cast<Lanes>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(narrow)));
-#elif defined(__AVX2__)  // GCC's generic conversion sign-extends byte by byte in scalar registers here
-  const __m128i narrow = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(narrow));
-  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(narrow, 8)));
-  Lanes v;
-  std::memcpy(&v, &lo, sizeof lo);
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
-  return v;
-#else
-  typedef int8_t Bytes16 __attribute__((vector_size(16)));
-  Bytes16 narrow;
-  std::memcpy(&narrow, x, sizeof narrow);
-  return __builtin_convertvector(narrow, Lanes);
-#endif
-}
-
-inline void store_lanes(float* x, Lanes v) { std::memcpy(x, &v, sizeof v); }
-
-// 8 lanes of a cache row or query as float32: half of load_lanes (the same values).
+// 8 lanes of a cache row or query as float32: the low or high half of load_lanes.
 inline Half load_half(const float* x) {
   Half v;
   std::memcpy(&v, x, sizeof v);
@@ -118,7 +77,7 @@ inline Half load_half(const at::BFloat16* x) {
 #endif
 }
 inline Half load_half(const int8_t* x) {
-#if defined(__AVX2__)
+#if defined(__AVX2__)  // GCC's generic conversion sign-extends byte by byte in scalar registers here
   const __m128i narrow = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x));
   return reinterpret_cast<Half>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(narrow)));
 #else
@@ -128,6 +87,30 @@ inline Half load_half(const int8_t* x) {
   return __builtin_convertvector(narrow, Half);
 #endif
 }
+
+// 16 bfloat16 values widened to float32 (exact: a bfloat16 is the top half of a float32's bits).
+inline Lanes load_lanes(const at::BFloat16* x) {
+#if defined(__AVX512F__)
+  const __m256i narrow = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(narrow), 16);
+  return reinterpret_cast<Lanes>(_mm512_castsi512_ps(wide));
+#else
+  return __builtin_shufflevector(load_half(x), load_half(x + 8), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#endif
+}
+
+// 16 int8 values of an int8 cache row as float32 (exact); the row's scale is applied by the caller.
+inline Lanes load_lanes(const int8_t* x) {
+#if defined(__AVX512F__)
+  const __m128i narrow = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return reinterpret_cast<Lanes>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(narrow)));
+#else
+  return __builtin_shufflevector(load_half(x), load_half(x + 8), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#endif
+}
+
+inline void store_lanes(float* x, Lanes v) { std::memcpy(x, &v, sizeof v); }
+
 
 // Sum of the lanes in a fixed pairwise tree (halving shuffles, not a serial chain).
 inline float reduce_lanes(Lanes v) {
