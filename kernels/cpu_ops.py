@@ -19,6 +19,7 @@ forces that fallback.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -77,9 +78,13 @@ def _try_load() -> bool:
 
 def has_cpu_flag(*names: str) -> bool:
     """Whether /proc/cpuinfo lists any of these feature flags (False where there is no /proc/cpuinfo)."""
-    flags = {flag for line in _cpu_identity().splitlines() if line.startswith(("flags", "Features"))
-             for flag in line.split(":", 1)[-1].split()}
-    return any(name in flags for name in names)
+    return any(name in _cpu_flags() for name in names)
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:  # read once: Int8Linear asks for every linear it builds
+    return frozenset(flag for line in _cpu_identity().splitlines() if line.startswith(("flags", "Features"))
+                     for flag in line.split(":", 1)[-1].split())
 
 
 def _cpu_identity() -> str:

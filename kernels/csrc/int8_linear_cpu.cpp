@@ -11,9 +11,10 @@
 // K is contiguous. Inputs are offset by +128 to unsigned bytes, as AVX-512 VNNI's vpdpbusd multiplies
 // unsigned by signed bytes; `compensation[n]` = 128 * sum_k w[n, k] takes the offset back out.
 //
-// Two paths, chosen by the CPU and K only, never by M: AMX tiles (16 rows x 64 k x 16 channels per
+// Three paths, chosen by the CPU and K only, never by M: AMX tiles (16 rows x 64 k x 16 channels per
 // instruction) where the CPU has them, Linux grants them and K is a multiple of 64; else AVX-512 VNNI
-// vectors, a register tile of kRows rows x kBlocks blocks reusing each weight vector kRows times. Both
+// vectors, a register tile of kRows rows x kBlocks blocks reusing each weight vector kRows times; on
+// AVX2-only CPUs signed inputs, no offset (see tile_avx2). All three give the same sums. They
 // stream a thread's weights in L2-sized chunks, running every row of x over a chunk before the next.
 // All 121 linears of the 135M model, 2 cores of an AMX Xeon, ms at M = 1 / 4 / 8 / 16 / 64 / 256 (two
 // runs): AMX 5.7 / 6.3 / 6.6 / 7.3-7.5 / 15.0-15.5 / 57-59; fbgemm's W8A8 linear (Int8Linear's before)
@@ -252,8 +253,8 @@ constexpr auto kAvx2Tiles = avx2_tiles(std::make_integer_sequence<int, kRows>())
 constexpr int kRows = 1, kBlocks = 1;
 
 // Portable path (neither AVX-512 VNNI nor AVX2): the same integers and epilogue, one output at a time.
-// Int8Linear uses fbgemm instead where `int8_linear_fast()` is false, so this only keeps the op correct
-// everywhere.
+// Int8Linear uses its fallbacks instead where `int8_linear_fast()` is false (engine/quant.py), so this only
+// keeps the op correct everywhere.
 void tile_generic(const uint8_t* x, int64_t kp, const int8_t* w, const int32_t* compensation, const float* w_scale,
                   const float* row_scale, const float* bias, float* out, int64_t, int channels) {
   for (int c = 0; c < channels; ++c) {

@@ -220,8 +220,8 @@ class LlamaModel(nn.Module):
         modules, in one C++ call, the same bits); None where that call does not apply: the C++ kernels are
         not loaded, gradients are wanted, some rows go to SDPA (a long prefill chunk) or another attention
         backend, the cache is neither float32 nor bfloat16, or a linear has no `fused_operands` (int8 on
-        fbgemm or float32 GEMMs, bfloat16 on F.linear, a bias). The operands are gathered once and kept while the layers
-        hold the same linear modules.
+        fbgemm or float32 GEMMs, bfloat16 on F.linear, a bias). The operands are gathered once and kept
+        while the layers hold the same linear modules.
         """
         if not (self.fuse_layers and meta.cpu_args is not None and not meta.groups and cpu_ops.applies(x)
                 and kv_caches[0][0].dtype in CPU_KV_DTYPES):

@@ -147,8 +147,9 @@ def decode_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.
         return PackedLinear(weight, bias, dtype)
     if cpu_ops.load():
         return Float32Linear(weight, bias, dtype)
-    cast = _SharedCast(dtype)
-    return BF16Linear(cast(weight), None if bias is None else cast(bias))
+    weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)  # a bfloat16 source keeps its storage
+    bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+    return BF16Linear(weight, bias)
 
 
 class BF16Linear(nn.Module):
