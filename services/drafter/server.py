@@ -4,9 +4,10 @@ replica to verifiers of the same model), build the drafter the SpecConfig names,
 from __future__ import annotations
 
 from specserve.drafter.servicer import DrafterServicer
-from specserve.drafters import build_drafter
+from specserve.drafters import build_drafter, check_sources
 from specserve.engine.config import SpecConfig
 from specserve.engine.llm_engine import build_model, load_tokenizer
+from specserve.engine.loader import load_config
 from specserve.errors import InvalidRequestError
 from specserve.learned.checkpoint import target_fingerprint
 from specserve.rpc.server import RpcServer
@@ -20,6 +21,7 @@ def build_drafter_servicer(model_path: str, dtype: str, spec: SpecConfig) -> Dra
     """The servicer for `spec.method` on the model at `model_path`; "off" is refused."""
     if not spec.enabled:
         raise InvalidRequestError("a drafter replica needs a draft method, got 'off'")
+    check_sources(spec, load_config(model_path))  # before the load
     model = build_model(model_path, dtype)
     drafter = build_drafter(spec, model, load_tokenizer(model_path))
     assert drafter is not None

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from specserve.engine.config import LEARNED_METHODS
+from specserve.engine.config import LEARNED_METHODS, check_exit_layer
 from specserve.errors import InvalidRequestError
 
 FEATURE_DRAFTERS = ("eagle", "medusa")  # learned drafters that read the target's hidden states
 
 if TYPE_CHECKING:
     from specserve.drafters.base import Drafter
-    from specserve.engine.config import SpecConfig
+    from specserve.engine.config import ModelConfig, SpecConfig
     from specserve.engine.model import LlamaModel
     from specserve.engine.tokenizer import Tokenizer
 
@@ -28,13 +28,12 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
     """
     from specserve.drafters.ngram import NgramDrafter
 
+    check_sources(spec, model.config)
     if spec.method == "off":
         return None
     if spec.method == "ngram":
         return NgramDrafter()
     if spec.method == "rest":
-        if spec.datastore_path is None:
-            raise InvalidRequestError("the rest drafter needs a datastore (specserve datastore build ...)")
         return _rest(spec.datastore_path, tokenizer)
     if spec.method == "early-exit":
         from specserve.drafters.early_exit import EXIT_LAYERS_SKIPPED, EarlyExitConfig, EarlyExitDrafter
@@ -42,9 +41,6 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
         exit_layer = spec.exit_layer if spec.exit_layer is not None else model.config.num_layers - EXIT_LAYERS_SKIPPED
         return EarlyExitDrafter(model, EarlyExitConfig(exit_layer=exit_layer))
     if spec.method in LEARNED_METHODS:
-        if spec.draft_checkpoint is None:
-            raise InvalidRequestError(f"the {spec.method} drafter needs a checkpoint "
-                                      f"(specserve train-draft --kind {spec.method})")
         return _learned(spec.method, spec.draft_checkpoint, model)
     if spec.method == "auto":
         from specserve.drafters.auto import MergedDrafter
@@ -58,6 +54,32 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
             sources.append(_learned(checkpoint_kind(spec.draft_checkpoint), spec.draft_checkpoint, model))
         return MergedDrafter(sources)
     raise InvalidRequestError(f"drafter {spec.method!r} is not available in this version")
+
+
+def check_sources(spec: SpecConfig, model_config: ModelConfig) -> None:
+    """What `build_drafter(spec, ...)` will read, checked from paths and headers alone, so that a bad setting
+    fails before the target's weights load (seconds): the datastore file exists, a checkpoint's header is
+    ours and names the drafter, the exit layer is one of the model's. Building the drafter checks in full
+    (checksums, the target's fingerprint)."""
+    if spec.method == "rest" and spec.datastore_path is None:
+        raise InvalidRequestError("the rest drafter needs a datastore (specserve datastore build ...)")
+    if spec.method in ("rest", "auto") and spec.datastore_path is not None:
+        from specserve.drafters.datastore import check_datastore_file
+
+        check_datastore_file(spec.datastore_path)
+    if spec.method == "early-exit" and spec.exit_layer is not None:
+        check_exit_layer(spec.exit_layer, model_config.num_layers)
+    if spec.method in LEARNED_METHODS:
+        if spec.draft_checkpoint is None:
+            raise InvalidRequestError(f"the {spec.method} drafter needs a checkpoint "
+                                      f"(specserve train-draft --kind {spec.method})")
+        from specserve.learned.checkpoint import check_header
+
+        check_header(spec.draft_checkpoint, spec.method)
+    if spec.method == "auto" and spec.draft_checkpoint is not None:
+        from specserve.learned.checkpoint import checkpoint_kind
+
+        checkpoint_kind(spec.draft_checkpoint)
 
 
 def needs_hidden(spec: SpecConfig) -> bool:

@@ -53,6 +53,14 @@ class SuffixMatch:
     starts: np.ndarray  # [num_matches] int64 position right after each occurrence: where its continuation begins
 
 
+def check_datastore_file(path: str | Path) -> Path:
+    """`path` as a Path, if a file is there (`TokenDatastore.load` reads and verifies it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatastoreError(f"no datastore at {path}; {build_hint(path)}")
+    return path
+
+
 @dataclass(frozen=True)
 class TokenDatastore:
     tokens: np.ndarray  # [num_tokens] int32 documents, each followed by SEPARATOR
@@ -142,9 +150,7 @@ class TokenDatastore:
     @classmethod
     def load(cls, path: str | Path, fingerprint: str | None = None) -> TokenDatastore:
         """Read and verify a saved datastore; `fingerprint` (if given) must match the one it was built with."""
-        path = Path(path)
-        if not path.is_file():
-            raise DatastoreError(f"no datastore at {path}; {build_hint(path)}")
+        path = check_datastore_file(path)
         header, tokens, suffix_array = _read_npz(path)
         if header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
             raise DatastoreError(f"{path} is datastore format {header.get('format')!r} version "

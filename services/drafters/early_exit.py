@@ -33,8 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from specserve.drafters.layer_chain import ChainConfig, LayerChainDrafter
+from specserve.engine.config import check_exit_layer
 from specserve.engine.model import LlamaModel
-from specserve.errors import InvalidRequestError
 
 
 # The default exit skips the last 2 layers (28 of SmolLM2's 30): the least slow setting measured above.
@@ -50,10 +50,5 @@ class EarlyExitDrafter(LayerChainDrafter):
     name = "early-exit"
 
     def __init__(self, model: LlamaModel, config: EarlyExitConfig) -> None:
-        num_layers = model.config.num_layers
-        if not 1 <= config.exit_layer < num_layers:
-            raise InvalidRequestError(
-                f"exit_layer must be in [1, {num_layers - 1}] for this {num_layers}-layer model, "
-                f"got {config.exit_layer}"
-            )
+        check_exit_layer(config.exit_layer, model.config.num_layers)
         super().__init__(model, config.exit_layer, config)

@@ -203,6 +203,13 @@ class SpecConfig:
         return min(self.num_draft_tokens, self.max_draft_tokens_per_step // num_decoding)
 
 
+def check_exit_layer(exit_layer: int, num_layers: int) -> None:
+    """An early exit (drafter or trained head) runs 1 .. num_layers - 1 of the target's layers."""
+    if not 1 <= exit_layer < num_layers:
+        raise InvalidRequestError(f"exit_layer must be in [1, {num_layers - 1}] for this {num_layers}-layer model, "
+                                  f"got {exit_layer}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything needed to build an `LLMEngine`."""

@@ -51,10 +51,7 @@ LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Parse `path`; raises ModelLoadError for content we do not support (`load_checkpoint` wraps parse errors)."""
     reader = GGUFReader(path)
-    arch = _required(path, reader, "general.architecture")
-    if arch != "llama":
-        raise ModelLoadError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
-    config = _config(path, reader)
+    config = _llama_config(path, reader)
     state_dict = {}
     for tensor in reader.tensors:
         if tensor.tensor_type not in SUPPORTED_TYPES:
@@ -72,6 +69,18 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             weights = weights.copy()
         state_dict[name] = torch.from_numpy(weights)
     return config, state_dict
+
+
+def load_gguf_config(path: Path) -> ModelConfig:
+    """The config alone: the GGUF header is parsed (the file is memory-mapped), no tensor is dequantized."""
+    return _llama_config(path, GGUFReader(path))
+
+
+def _llama_config(path: Path, reader: GGUFReader) -> ModelConfig:
+    arch = _required(path, reader, "general.architecture")
+    if arch != "llama":
+        raise ModelLoadError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
+    return _config(path, reader)
 
 
 def unpermute_rope_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:

@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specserve.drafters import build_drafter
+from specserve.drafters import build_drafter, check_sources
 from specserve.drafters.base import DraftRequest, Drafter
 from specserve.engine.acceptance import LossyConfig
 from specserve.engine.block_manager import BlockManager
 from specserve.engine.config import EngineConfig, SamplingParams
 from specserve.engine.draft_tree import DraftTree
 from specserve.engine.logprobs import TokenLogprob
-from specserve.engine.loader import load_checkpoint
+from specserve.engine.loader import load_checkpoint, load_config
 from specserve.engine.model import LlamaModel
 from specserve.engine.model_runner import ModelRunner
 from specserve.engine.quant import apply_weight_dtype
@@ -118,6 +118,7 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
+        check_sources(config.spec, load_config(config.model_path))  # a bad drafter setting fails before the load
         return cls(config, build_model(config.model_path, config.dtype), load_tokenizer(config.model_path))
 
     # ---- requests -------------------------------------------------------------------------------

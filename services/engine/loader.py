@@ -6,36 +6,51 @@ shaped as the config says, and turns any failure to parse a corrupt file into a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from specserve.engine.config import ModelConfig
-from specserve.engine.gguf_loader import load_gguf
-from specserve.engine.safetensors_loader import load_safetensors_dir
+from specserve.engine.gguf_loader import load_gguf, load_gguf_config
+from specserve.engine.safetensors_loader import load_safetensors_config, load_safetensors_dir
 from specserve.errors import ModelLoadError
+
+T = TypeVar("T")
 
 
 def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A `*.gguf` file or a directory holding config.json and model*.safetensors."""
     path = Path(path)
+    config, state_dict = _read(path, load_safetensors_dir, load_gguf)
+    check_state_dict(path, config, state_dict)
+    return config, state_dict
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """The config of the checkpoint `load_checkpoint(path)` would load, read without its weights (the GGUF
+    header, config.json): enough for checks that should fail before a load of many seconds."""
+    return _read(Path(path), load_safetensors_config, load_gguf_config)
+
+
+def _read(path: Path, read_dir: Callable[[Path], T], read_gguf: Callable[[Path], T]) -> T:
+    """`read_dir(path)` for a directory, `read_gguf(path)` for a .gguf file; any failure a ModelLoadError."""
     if path.is_dir():
-        read = load_safetensors_dir
+        read = read_dir
     elif path.is_file() and path.suffix == ".gguf":
-        read = load_gguf
+        read = read_gguf
     elif not path.exists():
         raise ModelLoadError(f"{path}: no such file or directory")
     else:
         raise ModelLoadError(f"{path}: expected a .gguf file or a directory with config.json and safetensors")
     try:
-        config, state_dict = read(path)
+        return read(path)
     except ModelLoadError:
         raise
     except Exception as exc:  # corrupt files fail deep inside gguf, numpy, safetensors or json in many ways
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
         raise ModelLoadError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {detail})") from exc
-    check_state_dict(path, config, state_dict)
-    return config, state_dict
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -34,6 +34,11 @@ def load_safetensors_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     return config, state_dict
 
 
+def load_safetensors_config(path: Path) -> ModelConfig:
+    """The config alone, from config.json (no shard is opened)."""
+    return config_from_hf(path, _read_json(path / "config.json"))
+
+
 def config_from_hf(path: Path, hf: dict) -> ModelConfig:
     """Map HF `LlamaConfig` fields (transformers 4 or 5 layout) to ModelConfig."""
     if hf.get("model_type") != "llama":

@@ -71,23 +71,31 @@ def save_checkpoint(path: str | Path, checkpoint: DraftCheckpoint) -> None:
 def load_checkpoint(path: str | Path, kind: str, fingerprint: str | None) -> DraftCheckpoint:
     """Read and check a checkpoint; `fingerprint` None skips the target check (inspection only)."""
     path = Path(path)
-    if not path.is_file():
-        raise DraftCheckpointError(
-            f"draft checkpoint {path} does not exist (make one: specserve train-draft --kind {kind})")
-    metadata = metadata_of(path)  # a corrupt or foreign file fails here, with its reason
+    metadata = check_header(path, kind)
     try:
         tensors = load_file(str(path))
         config, recipe = json.loads(metadata.get("config", "null")), json.loads(metadata.get("recipe", "{}"))
     except (SafetensorError, OSError, ValueError) as e:
         raise DraftCheckpointError(f"draft checkpoint {path} is corrupt or not a safetensors file ({e})") from e
-    if metadata.get("kind") != kind:
-        raise DraftCheckpointError(f"{path} holds a {metadata.get('kind')!r} drafter, not {kind!r}")
     if fingerprint is not None and metadata.get("target_fingerprint") != fingerprint:
         theirs = str(metadata.get("target_fingerprint"))[:12]
         raise DraftCheckpointError(
             f"{path} was trained for another target model (fingerprint {theirs}, this model {fingerprint[:12]})")
     return DraftCheckpoint(kind, tensors, config, metadata["target_fingerprint"], recipe, metadata.get("data_hash", ""),
                            heldout_of(metadata))
+
+
+def check_header(path: str | Path, kind: str) -> dict[str, str]:
+    """The metadata of a checkpoint that exists, is one of ours and holds a `kind` drafter (its header alone:
+    cheap enough to check before the target loads); raises DraftCheckpointError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise DraftCheckpointError(
+            f"draft checkpoint {path} does not exist (make one: specserve train-draft --kind {kind})")
+    metadata = metadata_of(path)  # a corrupt or foreign file fails here, with its reason
+    if metadata.get("kind") != kind:
+        raise DraftCheckpointError(f"{path} holds a {metadata.get('kind')!r} drafter, not {kind!r}")
+    return metadata
 
 
 def metadata_of(path: str | Path) -> dict[str, str]:

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from specserve.engine.config import check_exit_layer
 from specserve.engine.model import LlamaModel
-from specserve.errors import DraftCheckpointError, InvalidRequestError
+from specserve.errors import DraftCheckpointError
 from specserve.learned.checkpoint import load_checkpoint, target_fingerprint
 from specserve.learned.eagle_head import target_tables
 
@@ -52,16 +53,9 @@ class ExitHead(nn.Module):
         return self.proj(exit_hidden)
 
 
-def check_exit_layer(target: LlamaModel, exit_layer: int) -> None:
-    num_layers = target.config.num_layers
-    if not 1 <= exit_layer < num_layers:
-        raise InvalidRequestError(f"exit_layer must be in [1, {num_layers - 1}] for this {num_layers}-layer model, "
-                                  f"got {exit_layer}")
-
-
 def new_exit_head(target: LlamaModel, token_map: torch.Tensor, exit_layer: int) -> ExitHead:
     """A head after layer `exit_layer` that starts as the untrained early exit (the target's LM-head rows)."""
-    check_exit_layer(target, exit_layer)
+    check_exit_layer(exit_layer, target.config.num_layers)
     config = ExitHeadConfig(exit_layer, target.config.hidden_size, target.config.vocab_size, len(token_map))
     head = ExitHead(config, token_map)
     with torch.no_grad():
@@ -77,7 +71,7 @@ def load_exit_head(path: str | Path, target: LlamaModel) -> ExitHead:
         head.load_state_dict(checkpoint.tensors)
     except (TypeError, KeyError, RuntimeError, AssertionError) as e:
         raise DraftCheckpointError(f"draft checkpoint {path} does not fit its own config ({e})") from e
-    check_exit_layer(target, head.config.exit_layer)
+    check_exit_layer(head.config.exit_layer, target.config.num_layers)
     return head.eval()
 
 

@@ -49,13 +49,13 @@ from typing import Any
 import torch
 
 from specserve.engine import loader
+from specserve.engine.config import check_exit_layer
 from specserve.engine.model import LlamaModel
 from specserve.errors import DraftCheckpointError, InvalidRequestError
 from specserve.learned.checkpoint import KINDS, DraftCheckpoint, save_checkpoint, target_fingerprint
 from specserve.learned.draft_model import DraftModelConfig
 from specserve.learned.distill_data import DistillConfig, DistillCorpus, build_corpus, choose_draft_vocab
 from specserve.learned.eagle_head import EagleHead, new_eagle_head
-from specserve.learned.exit_head import check_exit_layer
 from specserve.learned.fit import TrainConfig, load_training_state
 from specserve.learned.medusa_heads import new_medusa_heads
 
@@ -147,13 +147,15 @@ def split_heldout(corpus: DistillCorpus, fraction: float, seed: int) -> tuple[Di
 
 def train_draft(config: TrainDraftConfig) -> TrainDraftReport:
     state = load_training_state(config.state_path) if config.resume else None  # fail before the slow parts
+    # The drafter's layers must exist in this target: tell from its header, before loading and distilling.
+    target_config = loader.load_config(config.model_path)
+    if config.kind == "draft-model":
+        DraftModelConfig.for_target(target_config, config.draft_layers, config.draft_vocab_size)
+    if config.kind == "exit-head":
+        check_exit_layer(config.exit_layer, target_config.num_layers)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     target = load_float32_target(config.model_path)
-    if config.kind == "draft-model":  # its layers must exist in this target: tell before distilling
-        DraftModelConfig.for_target(target.config, config.draft_layers, config.draft_vocab_size)
-    if config.kind == "exit-head":
-        check_exit_layer(target, config.exit_layer)
     fingerprint = target_fingerprint(target)
     corpus = build_corpus(config.model_path, config.train_dir, config.cache_dir, config.distill, fingerprint)
     seconds["corpus"] = time.perf_counter() - start

@@ -6,9 +6,10 @@ import dataclasses
 import os
 
 from specserve.drafter.servicer import DrafterServicer
-from specserve.drafters import build_drafter
+from specserve.drafters import build_drafter, check_sources
 from specserve.engine.config import CacheConfig, SpecConfig
 from specserve.engine.llm_engine import build_model, load_tokenizer
+from specserve.engine.loader import load_config
 from specserve.engine.model import LlamaModel
 from specserve.engine.tokenizer import Tokenizer
 from specserve.learned.checkpoint import target_fingerprint
@@ -30,6 +31,9 @@ def build_embedded_router(model_path: str, dtype: str, methods: list[str], cache
     """Router, one verifier and one drafter per method in this process, sharing one copy of the weights;
     the router calls their servicers directly with the same messages it sends over the network.
     `spec` carries the drafters' options (datastore, checkpoint, exit layer); its method is ignored."""
+    model_config = load_config(model_path)
+    for method in methods:  # a bad drafter setting fails before the load
+        check_sources(dataclasses.replace(spec, method=method), model_config)
     return embedded_router(build_model(model_path, dtype), load_tokenizer(model_path), dtype, methods, cache,
                            config, spec, batch_invariant, model_name=os.path.basename(model_path))
 

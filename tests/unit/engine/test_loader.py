@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from specserve.engine.config import ModelConfig
 from specserve.engine.gguf_loader import unpermute_rope_rows
-from specserve.engine.loader import load_checkpoint
+from specserve.engine.loader import load_checkpoint, load_config
 from specserve.engine.safetensors_loader import config_from_hf
 from specserve.errors import ModelLoadError
 
@@ -200,6 +200,17 @@ def test_gguf_config_matches_transformers(
     assert config.tie_word_embeddings == reference.tie_word_embeddings
     assert config.bos_token_id == reference.bos_token_id
     assert config.eos_token_ids == (reference.eos_token_id,)
+
+
+def test_config_alone_equals_the_loaded_one(smollm: LoadedCheckpoint, gguf_path: Path, tmp_path: Path) -> None:
+    """`load_config` reads the header only (drafter settings are checked with it before the load)."""
+    assert load_config(gguf_path) == smollm[0]
+    model = tiny_llama(tie=False)
+    model.save_pretrained(tmp_path)
+    assert load_config(tmp_path) == load_checkpoint(tmp_path)[0] == replace(TINY_CONFIG, tie_word_embeddings=False)
+    (tmp_path / "config.json").write_text("{not json")
+    assert "corrupt or truncated" in str(pytest.raises(ModelLoadError, load_config, tmp_path).value)
+    assert "no such file" in str(pytest.raises(ModelLoadError, load_config, tmp_path / "absent.gguf").value)
 
 
 def test_truncated_real_gguf(gguf_path: Path, tmp_path: Path) -> None:
