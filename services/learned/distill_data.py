@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from specserve.engine.config import CacheConfig, EngineConfig, SamplingParams
-from specserve.engine.llm_engine import LLMEngine, RequestOutput, load_tokenizer
+from specserve.engine.llm_engine import LLMEngine, RequestOutput, build_model, load_tokenizer
 from specserve.engine.model import LlamaModel
 from specserve.engine.model_runner import allocate_kv_cache
 from specserve.engine.tokenizer import Tokenizer
@@ -253,8 +253,9 @@ def load_shard(path: Path, num_sequences: int) -> DistillCorpus | None:
 
 
 def build_corpus(model_path: str, train_dir: Path, cache_dir: Path, config: DistillConfig,
-                 fingerprint: str) -> DistillCorpus:
-    """The corpus for `config`, from cached shards where they exist; the engine is loaded only if one is missing."""
+                 fingerprint: str, model: LlamaModel | None = None) -> DistillCorpus:
+    """The corpus for `config`, from cached shards where they exist; the engine is loaded only if one is missing.
+    `model`: that engine's model when it is already loaded (`build_model(model_path, "float32")`)."""
     if not Path(train_dir).is_dir():
         raise InvalidRequestError(f"no training prompt directory at {train_dir}")
     folder = corpus_dir(cache_dir, train_dir, config, fingerprint)
@@ -263,8 +264,10 @@ def build_corpus(model_path: str, train_dir: Path, cache_dir: Path, config: Dist
     shards = [load_shard(folder / f"shard-{i:05d}.safetensors", size) for i, size in enumerate(sizes)]
     missing = [i for i, shard in enumerate(shards) if shard is None]
     if missing:
-        prompts = select_prompts(read_prompts(train_dir, config.seed), load_tokenizer(model_path), config)
-        engine = LLMEngine.from_config(EngineConfig(model_path=model_path, dtype="float32"))
+        tokenizer = load_tokenizer(model_path)
+        prompts = select_prompts(read_prompts(train_dir, config.seed), tokenizer, config)
+        engine_config = EngineConfig(model_path=model_path, dtype="float32")
+        engine = LLMEngine(engine_config, model if model is not None else build_model(model_path, "float32"), tokenizer)
         with tqdm(total=sum(sizes[i] for i in missing), desc="distilling", unit="prompt", disable=None) as progress:
             for i in missing:
                 start = i * SHARD_SIZE

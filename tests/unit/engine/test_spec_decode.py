@@ -33,6 +33,8 @@ from specserve.kernels.paged_attention import build_attention_metadata
 from specserve.engine.model_runner import allocate_kv_cache
 
 NUM_PROMPTS, MAX_TOKENS = 20, 128
+# The cells CI runs (IN_CI below) take CI_PROMPTS of the NUM_PROMPTS, spread the same way: one wave of 8.
+CI_PROMPTS = 8
 # Top-2 logit gap below which a differing token counts as a float-rounding tie (float32 logits move by
 # ~1e-5 between batch shapes).
 TIE_EPS = {"float32": 1e-3}  # batch-invariant engines: 0 (no tie allowed)
@@ -45,6 +47,12 @@ def spread_prompts(tokenizer, spec_bench_prompts) -> list[list[int]]:
     step = len(spec_bench_prompts) // NUM_PROMPTS
     chosen = spec_bench_prompts[::step][:NUM_PROMPTS]
     return [tokenizer.render_prompt_ids([{"role": "user", "content": p}]) for p in chosen]
+
+
+@pytest.fixture(scope="module")
+def ci_prompts(spread_prompts) -> list[list[int]]:
+    """CI_PROMPTS of `spread_prompts`, evenly spaced, so they still span the categories."""
+    return [spread_prompts[i * len(spread_prompts) // CI_PROMPTS] for i in range(CI_PROMPTS)]
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +133,14 @@ def generate(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
     return [c.token_ids for c in completions]
 
 
-_plain: dict[tuple[str, bool, str], list[list[int]]] = {}
+_plain: dict[tuple[str, bool, str, int], list[list[int]]] = {}
 
 
 def plain_greedy(model, tokenizer, dtype: str, batch_invariant: bool, prompts: list[list[int]],
                  kv_dtype: str = "float32") -> list[list[int]]:
-    """Plain greedy outputs of the engine (8 sequences at a time), computed once per engine kind."""
-    key = (dtype, batch_invariant, kv_dtype)
+    """Plain greedy outputs of the engine (8 sequences at a time), computed once per engine kind and prompt
+    set (the full NUM_PROMPTS or CI's CI_PROMPTS)."""
+    key = (dtype, batch_invariant, kv_dtype, len(prompts))
     if key not in _plain:
         engine = make_engine(model, tokenizer, dtype, SpecConfig(), max_num_seqs=8, batch_invariant=batch_invariant,
                              kv_dtype=kv_dtype)
@@ -178,7 +187,9 @@ def count_ties(model, dtype: str, prompts, expected, actual, tie_eps: float) -> 
 # bfloat16 with batch-invariant attention (identical outputs). CI runs the cells in IN_CI, `make test-slow`
 # the rest. CI's 25-minute budget picks the cells: every drafter and engine kind once, at batch 8 but for
 # auto (n-gram and retrieval at batch 1, the engine's batch-1 path); n-gram alone runs on the int8 and
-# bfloat16 engines. Every other cell, batch 1 included, runs in `make test-slow`.
+# bfloat16 engines. CI's cells take CI_PROMPTS of the prompts (x MAX_TOKENS): on a 2-core AVX2 host the
+# full 20 made this file ~17 of the suite's 37 minutes. Every cell on all NUM_PROMPTS, batch 1 included,
+# runs in `make test-slow`.
 METHODS = ("ngram", "rest", "early-exit", "eagle", "medusa", "draft-model", "exit-head", "auto")
 ENGINES = [("float32", False), ("float32", True), ("int8", True), ("bfloat16", True)]
 IN_CI = {
@@ -196,10 +207,11 @@ GRID = [
 
 @pytest.mark.parametrize("method,dtype,max_num_seqs,batch_invariant", GRID)
 def test_greedy_speculation_equals_plain_greedy(
-    request, models, tokenizer, spread_prompts, method, dtype, max_num_seqs, batch_invariant
+    request, models, tokenizer, spread_prompts, ci_prompts, method, dtype, max_num_seqs, batch_invariant
 ):
     model = models(dtype)
-    expected = plain_greedy(model, tokenizer, dtype, batch_invariant, spread_prompts)
+    prompts = ci_prompts if (method, dtype, max_num_seqs, batch_invariant) in IN_CI else spread_prompts
+    expected = plain_greedy(model, tokenizer, dtype, batch_invariant, prompts)
     # Each resource is built (once per module) only by the cells that need it.
     datastore = request.getfixturevalue("datastore_path") if method in ("rest", "auto") else None
     # auto merges a trained drafter of any kind with n-gram and retrieval: Medusa here (EAGLE alone is tested).
@@ -207,23 +219,23 @@ def test_greedy_speculation_equals_plain_greedy(
     checkpoint = request.getfixturevalue("learned_checkpoint")(learned) if learned else None
     spec = SpecConfig(method=method, datastore_path=datastore, draft_checkpoint=checkpoint)
     engine = make_engine(model, tokenizer, dtype, spec, max_num_seqs, batch_invariant)
-    actual = generate(engine, spread_prompts)
+    actual = generate(engine, prompts)
     tie_eps = 0.0 if batch_invariant else TIE_EPS[dtype]
-    assert count_ties(model, dtype, spread_prompts, expected, actual, tie_eps) <= MAX_TIES
+    assert count_ties(model, dtype, prompts, expected, actual, tie_eps) <= MAX_TIES
     # The drafter really drafted and the verifier really accepted: the test exercises speculation.
     assert engine.spec_stats.verify_steps > 0 and engine.spec_stats.accepted > 0
 
 
 @pytest.mark.parametrize("kv_dtype", ["bfloat16", "int8"])
-def test_greedy_speculation_is_exact_over_a_rounded_kv_cache(models, tokenizer, spread_prompts, kv_dtype):
+def test_greedy_speculation_is_exact_over_a_rounded_kv_cache(models, tokenizer, ci_prompts, kv_dtype):
     """A bfloat16 or int8 cache rounds K/V once, when written (int8: each row with its own scale, never
     the step's other rows); verify rows and decode rows then read the same values, so greedy n-gram
     speculation still equals plain greedy decoding of that engine exactly."""
     model = models("float32")
-    expected = plain_greedy(model, tokenizer, "float32", True, spread_prompts, kv_dtype=kv_dtype)
+    expected = plain_greedy(model, tokenizer, "float32", True, ci_prompts, kv_dtype=kv_dtype)
     engine = make_engine(model, tokenizer, "float32", SpecConfig(method="ngram"), 8, True, kv_dtype=kv_dtype)
     assert engine.runner.kv_cache[0][0].dtype == getattr(torch, kv_dtype) and engine.runner.attention_backend == "cpu"
-    assert generate(engine, spread_prompts) == expected
+    assert generate(engine, ci_prompts) == expected
     assert engine.spec_stats.verify_steps > 0 and engine.spec_stats.accepted > 0
 
 
@@ -326,6 +338,11 @@ def second_token_chi2(engine: LLMEngine, prompt: list[int], first: int, target: 
     return sum((o - e) ** 2 / e for o, e in cells) / CHI2_CRIT_0001[len(cells) - 1]
 
 
+# ~275 of 300 runs start with " Celsius". Measured at 450 draws, chi-square / critical value: 0.19 with the
+# rejection step, 78 with accept-everything.
+SAMPLED_DRAWS = 300
+
+
 def test_sampled_medusa_speculation_keeps_the_targets_distribution(models, tokenizer, learned_checkpoint, monkeypatch):
     """End to end on the real model with a trained (small) Medusa checkpoint sampling its drafts at T = 1:
     the first verified token follows the target's softmax; with the rejection step replaced by
@@ -333,12 +350,14 @@ def test_sampled_medusa_speculation_keeps_the_targets_distribution(models, token
     from specserve.engine import verify
 
     model = models("float32")
-    prompt = tokenizer.encode("The best thing about living in a big city is")
-    first = int(top2_gap(model, prompt)[1][0])  # " the", ~33% of first tokens
+    # The first token is nearly always the same (" Celsius", 92%: few runs are thrown away), the second spread
+    # (the 6 likeliest 0.28 ... 0.045).
+    prompt = tokenizer.encode("Water boils at 100 degrees")
+    first = int(top2_gap(model, prompt)[1][0])
     target = torch.softmax(next_logits(model, prompt + [first]), -1)
     spec = SpecConfig(method="medusa", draft_checkpoint=learned_checkpoint("medusa"), max_draft_tokens_per_step=320)
     engine = make_engine(model, tokenizer, "float32", spec, max_num_seqs=64)
-    assert second_token_chi2(engine, prompt, first, target, draws=1200) < 1.0  # below the 0.1% critical value
+    assert second_token_chi2(engine, prompt, first, target, draws=SAMPLED_DRAWS) < 1.0  # below the 0.1% critical value
     assert engine.spec_stats.verify_steps > 0 and engine.spec_stats.accepted > 0
 
     def accept_all(tree, target_probs, draft_dists, generator):
@@ -350,4 +369,4 @@ def test_sampled_medusa_speculation_keeps_the_targets_distribution(models, token
 
     monkeypatch.setattr(verify, "accept_lossless", accept_all)
     broken = make_engine(model, tokenizer, "float32", spec, max_num_seqs=64)
-    assert second_token_chi2(broken, prompt, first, target, draws=1200) > 1.0
+    assert second_token_chi2(broken, prompt, first, target, draws=SAMPLED_DRAWS) > 1.0

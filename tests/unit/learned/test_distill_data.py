@@ -62,7 +62,7 @@ def test_ragged_layout_and_data_hash():
 
 def test_corpus_is_the_targets_and_is_cached(model_path, data_dir, llama_model, tmp_path, monkeypatch):
     config = DistillConfig(num_prompts=3, max_new_tokens=6)
-    corpus = build_corpus(str(model_path), data_dir / "train", tmp_path, config, fingerprint="test")
+    corpus = build_corpus(str(model_path), data_dir / "train", tmp_path, config, "test", model=llama_model)
     assert corpus.num_sequences == 3 and corpus.hidden.dtype == torch.bfloat16
     for k in range(3):
         token_ids, hidden, prompt_len = corpus.sequence(k)
@@ -74,7 +74,7 @@ def test_corpus_is_the_targets_and_is_cached(model_path, data_dir, llama_model, 
     def no_engine(*args: object) -> None:
         raise AssertionError("the cached corpus should have been reused")
 
-    monkeypatch.setattr(LLMEngine, "from_config", no_engine)
+    monkeypatch.setattr(LLMEngine, "__init__", no_engine)  # no model given either: it would be loaded
     again = build_corpus(str(model_path), data_dir / "train", tmp_path, config, fingerprint="test")
     assert again.data_hash() == corpus.data_hash()
 
@@ -88,7 +88,7 @@ def test_sampled_corpus_has_its_own_folder_and_reproduces(model_path, data_dir, 
     sampled = replace(greedy, temperature=1.0)
     train = data_dir / "train"
     assert corpus_dir(tmp_path, train, greedy, "t") != corpus_dir(tmp_path, train, sampled, "t")
-    build = lambda where: build_corpus(str(model_path), train, where, sampled, fingerprint="t")  # noqa: E731
+    build = lambda where: build_corpus(str(model_path), train, where, sampled, "t", model=llama_model)  # noqa: E731
     first, again = build(tmp_path / "a"), build(tmp_path / "b")
     assert first.data_hash() == again.data_hash()
     off_argmax = 0
