@@ -1,15 +1,16 @@
-"""Start a drafter replica: load the target (the drafter may read its weights, and its fingerprint ties the
-replica to verifiers of the same model), build the drafter the SpecConfig names, serve it until SIGTERM."""
+"""Start a drafter replica: load the target where the drafter reads its weights (its fingerprint ties the
+replica to verifiers of the same model; drafters that read tokens only load the tokenizer and the embedding
+table it is computed from), build the drafter the SpecConfig names, serve it until SIGTERM."""
 
 from __future__ import annotations
 
 from specserve.drafter.servicer import DrafterServicer
-from specserve.drafters import build_drafter, check_sources
+from specserve.drafters import TOKEN_DRAFTERS, build_drafter, check_sources
 from specserve.engine.config import SpecConfig
 from specserve.engine.llm_engine import build_model, load_tokenizer
 from specserve.engine.loader import load_config
 from specserve.errors import InvalidRequestError
-from specserve.learned.checkpoint import target_fingerprint
+from specserve.learned.checkpoint import checkpoint_fingerprint, target_fingerprint
 from specserve.rpc.server import RpcServer
 from specserve.rpc.tls import ServerTls
 from specserve.v1 import drafter_pb2
@@ -18,14 +19,19 @@ SERVICE = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"]
 
 
 def build_drafter_servicer(model_path: str, dtype: str, spec: SpecConfig) -> DrafterServicer:
-    """The servicer for `spec.method` on the model at `model_path`; "off" is refused."""
+    """The servicer for `spec.method` on the model at `model_path`; "off" is refused. n-gram and retrieval
+    replicas load no weights (seconds and the model's memory saved per replica)."""
     if not spec.enabled:
         raise InvalidRequestError("a drafter replica needs a draft method, got 'off'")
     check_sources(spec, load_config(model_path))  # before the load
-    model = build_model(model_path, dtype)
-    drafter = build_drafter(spec, model, load_tokenizer(model_path))
+    tokenizer = load_tokenizer(model_path)
+    if spec.method in TOKEN_DRAFTERS:
+        drafter, fingerprint = build_drafter(spec, None, tokenizer), checkpoint_fingerprint(model_path)
+    else:
+        model = build_model(model_path, dtype)
+        drafter, fingerprint = build_drafter(spec, model, tokenizer), target_fingerprint(model)
     assert drafter is not None
-    return DrafterServicer(drafter, target_fingerprint(model))
+    return DrafterServicer(drafter, fingerprint)
 
 
 def serve_drafter(address: str, model_path: str, dtype: str, spec: SpecConfig, grace: float,

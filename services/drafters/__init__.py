@@ -8,6 +8,7 @@ from specserve.engine.config import LEARNED_METHODS, check_exit_layer
 from specserve.errors import InvalidRequestError
 
 FEATURE_DRAFTERS = ("eagle", "medusa")  # learned drafters that read the target's hidden states
+TOKEN_DRAFTERS = ("ngram", "rest")  # drafters that read tokens only, never the target's weights
 
 if TYPE_CHECKING:
     from specserve.drafters.base import Drafter
@@ -16,8 +17,9 @@ if TYPE_CHECKING:
     from specserve.engine.tokenizer import Tokenizer
 
 
-def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> Drafter | None:
-    """The drafter `spec.method` names (None for "off"). Modules load lazily: "off" imports none.
+def build_drafter(spec: SpecConfig, model: LlamaModel | None, tokenizer: Tokenizer) -> Drafter | None:
+    """The drafter `spec.method` names (None for "off"). Modules load lazily: "off" imports none. `model`
+    may be None for "off" and TOKEN_DRAFTERS (a drafter replica of those loads no weights).
 
     "auto" merges the n-gram drafter with retrieval when `spec.datastore_path` is set and with the learned
     drafter in `spec.draft_checkpoint`, of whatever kind it holds, when that is set (hypothesis reduction,
@@ -28,7 +30,8 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
     """
     from specserve.drafters.ngram import NgramDrafter
 
-    check_sources(spec, model.config)
+    assert model is not None or spec.method in ("off", *TOKEN_DRAFTERS), f"{spec.method} needs the target model"
+    check_sources(spec, None if model is None else model.config)
     if spec.method == "off":
         return None
     if spec.method == "ngram":
@@ -56,11 +59,11 @@ def build_drafter(spec: SpecConfig, model: LlamaModel, tokenizer: Tokenizer) -> 
     raise InvalidRequestError(f"drafter {spec.method!r} is not available in this version")
 
 
-def check_sources(spec: SpecConfig, model_config: ModelConfig) -> None:
+def check_sources(spec: SpecConfig, model_config: ModelConfig | None) -> None:
     """What `build_drafter(spec, ...)` will read, checked from paths and headers alone, so that a bad setting
     fails before the target's weights load (seconds): the datastore file exists, a checkpoint's header is
     ours and names the drafter, the exit layer is one of the model's. Building the drafter checks in full
-    (checksums, the target's fingerprint)."""
+    (checksums, the target's fingerprint). `model_config` may be None for TOKEN_DRAFTERS."""
     if spec.method == "rest" and spec.datastore_path is None:
         raise InvalidRequestError("the rest drafter needs a datastore (specserve datastore build ...)")
     if spec.method in ("rest", "auto") and spec.datastore_path is not None:
@@ -68,6 +71,7 @@ def check_sources(spec: SpecConfig, model_config: ModelConfig) -> None:
 
         check_datastore_file(spec.datastore_path)
     if spec.method == "early-exit" and spec.exit_layer is not None:
+        assert model_config is not None
         check_exit_layer(spec.exit_layer, model_config.num_layers)
     if spec.method in LEARNED_METHODS:
         if spec.draft_checkpoint is None:

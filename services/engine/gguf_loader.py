@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from specserve.engine.config import ModelConfig
+from specserve.engine.gguf_file import GGUFHeader, TensorInfo, read_header, tensor_data
 from specserve.errors import ModelLoadError
 
 SUPPORTED_TYPES = frozenset(
@@ -50,37 +51,52 @@ LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Parse `path`; raises ModelLoadError for content we do not support (`load_checkpoint` wraps parse errors)."""
-    reader = GGUFReader(path)
-    config = _llama_config(path, reader)
+    header = read_header(path)
+    config = _llama_config(header)
+    data = tensor_data(path, header.tensors)
     state_dict = {}
-    for tensor in reader.tensors:
-        if tensor.tensor_type not in SUPPORTED_TYPES:
-            supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
-            raise ModelLoadError(
-                f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}; supported: {supported}"
-            )
+    for tensor in header.tensors:
+        weights = _dequantize(path, tensor, data[tensor.name])
         name = _hf_name(path, tensor.name)
-        weights = dequantize(tensor.data, tensor.tensor_type)
         if name.endswith("q_proj.weight"):
             weights = unpermute_rope_rows(weights, config.num_heads)
         elif name.endswith("k_proj.weight"):
             weights = unpermute_rope_rows(weights, config.num_kv_heads)
-        if not weights.flags.writeable:  # F32 tensors come back as views of the read-only memmap
-            weights = weights.copy()
         state_dict[name] = torch.from_numpy(weights)
     return config, state_dict
 
 
 def load_gguf_config(path: Path) -> ModelConfig:
-    """The config alone: the GGUF header is parsed (the file is memory-mapped), no tensor is dequantized."""
-    return _llama_config(path, GGUFReader(path))
+    """The config alone: the GGUF header is parsed, no tensor is read."""
+    return _llama_config(read_header(path))
 
 
-def _llama_config(path: Path, reader: GGUFReader) -> ModelConfig:
-    arch = _required(path, reader, "general.architecture")
+def load_gguf_embedding(path: Path) -> torch.Tensor:
+    """The token embedding table alone `# [vocab, hidden]` float32, as `load_gguf` dequantizes it."""
+    header = read_header(path)
+    _llama_config(header)
+    embedding = [t for t in header.tensors if t.name == "token_embd.weight"]
+    if not embedding:
+        raise ModelLoadError(f"{path}: no token_embd.weight")
+    return torch.from_numpy(_dequantize(path, embedding[0], tensor_data(path, embedding)["token_embd.weight"]))
+
+
+def _dequantize(path: Path, tensor: TensorInfo, data: np.ndarray) -> np.ndarray:
+    """`data` (as `tensor_data` maps it) as a writable float32 array."""
+    if tensor.type not in SUPPORTED_TYPES:
+        supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+        raise ModelLoadError(f"{path}: tensor {tensor.name} has type {tensor.type.name}; supported: {supported}")
+    weights = dequantize(data, tensor.type)
+    if not weights.flags.writeable:  # F32 tensors come back as views of the read-only memmap
+        weights = weights.copy()
+    return weights
+
+
+def _llama_config(header: GGUFHeader) -> ModelConfig:
+    arch = _required(header, "general.architecture")
     if arch != "llama":
-        raise ModelLoadError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
-    return _config(path, reader)
+        raise ModelLoadError(f"{header.path}: architecture {arch!r} is not supported (only 'llama')")
+    return _config(header)
 
 
 def unpermute_rope_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:
@@ -106,58 +122,58 @@ def _hf_name(path: Path, gguf_name: str) -> str:
     return f"model.layers.{layer}.{LAYER_NAMES[kind]}.{suffix}"
 
 
-def _config(path: Path, reader: GGUFReader) -> ModelConfig:
-    hidden_size = int(_required(path, reader, "llama.embedding_length"))
-    num_heads = int(_required(path, reader, "llama.attention.head_count"))
-    head_dim = int(_optional(reader, "llama.attention.key_length", hidden_size // num_heads))
-    rope_dims = int(_optional(reader, "llama.rope.dimension_count", head_dim))
+def _config(header: GGUFHeader) -> ModelConfig:
+    path = header.path
+    hidden_size = int(_required(header, "llama.embedding_length"))
+    num_heads = int(_required(header, "llama.attention.head_count"))
+    head_dim = int(_optional(header, "llama.attention.key_length", hidden_size // num_heads))
+    rope_dims = int(_optional(header, "llama.rope.dimension_count", head_dim))
     if rope_dims != head_dim:
         raise ModelLoadError(f"{path}: partial RoPE ({rope_dims} of {head_dim} dims) is not supported")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab_size = _optional(reader, "llama.vocab_size", len(tokens.data) if tokens is not None else None)
+    tokens = header.metadata.get("tokenizer.ggml.tokens")
+    vocab_size = _optional(header, "llama.vocab_size", len(tokens) if tokens is not None else None)
     if vocab_size is None:
         raise ModelLoadError(f"{path}: neither llama.vocab_size nor tokenizer.ggml.tokens is present")
-    bos = _optional(reader, "tokenizer.ggml.bos_token_id", None)
-    eos = _optional(reader, "tokenizer.ggml.eos_token_id", None)
+    bos = _optional(header, "tokenizer.ggml.bos_token_id", None)
+    eos = _optional(header, "tokenizer.ggml.eos_token_id", None)
     return ModelConfig(
         vocab_size=int(vocab_size),
         hidden_size=hidden_size,
-        intermediate_size=int(_required(path, reader, "llama.feed_forward_length")),
-        num_layers=int(_required(path, reader, "llama.block_count")),
+        intermediate_size=int(_required(header, "llama.feed_forward_length")),
+        num_layers=int(_required(header, "llama.block_count")),
         num_heads=num_heads,
-        num_kv_heads=int(_optional(reader, "llama.attention.head_count_kv", num_heads)),
+        num_kv_heads=int(_optional(header, "llama.attention.head_count_kv", num_heads)),
         head_dim=head_dim,
-        max_position_embeddings=int(_required(path, reader, "llama.context_length")),
-        rms_norm_eps=float(_required(path, reader, "llama.attention.layer_norm_rms_epsilon")),
-        rope_theta=float(_optional(reader, "llama.rope.freq_base", 10000.0)),
-        rope_scaling=_rope_scaling(reader),
-        tie_word_embeddings=all(t.name != "output.weight" for t in reader.tensors),
+        max_position_embeddings=int(_required(header, "llama.context_length")),
+        rms_norm_eps=float(_required(header, "llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(_optional(header, "llama.rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(header),
+        tie_word_embeddings=all(t.name != "output.weight" for t in header.tensors),
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=() if eos is None else (int(eos),),
     )
 
 
-def _rope_scaling(reader: GGUFReader) -> tuple[tuple[str, object], ...]:
+def _rope_scaling(header: GGUFHeader) -> tuple[tuple[str, object], ...]:
     """llama.rope.scaling.* as HF's `rope_scaling` dict, flattened and sorted; () when unscaled."""
-    kind = _optional(reader, "llama.rope.scaling.type", "none")
+    kind = _optional(header, "llama.rope.scaling.type", "none")
     if kind == "none":
         return ()
     scaling: dict[str, object] = {"rope_type": kind}
-    factor = _optional(reader, "llama.rope.scaling.factor", None)
+    factor = _optional(header, "llama.rope.scaling.factor", None)
     if factor is not None:
         scaling["factor"] = float(factor)
-    original = _optional(reader, "llama.rope.scaling.original_context_length", None)
+    original = _optional(header, "llama.rope.scaling.original_context_length", None)
     if original is not None:
         scaling["original_max_position_embeddings"] = int(original)
     return tuple(sorted(scaling.items()))
 
 
-def _required(path: Path, reader: GGUFReader, key: str) -> object:
-    if key not in reader.fields:
-        raise ModelLoadError(f"{path}: metadata key {key} is missing")
-    return reader.fields[key].contents()
+def _required(header: GGUFHeader, key: str) -> object:
+    if key not in header.metadata:
+        raise ModelLoadError(f"{header.path}: metadata key {key} is missing")
+    return header.metadata[key]
 
 
-def _optional(reader: GGUFReader, key: str, default: object) -> object:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+def _optional(header: GGUFHeader, key: str, default: object) -> object:
+    return header.metadata.get(key, default)

@@ -13,8 +13,12 @@ from typing import TypeVar
 import torch
 
 from specserve.engine.config import ModelConfig
-from specserve.engine.gguf_loader import load_gguf, load_gguf_config
-from specserve.engine.safetensors_loader import load_safetensors_config, load_safetensors_dir
+from specserve.engine.gguf_loader import load_gguf, load_gguf_config, load_gguf_embedding
+from specserve.engine.safetensors_loader import (
+    load_safetensors_config,
+    load_safetensors_dir,
+    load_safetensors_embedding,
+)
 from specserve.errors import ModelLoadError
 
 T = TypeVar("T")
@@ -32,6 +36,12 @@ def load_config(path: str | Path) -> ModelConfig:
     """The config of the checkpoint `load_checkpoint(path)` would load, read without its weights (the GGUF
     header, config.json): enough for checks that should fail before a load of many seconds."""
     return _read(Path(path), load_safetensors_config, load_gguf_config)
+
+
+def load_embedding(path: str | Path) -> torch.Tensor:
+    """The token embedding table `# [vocab, hidden]` float32 of the checkpoint, the rest unread (what a
+    process that needs the target's fingerprint, not its weights, reads: learned/checkpoint.py)."""
+    return _read(Path(path), load_safetensors_embedding, load_gguf_embedding)
 
 
 def _read(path: Path, read_dir: Callable[[Path], T], read_gguf: Callable[[Path], T]) -> T:

@@ -14,6 +14,7 @@ from specserve.engine.config import ModelConfig
 from specserve.errors import ModelLoadError
 
 SINGLE_FILE = "model.safetensors"
+EMBEDDING = "model.embed_tokens.weight"
 SHARD_INDEX = "model.safetensors.index.json"
 
 
@@ -32,6 +33,16 @@ def load_safetensors_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
         # Some tied checkpoints still store a copy of the embedding as lm_head.
         state_dict.pop("lm_head.weight", None)
     return config, state_dict
+
+
+def load_safetensors_embedding(path: Path) -> torch.Tensor:
+    """The token embedding table alone `# [vocab, hidden]` float32 (one tensor read from its shard)."""
+    config_from_hf(path, _read_json(path / "config.json"))
+    for shard in _shard_files(path):
+        with safe_open(shard, framework="pt") as tensors:
+            if EMBEDDING in tensors.keys():
+                return tensors.get_tensor(EMBEDDING).to(torch.float32)
+    raise ModelLoadError(f"{path}: no {EMBEDDING}")
 
 
 def load_safetensors_config(path: Path) -> ModelConfig:

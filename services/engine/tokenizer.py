@@ -12,7 +12,6 @@ from numbers import Integral
 from pathlib import Path
 from typing import Any
 
-import gguf
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
@@ -21,6 +20,7 @@ from tokenizers import AddedToken, decoders, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.processors import TemplateProcessing
 
+from specserve.engine.gguf_file import read_header
 from specserve.errors import InvalidRequestError, ModelLoadError
 
 # llama.cpp's token types (`tokenizer.ggml.token_type`).
@@ -213,10 +213,10 @@ class DetokenizeStream:
 
 def _read_gguf_tokenizer_metadata(path: Path) -> dict[str, Any]:
     try:
-        reader = gguf.GGUFReader(path)
+        header = read_header(path)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read GGUF {path}: {exc}") from exc
-    meta = {name: field.contents() for name, field in reader.fields.items() if name.startswith("tokenizer.")}
+    meta = {name: value for name, value in header.metadata.items() if name.startswith("tokenizer.")}
     model = meta.get("tokenizer.ggml.model")
     if model is None or "tokenizer.ggml.tokens" not in meta:
         raise ModelLoadError(f"{path} has no tokenizer metadata (tokenizer.ggml.model / tokenizer.ggml.tokens)")

@@ -18,7 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from specserve.engine.config import LEARNED_METHODS
+from specserve.engine import loader
+from specserve.engine.config import LEARNED_METHODS, ModelConfig
 from specserve.engine.model import LlamaModel
 from specserve.errors import DraftCheckpointError
 
@@ -42,13 +43,22 @@ class DraftCheckpoint:
 
 def target_fingerprint(model: LlamaModel) -> str:
     """sha256 of the target's architecture and bfloat16-rounded embedding table."""
-    digest = hashlib.sha256(json.dumps(_geometry(model), sort_keys=True).encode())
-    digest.update(model.embed_tokens.weight.detach().to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return fingerprint_of(model.config, model.embed_tokens.weight)
+
+
+def checkpoint_fingerprint(model_path: str | Path) -> str:
+    """`target_fingerprint` of the model at `model_path` (any weight dtype), from its config and embedding
+    table alone: for processes that do not load the rest (an n-gram drafter replica)."""
+    return fingerprint_of(loader.load_config(model_path), loader.load_embedding(model_path))
+
+
+def fingerprint_of(config: ModelConfig, embedding: torch.Tensor) -> str:
+    digest = hashlib.sha256(json.dumps(_geometry(config), sort_keys=True).encode())
+    digest.update(embedding.detach().to(torch.bfloat16).view(torch.int16).numpy().tobytes())
     return digest.hexdigest()
 
 
-def _geometry(model: LlamaModel) -> dict[str, Any]:
-    c = model.config
+def _geometry(c: ModelConfig) -> dict[str, Any]:
     return {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
             "num_layers": c.num_layers, "num_heads": c.num_heads, "num_kv_heads": c.num_kv_heads,
             "head_dim": c.head_dim, "rope_theta": c.rope_theta}

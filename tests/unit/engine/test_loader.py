@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from specserve.engine.config import ModelConfig
 from specserve.engine.gguf_loader import unpermute_rope_rows
-from specserve.engine.loader import load_checkpoint, load_config
+from specserve.engine.gguf_file import read_header, tensor_data
+from specserve.engine.loader import load_checkpoint, load_config, load_embedding
 from specserve.engine.safetensors_loader import config_from_hf
 from specserve.errors import ModelLoadError
 
@@ -211,6 +212,25 @@ def test_config_alone_equals_the_loaded_one(smollm: LoadedCheckpoint, gguf_path:
     (tmp_path / "config.json").write_text("{not json")
     assert "corrupt or truncated" in str(pytest.raises(ModelLoadError, load_config, tmp_path).value)
     assert "no such file" in str(pytest.raises(ModelLoadError, load_config, tmp_path / "absent.gguf").value)
+
+
+def test_header_reader_equals_gguf_readers(gguf_path: Path) -> None:
+    """gguf_file.py reads what gguf.GGUFReader reads (every metadata value, every tensor's type, offset,
+    shape and bytes), ~30x faster on the real vocabulary."""
+    reader, header = gguf.GGUFReader(gguf_path), read_header(gguf_path)
+    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    assert header.metadata == fields and len(fields["tokenizer.ggml.tokens"]) == 49152
+    data = tensor_data(gguf_path, header.tensors)
+    assert [t.name for t in header.tensors] == [t.name for t in reader.tensors]
+    for info, tensor in zip(header.tensors, reader.tensors):
+        assert (info.type, info.data_offset) == (tensor.tensor_type, tensor.data_offset)
+        assert data[info.name].dtype == tensor.data.dtype and np.array_equal(data[info.name], tensor.data), info.name
+
+
+def test_embedding_alone_equals_the_loaded_one(smollm: LoadedCheckpoint, gguf_path: Path, tmp_path: Path) -> None:
+    assert torch.equal(load_embedding(gguf_path), smollm[1]["model.embed_tokens.weight"])
+    tiny_llama(tie=True).save_pretrained(tmp_path, max_shard_size="20KB")
+    assert torch.equal(load_embedding(tmp_path), load_checkpoint(tmp_path)[1]["model.embed_tokens.weight"])
 
 
 def test_truncated_real_gguf(gguf_path: Path, tmp_path: Path) -> None:

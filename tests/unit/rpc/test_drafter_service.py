@@ -65,6 +65,21 @@ def assert_same_trees(messages, trees: list[DraftTree]) -> None:
         assert list(message.draft_probs) == pytest.approx(tree.draft_probs, rel=1e-6)
 
 
+def test_token_drafter_replicas_load_no_weights(model_path, fingerprint, monkeypatch):
+    """n-gram and retrieval replicas read tokens only: no model is built, and the fingerprint (from the
+    config and embedding table alone) still matches the loaded target's."""
+    import specserve.drafter.server as server
+
+    def no_model(*args: object) -> None:
+        raise AssertionError("an n-gram replica built the model")
+
+    monkeypatch.setattr(server, "build_model", no_model)
+    servicer = build_drafter_servicer(str(model_path), "float32", SpecConfig(method="ngram"))
+    assert isinstance(servicer.drafter, NgramDrafter) and servicer.model_fingerprint == fingerprint
+    with pytest.raises(AssertionError, match="built the model"):  # early exit reads the weights
+        build_drafter_servicer(str(model_path), "float32", SpecConfig(method="early-exit"))
+
+
 def test_propose_over_grpc_matches_the_drafter(served, histories):
     servicer, channel = served
     seq_ids, budgets = [100, 101, 102], [8, 3, 8]
