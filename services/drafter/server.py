@@ -5,7 +5,7 @@ table it is computed from), build the drafter the SpecConfig names, serve it unt
 from __future__ import annotations
 
 from specserve.drafter.servicer import DrafterServicer
-from specserve.drafters import TOKEN_DRAFTERS, build_drafter, check_sources
+from specserve.drafters import build_drafter, check_sources, reads_weights
 from specserve.engine.config import SpecConfig
 from specserve.engine.llm_engine import build_model, load_tokenizer
 from specserve.engine.loader import load_config
@@ -19,13 +19,14 @@ SERVICE = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"]
 
 
 def build_drafter_servicer(model_path: str, dtype: str, spec: SpecConfig) -> DrafterServicer:
-    """The servicer for `spec.method` on the model at `model_path`; "off" is refused. n-gram and retrieval
-    replicas load no weights (seconds and the model's memory saved per replica)."""
+    """The servicer for `spec.method` on the model at `model_path`; "off" is refused. Replicas of drafters
+    that read tokens only (n-gram, retrieval, auto without a learned checkpoint) load no weights: seconds
+    and the model's memory saved per replica."""
     if not spec.enabled:
         raise InvalidRequestError("a drafter replica needs a draft method, got 'off'")
     check_sources(spec, load_config(model_path))  # before the load
     tokenizer = load_tokenizer(model_path)
-    if spec.method in TOKEN_DRAFTERS:
+    if not reads_weights(spec):
         drafter, fingerprint = build_drafter(spec, None, tokenizer), checkpoint_fingerprint(model_path)
     else:
         model = build_model(model_path, dtype)

@@ -8,7 +8,6 @@ from specserve.engine.config import LEARNED_METHODS, check_exit_layer
 from specserve.errors import InvalidRequestError
 
 FEATURE_DRAFTERS = ("eagle", "medusa")  # learned drafters that read the target's hidden states
-TOKEN_DRAFTERS = ("ngram", "rest")  # drafters that read tokens only, never the target's weights
 
 if TYPE_CHECKING:
     from specserve.drafters.base import Drafter
@@ -19,7 +18,7 @@ if TYPE_CHECKING:
 
 def build_drafter(spec: SpecConfig, model: LlamaModel | None, tokenizer: Tokenizer) -> Drafter | None:
     """The drafter `spec.method` names (None for "off"). Modules load lazily: "off" imports none. `model`
-    may be None for "off" and TOKEN_DRAFTERS (a drafter replica of those loads no weights).
+    may be None where `reads_weights(spec)` is False (a drafter replica of those loads no weights).
 
     "auto" merges the n-gram drafter with retrieval when `spec.datastore_path` is set and with the learned
     drafter in `spec.draft_checkpoint`, of whatever kind it holds, when that is set (hypothesis reduction,
@@ -30,7 +29,7 @@ def build_drafter(spec: SpecConfig, model: LlamaModel | None, tokenizer: Tokeniz
     """
     from specserve.drafters.ngram import NgramDrafter
 
-    assert model is not None or spec.method in ("off", *TOKEN_DRAFTERS), f"{spec.method} needs the target model"
+    assert model is not None or not reads_weights(spec), f"{spec.method} needs the target model"
     check_sources(spec, None if model is None else model.config)
     if spec.method == "off":
         return None
@@ -63,7 +62,7 @@ def check_sources(spec: SpecConfig, model_config: ModelConfig | None) -> None:
     """What `build_drafter(spec, ...)` will read, checked from paths and headers alone, so that a bad setting
     fails before the target's weights load (seconds): the datastore file exists, a checkpoint's header is
     ours and names the drafter, the exit layer is one of the model's. Building the drafter checks in full
-    (checksums, the target's fingerprint). `model_config` may be None for TOKEN_DRAFTERS."""
+    (checksums, the target's fingerprint). `model_config` may be None where `reads_weights(spec)` is False."""
     if spec.method == "rest" and spec.datastore_path is None:
         raise InvalidRequestError("the rest drafter needs a datastore (specserve datastore build ...)")
     if spec.method in ("rest", "auto") and spec.datastore_path is not None:
@@ -84,6 +83,12 @@ def check_sources(spec: SpecConfig, model_config: ModelConfig | None) -> None:
         from specserve.learned.checkpoint import checkpoint_kind
 
         checkpoint_kind(spec.draft_checkpoint)
+
+
+def reads_weights(spec: SpecConfig) -> bool:
+    """Whether the drafter `build_drafter(spec, ...)` builds reads the target's weights: not "off", n-gram,
+    retrieval, or "auto" without a learned checkpoint (n-gram + retrieval), which read tokens only."""
+    return spec.method not in ("off", "ngram", "rest") and not (spec.method == "auto" and spec.draft_checkpoint is None)
 
 
 def needs_hidden(spec: SpecConfig) -> bool:

@@ -76,6 +76,8 @@ def test_token_drafter_replicas_load_no_weights(model_path, fingerprint, monkeyp
     monkeypatch.setattr(server, "build_model", no_model)
     servicer = build_drafter_servicer(str(model_path), "float32", SpecConfig(method="ngram"))
     assert isinstance(servicer.drafter, NgramDrafter) and servicer.model_fingerprint == fingerprint
+    merged = build_drafter_servicer(str(model_path), "float32", SpecConfig(method="auto"))  # n-gram alone here
+    assert merged.drafter.name == "auto" and merged.model_fingerprint == fingerprint
     with pytest.raises(AssertionError, match="built the model"):  # early exit reads the weights
         build_drafter_servicer(str(model_path), "float32", SpecConfig(method="early-exit"))
 
