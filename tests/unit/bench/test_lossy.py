@@ -10,7 +10,7 @@ import pytest
 from specserve.bench.common import GSM8K_FILE, GSM8K_TRAIN_FILE
 from specserve.bench.lossy import (
     EXTRA_SETTINGS, LossyBenchConfig, SettingRun, criterion_text, is_correct, last_number, load_problems,
-    parse_settings, table,
+    parse_settings, same_answer, table,
 )
 from specserve.cli import build_parser
 from specserve.engine.acceptance import LossyConfig
@@ -121,12 +121,21 @@ def test_criterion_without_the_default_setting():
     assert criterion_text(runs).endswith("not measured in this run")
 
 
-def test_table_counts_outputs_that_differ_from_lossless():
-    lossless = SettingRun(None, [[1, 2], [3, 4]], [True, False], 1.0, 4)
-    lossy = SettingRun(LossyConfig(), [[1, 2], [3, 5]], [True, True], 0.5, 2)
+def test_table_counts_outputs_and_final_answers_that_differ_from_lossless():
+    lossless = SettingRun(None, [[1, 2], [3, 4], [5]], [True, False, True], 1.0, 6, [18.0, None, 4.0])
+    lossy = SettingRun(LossyConfig(), [[1, 2], [3, 5], [6]], [True, True, False], 0.5, 3, [18.0, 7.0, None])
     rows = table([lossless, lossy]).splitlines()
-    assert rows[2].startswith("| lossless |") and rows[2].endswith("| 0/2 |")
-    assert rows[3] == "| lossy (default) | 3 | 0.3 | 32 | 100.0% (2/2) | 8.0 | 2.00x | 2.00 | 2.00x | 1/2 |"
+    assert rows[2].startswith("| lossless |") and rows[2].endswith("| 0/3 | 3/3 | 0 / 0 |")
+    assert rows[3] == ("| lossy (default) | 3 | 0.3 | 32 | 66.7% (2/3) | 10.0 | 2.00x | 1.67 | 2.00x | 2/3 | 1/3 "
+                       "| 1 / 1 |")
+    no_answers = SettingRun(LossyConfig(top_k=2), [[1, 2], [3, 4], [5]], [True, False, True], 1.0, 6)
+    assert table([lossless, no_answers]).splitlines()[3].endswith("| 0/3 | - | 0 / 0 |")
+
+
+def test_answers_are_the_same_when_both_numbers_match_or_both_are_missing():
+    assert same_answer(18.0, 18.0) and same_answer(None, None)
+    assert not same_answer(18.0, None) and not same_answer(None, 18.0) and not same_answer(18.0, 18.5)
+    assert is_correct("so the answer is 1,234", 1234.0) and not is_correct("no number here", 0.0)
 
 
 def test_parse_settings():
