@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lossy", action="store_true", help="relaxed acceptance within a divergence budget (not exact)")
     gen.add_argument("--lossy-top-k", type=int, help="relax only tokens in the target's top k (0 = any; default 3)")
     gen.add_argument("--lossy-min-ratio", type=float, help="relax only if p(x) >= ratio * max p (default 0.3)")
-    gen.add_argument("--lossy-budget", type=float, help="nats of divergence a request may spend (default 32)")
+    gen.add_argument("--lossy-budget", type=float, help="nats of divergence a request may spend (default 8)")
     gen.set_defaults(func=cmd_generate)
     add_serve_parsers(sub)
     add_up_parser(sub)

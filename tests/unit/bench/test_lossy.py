@@ -126,7 +126,7 @@ def test_table_counts_outputs_and_final_answers_that_differ_from_lossless():
     lossy = SettingRun(LossyConfig(), [[1, 2], [3, 5], [6]], [True, True, False], 0.5, 3, [18.0, 7.0, None])
     rows = table([lossless, lossy]).splitlines()
     assert rows[2].startswith("| lossless |") and rows[2].endswith("| 0/3 | 3/3 | 0 / 0 |")
-    assert rows[3] == ("| lossy (default) | 3 | 0.3 | 32 | 66.7% (2/3) | 10.0 | 2.00x | 1.67 | 2.00x | 2/3 | 1/3 "
+    assert rows[3] == ("| lossy (default) | 3 | 0.3 | 8 | 66.7% (2/3) | 10.0 | 2.00x | 1.67 | 2.00x | 2/3 | 1/3 "
                        "| 1 / 1 |")
     no_answers = SettingRun(LossyConfig(top_k=2), [[1, 2], [3, 4], [5]], [True, False, True], 1.0, 6)
     assert table([lossless, no_answers]).splitlines()[3].endswith("| 0/3 | - | 0 / 0 |")
