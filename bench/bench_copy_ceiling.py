@@ -54,7 +54,8 @@ def main() -> None:
     blocks = sum(-(-(len(p.ids) + args.max_tokens) // 16) for p in prompts) + 1
     engine = LLMEngine(EngineConfig(model_path=str(model_path), cache=CacheConfig(16, blocks)),
                        build_model(str(model_path), "float32"), tokenizer)
-    outputs = [c.token_ids for c in engine.generate([p.ids for p in prompts], SamplingParams(max_tokens=args.max_tokens))]
+    params = SamplingParams(max_tokens=args.max_tokens)
+    outputs = [c.token_ids for c in engine.generate([p.ids for p in prompts], params)]
 
     systems = [*DRAFTERS, NGRAM]
     # (label, budget, system) -> [output tokens, target steps]

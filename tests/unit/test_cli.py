@@ -183,7 +183,7 @@ def test_bench_lossy_writes_its_section(model_path, data_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| lossless", "| lossy"))]
     assert len(rows) == 5  # lossless, the default, three more
-    assert rows[0].endswith("| 1.00x | 0/2 |") and rows[1].startswith("| lossy (default) | 3 | 0.3 | 32 |")
+    assert rows[0].endswith("| 1.00x | 0/2 | 2/2 | 0 / 0 |") and rows[1].startswith("| lossy (default) | 3 | 0.3 | 8 |")
     assert result.stdout.rstrip().endswith(f"2 problems, NOT met\n\nwrote {doc}")  # under 200 problems never meets it
     text = doc.read_text()
     assert "<!-- bench_lossy:start -->\n## Lossy acceptance" in text
