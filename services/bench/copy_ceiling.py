@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from specserve.drafters.base import DraftRequest
+from specserve.drafters.base import DraftRequest, common_prefix_len
 from specserve.drafters.base import Drafter as TreeDrafter
 from specserve.engine.draft_tree import ROOT, DraftTree
 
@@ -36,10 +36,7 @@ Drafter = Callable[[Sequence[int], Sequence[int], int], int]
 
 def match_len(a: Sequence[int], b: Sequence[int], cap: int) -> int:
     """Length of the common start of `a` and `b`, at most `cap`."""
-    n = 0
-    while n < cap and n < len(a) and n < len(b) and a[n] == b[n]:
-        n += 1
-    return n
+    return common_prefix_len(list(a[:cap]), list(b[:cap]))
 
 
 def _occurs(history: Sequence[int], needle: Sequence[int]) -> bool:
