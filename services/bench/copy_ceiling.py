@@ -16,10 +16,11 @@ a family of real ones:
 - "most recent match": the chain follows the most recent occurrence of the longest matching suffix, as
   a plain prompt-lookup chain does.
 
-`tree_drafter` replays a real drafter (drafters/base.py) the same way: the target keeps the longest path
-of its tree that matches its own output, so its tau here is what the engine would measure at batch 1.
+`tree_drafter` replays a real drafter (drafters/base.py) the same way, through the engine's greedy
+acceptance (the longest path of its tree that matches the target's output), so its tau here is what
+the engine would measure at batch 1.
 
-Plain Python over token id lists, so tests can check it on hand-made sequences.
+Functions of token id lists, so tests can check them on hand-made sequences.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from collections.abc import Callable, Sequence
 
 from specserve.drafters.base import DraftRequest, common_prefix_len
 from specserve.drafters.base import Drafter as TreeDrafter
-from specserve.engine.draft_tree import ROOT, DraftTree
+from specserve.engine.acceptance import accept_greedy
+from specserve.engine.draft_tree import DraftTree
 
 # Picks the drafted chain for one step: (history, true continuation, budget) -> accepted drafted tokens.
 Drafter = Callable[[Sequence[int], Sequence[int], int], int]
@@ -82,15 +84,13 @@ def most_recent_match(max_n: int = 4) -> Drafter:
 
 
 def accepted_path(tree: DraftTree, future: Sequence[int]) -> int:
-    """Drafted tokens greedy verification keeps: the longest root path whose tokens start `future`."""
-    node, depth = ROOT, 0
-    while depth < len(future):
-        node = next((i for i, (token, parent) in enumerate(zip(tree.tokens, tree.parents))
-                     if parent == node and token == future[depth]), None)
-        if node is None:
-            break
-        depth += 1
-    return depth
+    """Drafted tokens greedy verification keeps when the target's tokens are `future`: the engine's own
+    rule (`accept_greedy`), fed at each row the future token at that row's depth (-1 past its end)."""
+    def target_token(depth: int) -> int:
+        return future[depth] if depth < len(future) else -1
+
+    argmax = [target_token(0), *(target_token(d) for d in tree.depths())]
+    return len(accept_greedy(tree, argmax).accepted_tokens)
 
 
 def tree_drafter(drafter: TreeDrafter, seq_id: int, num_prompt_tokens: int) -> Drafter:
