@@ -413,7 +413,8 @@ def doc_section(bench: Bench, load_average: float, tables: str) -> str:
   float32, bfloat16 (bf16 weights, fp32 activations) or int8 weights (W8A8: per-channel int8 weights,
   per-token int8 activations); transformers loads the same GGUF in float32; llama.cpp, when installed,
   runs the Q4_1 file as it is. specserve's attention backend: {resolve_attention_backend("auto")} (the default
-  "auto"; "cpu" is the C++ kernel of kernels/csrc/ for decode rows, SDPA for prefill chunks over 16 tokens).
+  "auto"; "cpu" is the C++ kernels of kernels/csrc/: tree_attention_cpu.cpp for decode rows,
+  prefill_attention_cpu.cpp for prefill chunks over 16 tokens, or SDPA where that one does not apply).
 - Prompts: {len(prompts)} Spec-Bench first-turn questions, evenly spaced over the file sorted by (category,
   id); specserve's tokenizer applies the chat template and every system gets the same token ids.
   Question ids: {ids}.

@@ -6,8 +6,9 @@ the source, torch's version, the compiler and the CPU's model and flags, so a ca
 machine or torch is rebuilt rather than loaded. Builds write to a temporary name and rename, so processes
 that start together (a test cluster) never load a half-written file. Building takes ~15 s on 2 cores.
 
-The ops, in the `torch.ops.specserve_cpu` namespace: `tree_attention` (tree_attention_cpu.cpp, used by
-kernels/paged_attention.py), `linear` (linear_cpu.cpp, the float32 linears of engine/quant.py),
+The ops, in the `torch.ops.specserve_cpu` namespace: `tree_attention` (tree_attention_cpu.cpp) and
+`prefill_attention` with `prefill_attention_fast` (prefill_attention_cpu.cpp), used by
+kernels/paged_attention.py; `linear` (linear_cpu.cpp, the float32 linears of engine/quant.py),
 `int8_linear` and `int8_linear_fast` (int8_linear_cpu.cpp, the int8 ones), and from rowwise_cpu.cpp
 `rms_norm` and `rope_write_kv` (engine/model.py) and `quantize_rows` (engine/quant.py).
 

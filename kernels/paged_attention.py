@@ -17,12 +17,14 @@ With contexts of different lengths in one group, an explicit boolean mask hides 
 backend="triton", the tree-attention kernel of kernels/tree_attention.py over the same cache (CUDA;
 on CPU only under TRITON_INTERPRET=1, which the tests use); for backend="cpu", the C++ kernel of
 kernels/csrc/tree_attention_cpu.cpp for decode and draft-tree rows, which reads keys in place instead of
-gathering them, and this torch path (one SDPA per group) for longer prefill chunks, which are
-compute-bound and where SDPA's blocked kernel wins. "auto" is "cpu" where that kernel builds, else "torch".
+gathering them, and for longer prefill chunks, which are compute-bound, the blocked C++ kernel of
+kernels/csrc/prefill_attention_cpu.cpp where it applies (`prefill_kernel_applies`), else this torch path
+(one SDPA per group). "auto" is "cpu" where the kernels build, else "torch".
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -69,9 +71,22 @@ class CpuKernelArgs:
     block_size: int
 
 
+@dataclass
+class CpuPrefillArgs:
+    """The sequences of the torch groups again, for the C++ prefill kernel (kernels/csrc/prefill_attention_cpu.cpp),
+    which `paged_attention` runs instead of the groups' SDPA where it applies (`prefill_kernel_applies`)."""
+
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
+    prefix_lens: torch.Tensor  # [num_seqs] int32
+    row_starts: torch.Tensor  # [num_seqs] int32
+    query_lens: torch.Tensor  # [num_seqs] int32
+    block_size: int
+
+
 ATTENTION_BACKENDS = ("torch", "triton", "cpu")
-# Chunks of at most this many new tokens (and every draft tree) go to the CPU kernel; longer prefill
-# chunks to SDPA. A kernel row costs O(context) dot products without matrix-multiply blocking.
+# Chunks of at most this many new tokens (and every draft tree) go to the CPU tree kernel; longer prefill
+# chunks to the prefill kernel (or SDPA). A tree-kernel row costs O(context) dot products without
+# matrix-multiply blocking.
 CPU_KERNEL_MAX_QUERY = 16
 
 
@@ -100,6 +115,7 @@ class AttentionMetadata:
     batch_invariant: bool = False  # attend in float64 (see `_attend_group_float64`)
     kernel_args: KernelArgs | None = None  # set: the Triton kernel attends instead of the torch groups
     cpu_args: CpuKernelArgs | None = None  # set: the C++ kernel attends these sequences, the groups the rest
+    prefill_args: CpuPrefillArgs | None = None  # backend "cpu": the groups' sequences, for the prefill kernel
 
 
 def build_attention_metadata(
@@ -139,7 +155,7 @@ def build_attention_metadata(
     if backend == "triton":
         args = _kernel_args(query_lens, context_lens, block_tables, block_size, tree_masks)
         return AttentionMetadata(slot_mapping=slot_mapping, groups=[], num_tokens=starts[-1], kernel_args=args)
-    cpu_args = None
+    cpu_args = prefill_args = None
     grouped = range(len(query_lens))
     if backend == "cpu":
         # Batch-invariant: every row by the kernel, whose rows never depend on what else is in the step.
@@ -148,6 +164,14 @@ def build_attention_metadata(
         if any(on_kernel):
             cpu_args = _cpu_kernel_args(query_lens, context_lens, block_tables, block_size, tree_masks, starts, on_kernel)
         grouped = [i for i, kernel in enumerate(on_kernel) if not kernel]
+        if grouped:
+            prefill_args = CpuPrefillArgs(
+                block_tables=_int32_tables([block_tables[i] for i in grouped]),
+                prefix_lens=torch.tensor([context_lens[i] - query_lens[i] for i in grouped], dtype=torch.int32),
+                row_starts=torch.tensor([starts[i] for i in grouped], dtype=torch.int32),
+                query_lens=torch.tensor([query_lens[i] for i in grouped], dtype=torch.int32),
+                block_size=block_size,
+            )
     by_query_len: dict[int, list[int]] = defaultdict(list)
     for i in grouped:
         by_query_len[query_lens[i]].append(i)
@@ -158,7 +182,7 @@ def build_attention_metadata(
         for bucket in _buckets_by_context(members, context_lens)
     ]
     return AttentionMetadata(slot_mapping=slot_mapping, groups=groups, num_tokens=starts[-1],
-                             batch_invariant=batch_invariant, cpu_args=cpu_args)
+                             batch_invariant=batch_invariant, cpu_args=cpu_args, prefill_args=prefill_args)
 
 
 # A bucket's padded keys (members x longest context) may exceed its real keys by at most this factor;
@@ -308,7 +332,7 @@ def paged_attention(
     """One layer's attention: the Triton kernel for metadata built with backend "triton", the C++ kernel
     and torch groups for backend "cpu", else the torch reference. `sdpa_dtype`: what the torch groups'
     SDPA computes in (see `_attend_group`), None for the queries' dtype."""
-    if meta.cpu_args is not None:
+    if meta.cpu_args is not None or meta.prefill_args is not None:
         return _paged_attention_cpu(q, k_cache, v_cache, meta, scale, sdpa_dtype)
     args = meta.kernel_args
     if args is None:
@@ -327,15 +351,33 @@ def _paged_attention_cpu(
     scale: float,
     sdpa_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """The C++ kernel writes its sequences' rows of `out`, the torch groups the others."""
-    args = meta.cpu_args
+    """The tree kernel writes its sequences' rows of `out`; the prefill kernel or the torch groups the others."""
     q = q.contiguous()
     out = torch.empty_like(q)
-    torch.ops.specserve_cpu.tree_attention(out, q, k_cache, v_cache, args.block_tables, args.prefix_lens,
-                                           args.row_starts, args.query_lens, args.tree_mask, args.block_size,
-                                           scale)
-    _attend_groups(out, q, k_cache, v_cache, meta, scale, sdpa_dtype)
+    args = meta.cpu_args
+    if args is not None:
+        torch.ops.specserve_cpu.tree_attention(out, q, k_cache, v_cache, args.block_tables, args.prefix_lens,
+                                               args.row_starts, args.query_lens, args.tree_mask, args.block_size,
+                                               scale)
+    chunks = meta.prefill_args
+    if chunks is not None and sdpa_dtype is None and prefill_kernel_applies(q.shape[2]):
+        torch.ops.specserve_cpu.prefill_attention(out, q, k_cache, v_cache, chunks.block_tables, chunks.prefix_lens,
+                                                  chunks.row_starts, chunks.query_lens, chunks.block_size, scale)
+    else:
+        _attend_groups(out, q, k_cache, v_cache, meta, scale, sdpa_dtype)
     return out
+
+
+def prefill_kernel_applies(head_dim: int) -> bool:
+    """Whether long causal chunks go to the C++ prefill kernel rather than SDPA: the kernels loaded, built
+    with native vectors (AVX-512, or AVX2 with FMA), and a head_dim it has (64, 128). Where it applies it
+    is 2-3x faster than SDPA on a 2-core Zen 5 EPYC (docs/benchmarks.md)."""
+    return head_dim in (64, 128) and cpu_ops.load() and _prefill_kernel_fast()
+
+
+@functools.cache
+def _prefill_kernel_fast() -> bool:
+    return bool(torch.ops.specserve_cpu.prefill_attention_fast())
 
 
 def _attend_groups(

@@ -50,6 +50,11 @@ def can_pack(dtype: torch.dtype = torch.float32) -> bool:
     return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def rounded_prefill_attention() -> bool:
+    """Whether models with rounded (bfloat16, int8) weights attend long prefill chunks in bfloat16 here."""
+    return can_pack(torch.bfloat16) and cpu_ops.has_cpu_flag("amx_bf16")
+
+
 def has_bfloat16_linear() -> bool:
     """Whether `decode_linear(..., torch.bfloat16)` has a fast kernel here (oneDNN's or specserve's)."""
     return can_pack(torch.bfloat16) or cpu_ops.load()
@@ -298,9 +303,10 @@ def _prefill_attention_in_bfloat16(model: nn.Module) -> nn.Module:
     """Long prefill chunks attend in bfloat16 (`Attention.sdpa_dtype`): these linears round every input
     to 8 bits of mantissa or less anyway. SmolLM2-135M, 2-core AMX Xeon: int8 prefill ~1.5x faster,
     perplexity +0.05% (int8) / +0.25% (bfloat16). Decode and draft-tree rows keep float32 attention.
-    Only where oneDNN computes in bfloat16 (`can_pack(torch.bfloat16)`): on an AVX2-only AMD EPYC bfloat16
-    SDPA was 2-20% slower than float32 (no bfloat16 unit; the casts come on top)."""
-    if not can_pack(torch.bfloat16):
+    Only on CPUs with AMX tiles (`amx_bf16`): elsewhere bfloat16 SDPA is no faster than float32 (an AVX2-only
+    AMD EPYC: 2-20% slower; a Zen 5 EPYC with AVX-512 BF16: 5-10% slower), and float32 chunks go to the C++
+    prefill kernel (kernels/paged_attention.py), 2-3x faster than either there."""
+    if not rounded_prefill_attention():
         return model
     for module in model.modules():
         if isinstance(module, Attention):

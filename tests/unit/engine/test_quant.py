@@ -17,6 +17,7 @@ from specserve.engine.model import LlamaModel
 from specserve.engine.model_runner import allocate_kv_cache
 from specserve.engine.quant import (
     BF16Embedding, BF16Linear, Float32Linear, Int8Linear, PackedLinear, apply_weight_dtype, can_pack,
+    rounded_prefill_attention,
 )
 from specserve.kernels import cpu_ops
 from specserve.engine.smoothing import collect_input_absmax, smooth_
@@ -211,7 +212,7 @@ def test_swap_replaces_every_linear(tie_word_embeddings: bool, dtype: str, swapp
     assert relative_error(logits, expected) < tolerance
 
 
-ROUNDED_SDPA = torch.bfloat16 if can_pack(torch.bfloat16) else None  # no bfloat16 unit: float32 is faster
+ROUNDED_SDPA = torch.bfloat16 if rounded_prefill_attention() else None  # no AMX: float32 (prefill kernel) is faster
 
 
 @pytest.mark.parametrize("dtype,sdpa_dtype", [("int8", ROUNDED_SDPA), ("bfloat16", ROUNDED_SDPA),

@@ -1,6 +1,7 @@
 """The C++ CPU tree-attention kernel (kernels/csrc/tree_attention_cpu.cpp) against the plain-torch
 reference `tree_attention_ref`, its batch invariance, its input checks, and the "cpu" backend's split
-of a step between the kernel and SDPA groups.
+of a step between the kernel and SDPA groups; the C++ prefill kernel (kernels/csrc/prefill_attention_cpu.cpp)
+for long causal chunks against the same reference, in its AVX-512 and AVX2 builds.
 
 Cache slots that hold no token of a sequence are NaN, so a key read from outside a row's context shows
 up as a NaN in the output.
@@ -21,6 +22,7 @@ from specserve.kernels.kv_cache import quantize_kv
 from specserve.kernels.paged_attention import (
     CPU_KERNEL_MAX_QUERY,
     build_attention_metadata,
+    prefill_kernel_applies,
     paged_attention,
     paged_attention_ref,
     resolve_attention_backend,
@@ -105,6 +107,18 @@ class Case:
             out, self.q, self.k, self.v, t["block_tables"][index].contiguous(), t["prefix_lens"][index].contiguous(),
             t["query_start_loc"][:-1][index].contiguous(), torch.tensor(self.query_lens, dtype=torch.int32)[index],
             t["tree_mask"], self.block_size, self.scale)
+        return out
+
+    def prefill_kernel(self, seqs: list[int] | None = None) -> torch.Tensor:
+        """The prefill kernel over sequences `seqs` (default all; causal chunks); other rows stay NaN."""
+        t = self.tensors()
+        seqs = list(range(len(self.tables))) if seqs is None else seqs
+        index = torch.tensor(seqs)
+        out = torch.full_like(self.q, float("nan"))
+        torch.ops.specserve_cpu.prefill_attention(
+            out, self.q, self.k, self.v, t["block_tables"][index].contiguous(), t["prefix_lens"][index].contiguous(),
+            t["query_start_loc"][:-1][index].contiguous(), torch.tensor(self.query_lens, dtype=torch.int32)[index],
+            self.block_size, self.scale)
         return out
 
 
@@ -272,3 +286,89 @@ def test_batch_invariant_steps_send_every_row_to_the_kernel():
     assert meta.groups == [] and meta.cpu_args.query_lens.tolist() == case.query_lens
     torch.testing.assert_close(paged_attention(case.q, case.k, case.v, meta, case.scale), case.reference(),
                                atol=2e-6, rtol=1e-5)
+
+
+needs_prefill_kernel = pytest.mark.skipif(not prefill_kernel_applies(64),
+                                          reason="the prefill kernel needs AVX-512 or AVX2 with FMA")
+
+# Causal chunks: fresh prompts and chunks after earlier context, lengths around the kernel's tiles (16
+# rows of 3 query heads, 16 or 8 keys), block boundaries crossed.
+PREFILL_SEQS = [(0, 100), (37, 45), (250, 17), (0, 16), (16, 33), (3, 1), (130, 64)]
+
+
+@needs_prefill_kernel
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("heads,head_dim", [((9, 3), 64), ((4, 4), 64), ((8, 2), 128), ((14, 2), 64)])
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_prefill_kernel_matches_the_reference(heads, head_dim, block_size, cache_dtype):
+    case = Case([(prefix, chain(n)) for prefix, n in PREFILL_SEQS], *heads, head_dim=head_dim,
+                block_size=block_size, seed=block_size + head_dim, cache_dtype=cache_dtype)
+    got, want = case.prefill_kernel(), case.reference()
+    assert not got.isnan().any()  # no key outside a row's context (NaN slots) was read
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+@needs_prefill_kernel
+def test_prefill_kernel_writes_only_its_sequences_rows_and_checks_its_input():
+    case = Case([(0, chain(40)), (10, chain(20)), (5, chain(30))], 9, 3, head_dim=64, block_size=16)
+    got = case.prefill_kernel([0, 2])
+    assert got[40:60].isnan().all() and not got[:40].isnan().any() and not got[60:].isnan().any()
+    torch.testing.assert_close(got[60:], case.reference()[60:], atol=2e-6, rtol=1e-5)
+    t = case.tensors()
+    out = torch.empty_like(case.q)
+    args = [t["prefix_lens"], t["query_start_loc"][:-1].contiguous(), torch.tensor(case.query_lens, dtype=torch.int32)]
+    with pytest.raises(RuntimeError, match="block out of range"):
+        torch.ops.specserve_cpu.prefill_attention(out, case.q, case.k, case.v, t["block_tables"] + 1000, *args,
+                                                  16, case.scale)
+    with pytest.raises(RuntimeError, match="head_dim 64 or 128"):
+        torch.ops.specserve_cpu.prefill_attention(out[..., :32].contiguous(), case.q[..., :32].contiguous(),
+                                                  case.k[..., :32].contiguous(), case.v[..., :32].contiguous(),
+                                                  t["block_tables"], *args, 16, case.scale)
+
+
+@needs_prefill_kernel
+def test_the_cpu_backend_sends_long_chunks_to_the_prefill_kernel_unless_sdpa_rounds():
+    """Long chunks leave SDPA for the prefill kernel (float32 attention); with `sdpa_dtype` bfloat16 (rounded
+    weights on AMX hosts) they stay on SDPA. Either way the kernel's rows and the output's dtype hold."""
+    long_chunk = CPU_KERNEL_MAX_QUERY + 9
+    case = Case([(0, chain(long_chunk)), (40, [-1, 0, 0, 1]), (30, chain(70))], 9, 3, head_dim=64, block_size=16)
+    context_lens = [p + q for p, q in zip(case.prefix_lens, case.query_lens)]
+    tree_masks = [None, case.masks[1].tolist(), None]
+    meta = build_attention_metadata(case.query_lens, context_lens, case.tables, 16, tree_masks, backend="cpu")
+    assert meta.prefill_args.row_starts.tolist() == [0, long_chunk + 4]
+    got = paged_attention(case.q, case.k, case.v, meta, case.scale)
+    long_rows = torch.cat([torch.arange(long_chunk), torch.arange(long_chunk + 4, len(case.q))])
+    torch.testing.assert_close(got, case.reference(), atol=2e-6, rtol=1e-5)
+    assert torch.equal(got[long_rows], case.prefill_kernel([0, 2])[long_rows])
+    rounded = paged_attention(case.q, case.k, case.v, meta, case.scale, torch.bfloat16)
+    assert torch.equal(rounded[long_chunk:long_chunk + 4], got[long_chunk:long_chunk + 4])
+    error = (rounded[long_rows] - got[long_rows]).abs().max().item()
+    assert 0 < error < 0.05  # bfloat16 SDPA, not the kernel
+
+
+@needs_prefill_kernel
+@pytest.mark.skipif(not cpu_ops.has_cpu_flag("avx512f") or not cpu_ops.has_cpu_flag("fma"),
+                    reason="the AVX2 build is run beside the native AVX-512 one")
+def test_prefill_kernel_avx2_build_matches_the_reference(tmp_path):
+    """The AVX2 path (8-lane vectors) built on its own, loaded in a process without the native library."""
+    library = tmp_path / "prefill_avx2.so"
+    source = os.path.join(os.path.dirname(cpu_ops.__file__), "csrc", "prefill_attention_cpu.cpp")
+    flags = [f for f in cpu_ops._flags() if f != "-march=native"]
+    subprocess.run([os.environ.get("CXX", "g++"), source, "-o", str(library), "-march=x86-64-v3", *flags],
+                   check=True, capture_output=True)
+    script = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        f"torch.ops.load_library({str(library)!r})\n"
+        "from test_cpu_attention import Case, PREFILL_SEQS, chain\n"
+        "for dtype in (torch.float32, torch.int8):\n"
+        "    case = Case([(p, chain(n)) for p, n in PREFILL_SEQS], 9, 3, head_dim=64, block_size=16, cache_dtype=dtype)\n"
+        "    got = case.prefill_kernel()\n"
+        "    assert not got.isnan().any()\n"
+        "    torch.testing.assert_close(got, case.reference(), atol=2e-6, rtol=1e-5)\n"
+        "print('ok', torch.ops.specserve_cpu.prefill_attention_fast())\n"
+    )
+    env = {**os.environ, "SPECSERVE_CPU_KERNELS": "0"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["ok", "True"]
