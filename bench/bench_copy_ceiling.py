@@ -19,7 +19,7 @@ import sys
 from collections import defaultdict
 from datetime import datetime, timezone
 
-from specserve.bench.common import default_data_dir, default_doc_path, log, md_table, write_doc
+from specserve.bench.common import default_data_dir, default_doc_path, log, md_table, publish
 from specserve.bench.copy_ceiling import DRAFTERS, replay, tree_drafter
 from specserve.bench.spec import EXTRA_SETS, SPEC_BENCH_MIX, load_prompts
 from specserve.drafters.ngram import NgramDrafter
@@ -96,11 +96,7 @@ def main() -> None:
 
 {table}
 """
-    print(table, flush=True)
-    doc = None if args.no_write else default_doc_path()
-    if doc is not None:
-        write_doc(doc, section, *DOC_MARKERS)
-        print(f"\nwrote {doc}")
+    publish(table, section, None if args.no_write else default_doc_path(), DOC_MARKERS)
 
 
 if __name__ == "__main__":

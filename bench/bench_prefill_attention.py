@@ -23,8 +23,9 @@ from collections.abc import Callable
 
 import torch
 
-from specserve.bench.common import chat_ids, default_doc_path, log, md_table, provenance_text, select_questions
-from specserve.bench.common import write_doc
+from specserve.bench.common import (
+    chat_ids, default_doc_path, log, md_table, provenance_text, publish, select_questions,
+)
 from specserve.engine.config import ModelConfig, SchedulerConfig
 from specserve.engine.llm_engine import load_tokenizer
 from specserve.engine.loader import load_config
@@ -146,7 +147,6 @@ def main() -> None:
     headers = ["prefill", "steps", "prompt tokens", "SDPA float32 ms", "SDPA bfloat16 ms", "cpu backend ms",
                "vs SDPA float32", "vs SDPA bfloat16", "cpu backend GFLOP/s"]
     table = md_table(headers, rows)
-    print(table)
     command = shlex.join([".venv/bin/python", "bench/bench_prefill_attention.py", *sys.argv[1:]])
     section = f"""## Prefill attention: C++ kernel vs SDPA (`bench/bench_prefill_attention.py`)
 
@@ -162,10 +162,7 @@ def main() -> None:
   SDPA float32's outputs: {worst:.1e}.
 
 {table}"""
-    doc = None if args.no_write else default_doc_path()
-    if doc is not None:
-        write_doc(doc, section, *DOC_MARKERS)
-        print(f"\nwrote {doc}")
+    publish(table, section, None if args.no_write else default_doc_path(), DOC_MARKERS)
 
 
 if __name__ == "__main__":
