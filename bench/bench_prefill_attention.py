@@ -2,7 +2,8 @@
 
 The prompts and chunking of the engine benchmark (its 20 Spec-Bench prompts, the scheduler's token budget
 per step): the prompts one at a time (batch 1), and the throughput workload's first 8 as one wave, chunked
-as the scheduler does (first come first served, the last chunk of a step split). Each step's attention
+as the scheduler does (first come first served, the last chunk of a step split); and a conversation's later
+turns, short chunks after a long cached prefix. Each step's attention
 over a paged float32 cache is timed three ways: SDPA on gathered keys in float32 (the "cpu" backend's path
 for chunks over 16 tokens until the prefill kernel), SDPA in bfloat16 (what bfloat16 and int8 models use
 on AMX hosts), and the "cpu" backend as the engine runs it (kernels/csrc/prefill_attention_cpu.cpp for those
@@ -37,6 +38,8 @@ from specserve.model_fetch import ensure_default_model, specserve_home
 DOC_MARKERS = ("<!-- bench_prefill_attention:start -->", "<!-- bench_prefill_attention:end -->")
 BLOCK_SIZE = 16
 WAVE = 8  # the engine benchmark's concurrency the throughput target names
+# A later turn of a conversation whose earlier turns are in the prefix cache: short chunks, long context.
+TURN_PREFIX, TURN_LENGTHS = 2000, (17, 40, 100)
 
 Step = list[tuple[int, int]]  # one engine step's chunks: (tokens already in the cache, new tokens)
 
@@ -136,6 +139,8 @@ def main() -> None:
     workloads = {
         f"batch 1: {len(lengths)} prompts, one at a time": [s for n in lengths for s in wave_steps([n], budget)],
         f"a wave of {WAVE}: the throughput workload's first {WAVE}": wave_steps(lengths[:WAVE], budget),
+        f"{', '.join(map(str, TURN_LENGTHS))} new tokens after a cached {TURN_PREFIX}-token prefix, one at a time":
+            [[(TURN_PREFIX, n)] for n in TURN_LENGTHS],
     }
     log(f"prefill kernel applies here: {prefill_kernel_applies(config.head_dim)}")
     rows, worst = [], 0.0
@@ -154,7 +159,7 @@ def main() -> None:
 - Shapes: {config.num_heads} query heads, {config.num_kv_heads} KV heads, head_dim {config.head_dim}, {config.num_layers} layers
   (SmolLM2-135M); float32 paged cache, block size {BLOCK_SIZE}, random values. Prompt lengths: the engine
   benchmark's {len(lengths)} Spec-Bench prompts with the chat template ({min(lengths)}-{max(lengths)} tokens), chunked by the
-  scheduler's {budget}-token step budget.
+  scheduler's {budget}-token step budget; the last row's chunks follow {TURN_PREFIX} tokens already in the cache.
 - ms: each step's attention for one layer (best of {args.repeats}), summed over the steps, x {config.num_layers} layers.
   "cpu backend" is what the engine runs: the prefill kernel for chunks over 16 tokens where it applies
   (here: {"yes" if prefill_kernel_applies(config.head_dim) else "no, so it is SDPA float32 again"}), the tree kernel for shorter ones.

@@ -371,7 +371,7 @@ def _paged_attention_cpu(
 def prefill_kernel_applies(head_dim: int) -> bool:
     """Whether long causal chunks go to the C++ prefill kernel rather than SDPA: the kernels loaded, built
     with native vectors (AVX-512, or AVX2 with FMA), and a head_dim it has (64, 128). Where it applies it
-    is 2-3x faster than SDPA on a 2-core Zen 5 EPYC (docs/benchmarks.md)."""
+    is 1.4-2.3x faster than SDPA on a 2-core Zen 5 EPYC (docs/benchmarks.md)."""
     return head_dim in (64, 128) and cpu_ops.load() and _prefill_kernel_fast()
 
 

@@ -135,29 +135,41 @@ struct Problem {
 
 // Phase 1 for one (sequence, KV head): keys transposed to kt[d * padded + position], values to
 // vc[position * head_dim + d], float32; positions from the sequence's context up to `padded` are zeros.
+// W keys at a time: their rows are widened into a small buffer with contiguous (vectorized) loops, then
+// written out a dimension at a time as one W-lane store (key by key, the transposed stores touched
+// head_dim cache lines per key: a 2,000-token prefix behind a 17-row chunk cost more than SDPA).
 template <typename KV>
 void stage(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t padded, float* kt, float* vc) {
   const int64_t context = p.prefixes[s] + p.lens[s], head_dim = p.head_dim;
   const int32_t* table = p.tables + s * p.max_blocks;
-  std::vector<float> row(head_dim);
-  for (int64_t pos = 0; pos < padded; ++pos) {
-    if (pos >= context) {
-      for (int64_t d = 0; d < head_dim; ++d) kt[d * padded + pos] = 0.0f;
-      std::fill(vc + pos * head_dim, vc + (pos + 1) * head_dim, 0.0f);
-      continue;
-    }
-    const int64_t slot = int64_t(table[pos / p.block_size]) * p.block_size + pos % p.block_size;
-    const int64_t offset = (slot * p.num_kv_heads + kv_head) * p.row_width;
-    for (int which = 0; which < 2; ++which) {
-      const KV* src = (which == 0 ? p.k : p.v) + offset;
-      float scale = 1.0f;
-      if constexpr (std::is_same_v<KV, int8_t>) scale = specserve_cpu::kv_row_scale(src, head_dim);
-      for (int64_t d = 0; d < head_dim; ++d) row[d] = widen(src[d]) * scale;
-      if (which == 0) {
-        for (int64_t d = 0; d < head_dim; ++d) kt[d * padded + pos] = row[d];
-      } else {
-        std::copy(row.begin(), row.end(), vc + pos * head_dim);
+  std::vector<float> keys(W * head_dim);
+  for (int64_t k0 = 0; k0 < padded; k0 += W) {
+    for (int l = 0; l < W; ++l) {
+      const int64_t pos = k0 + l;
+      float* key = keys.data() + l * head_dim;
+      float* value = vc + pos * head_dim;
+      if (pos >= context) {
+        std::fill(key, key + head_dim, 0.0f);
+        std::fill(value, value + head_dim, 0.0f);
+        continue;
       }
+      const int64_t slot = int64_t(table[pos / p.block_size]) * p.block_size + pos % p.block_size;
+      const int64_t offset = (slot * p.num_kv_heads + kv_head) * p.row_width;
+      const KV* k = p.k + offset;
+      const KV* v = p.v + offset;
+      if constexpr (std::is_same_v<KV, int8_t>) {
+        const float k_scale = specserve_cpu::kv_row_scale(k, head_dim), v_scale = specserve_cpu::kv_row_scale(v, head_dim);
+        for (int64_t d = 0; d < head_dim; ++d) key[d] = widen(k[d]) * k_scale;
+        for (int64_t d = 0; d < head_dim; ++d) value[d] = widen(v[d]) * v_scale;
+      } else {
+        for (int64_t d = 0; d < head_dim; ++d) key[d] = widen(k[d]);
+        for (int64_t d = 0; d < head_dim; ++d) value[d] = widen(v[d]);
+      }
+    }
+    for (int64_t d = 0; d < head_dim; ++d) {
+      Vec column;
+      for (int l = 0; l < W; ++l) column[l] = keys[l * head_dim + d];
+      store(kt + d * padded + k0, column);
     }
   }
 }
@@ -168,7 +180,7 @@ struct Scratch {
 
 // Phase 2, one work item: query rows [row0, row0 + rows) of sequence s, the query heads of `kv_head`.
 // Query vector u is row u / per_kv, query head kv_head * per_kv + u % per_kv; `vectors` rounds their
-// count up to a multiple of kScoreGroup (the padding vectors are zeros, computed and dropped).
+// count up to a multiple of kScoreGroup / 2 (the padding vectors are zeros, computed and dropped).
 template <int kD, typename KV>
 void attend_tile(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t row0, int64_t rows, int64_t padded,
                  const float* kt, const float* vc, Scratch& scratch) {
@@ -176,8 +188,9 @@ void attend_tile(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t row0,
   constexpr int kWeighGroup = std::max(1, (W == 16 ? 24 : 12) / kChunks);  // output accumulators in registers
   const int64_t per_kv = p.per_kv, prefix = p.prefixes[s];
   const int64_t used = rows * per_kv;
-  const int64_t vectors = (used + kScoreGroup - 1) / kScoreGroup * kScoreGroup;
-  static_assert(kScoreGroup % kWeighGroup == 0, "weigh groups tile the score groups");
+  // Padded to a multiple of half a score group (a 1-row tile scores 6 vectors, not 12).
+  const int64_t vectors = (used + kScoreGroup / 2 - 1) / (kScoreGroup / 2) * (kScoreGroup / 2);
+  static_assert((kScoreGroup / 2) % kWeighGroup == 0, "weigh groups tile the half score groups");
   scratch.queries.assign(vectors * kD, 0.0f);
   scratch.outputs.assign(vectors * kD, 0.0f);
   scratch.weights.resize(vectors * W);
@@ -197,14 +210,15 @@ void attend_tile(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t row0,
   const int64_t keys = prefix + row0 + rows;  // the tile's last row sees keys [0, keys)
   for (int64_t k0 = 0; k0 < keys; k0 += W) {
     const bool diagonal = k0 + W - 1 > prefix + row0;  // some key here is after some row's position
-    for (int64_t g = 0; g < vectors; g += kScoreGroup) {
-      Vec acc[kScoreGroup] = {};
+    auto score = [&](int64_t g, auto group) {  // scores, running max and sum of vectors [g, g + G)
+      constexpr int G = decltype(group)::value;
+      Vec acc[G] = {};
       for (int d = 0; d < kD; ++d) {
         const Vec key = load(kt + d * padded + k0);
 #pragma GCC unroll 12
-        for (int i = 0; i < kScoreGroup; ++i) acc[i] = fma(splat(queries[(g + i) * kD + d]), key, acc[i]);
+        for (int i = 0; i < G; ++i) acc[i] = fma(splat(queries[(g + i) * kD + d]), key, acc[i]);
       }
-      for (int i = 0; i < kScoreGroup; ++i) {
+      for (int i = 0; i < G; ++i) {
         const int64_t u = g + i;
         Vec score = acc[i];
         IVec hidden{};
@@ -221,7 +235,10 @@ void attend_tile(const Problem<KV>& p, int64_t s, int64_t kv_head, int64_t row0,
         scratch.maxima[u] = top;
         store(weights + u * W, weight);
       }
-    }
+    };
+    int64_t g = 0;
+    for (; g + kScoreGroup <= vectors; g += kScoreGroup) score(g, std::integral_constant<int, kScoreGroup>{});
+    if (g < vectors) score(g, std::integral_constant<int, kScoreGroup / 2>{});  // vectors is a multiple of 6
     const int64_t key_count = std::min<int64_t>(W, keys - k0);
     for (int64_t g = 0; g < vectors; g += kWeighGroup) {
       Vec o[kWeighGroup][kChunks];

@@ -305,7 +305,7 @@ def _prefill_attention_in_bfloat16(model: nn.Module) -> nn.Module:
     perplexity +0.05% (int8) / +0.25% (bfloat16). Decode and draft-tree rows keep float32 attention.
     Only on CPUs with AMX tiles (`amx_bf16`): elsewhere bfloat16 SDPA is no faster than float32 (an AVX2-only
     AMD EPYC: 2-20% slower; a Zen 5 EPYC with AVX-512 BF16: 5-10% slower), and float32 chunks go to the C++
-    prefill kernel (kernels/paged_attention.py), 2-3x faster than either there."""
+    prefill kernel (kernels/paged_attention.py), 1.4-2.5x faster than either there."""
     if not rounded_prefill_attention():
         return model
     for module in model.modules():
