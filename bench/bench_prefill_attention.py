@@ -153,16 +153,19 @@ def main() -> None:
                "vs SDPA float32", "vs SDPA bfloat16", "cpu backend GFLOP/s"]
     table = md_table(headers, rows)
     command = shlex.join([".venv/bin/python", "bench/bench_prefill_attention.py", *sys.argv[1:]])
+    shapes = (f"{config.num_heads} query heads, {config.num_kv_heads} KV heads, head_dim {config.head_dim}, "
+              f"{config.num_layers} layers")
+    applies = "yes" if prefill_kernel_applies(config.head_dim) else "no, so it is SDPA float32 again"
     section = f"""## Prefill attention: C++ kernel vs SDPA (`bench/bench_prefill_attention.py`)
 
 {provenance_text(command, load_average)}
-- Shapes: {config.num_heads} query heads, {config.num_kv_heads} KV heads, head_dim {config.head_dim}, {config.num_layers} layers
-  (SmolLM2-135M); float32 paged cache, block size {BLOCK_SIZE}, random values. Prompt lengths: the engine
-  benchmark's {len(lengths)} Spec-Bench prompts with the chat template ({min(lengths)}-{max(lengths)} tokens), chunked by the
-  scheduler's {budget}-token step budget; the last row's chunks follow {TURN_PREFIX} tokens already in the cache.
+- Shapes: {shapes} (SmolLM2-135M); float32 paged cache, block size {BLOCK_SIZE}, random values.
+  Prompt lengths: the engine benchmark's {len(lengths)} Spec-Bench prompts with the chat template
+  ({min(lengths)}-{max(lengths)} tokens), chunked by the scheduler's {budget}-token step budget; the last row's chunks
+  follow {TURN_PREFIX} tokens already in the cache.
 - ms: each step's attention for one layer (best of {args.repeats}), summed over the steps, x {config.num_layers} layers.
   "cpu backend" is what the engine runs: the prefill kernel for chunks over 16 tokens where it applies
-  (here: {"yes" if prefill_kernel_applies(config.head_dim) else "no, so it is SDPA float32 again"}), the tree kernel for shorter ones.
+  (here: {applies}), the tree kernel for shorter ones.
   GFLOP/s counts causal attention's useful work only. Largest difference between the cpu backend's and
   SDPA float32's outputs: {worst:.1e}.
 

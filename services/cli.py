@@ -26,6 +26,7 @@ from specserve.client import Chunk, Client, Generation, TokenLogprob
 from specserve.engine.config import (
     LEARNED_METHODS,
     SPEC_METHODS,
+    SPECULATION_BUDGETS,
     WEIGHT_DTYPES,
     CacheConfig,
     EngineConfig,
@@ -191,7 +192,7 @@ def spec_config(args: argparse.Namespace) -> SpecConfig:
         lossy = LossyConfig(**{name: value for name, value in knobs.items() if value is not None})
     method = args.spec or "off"
     return SpecConfig(method=method, num_draft_tokens=args.num_draft_tokens, lossy=lossy,
-                      **drafter_sources(args, [method]))
+                      speculation_budget=args.speculation_budget, **drafter_sources(args, [method]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: off; with --url, the router's default)")
     gen.add_argument("--num-draft-tokens", type=int, default=SpecConfig.num_draft_tokens,
                      help="most drafted tokens verified per step")
+    gen.add_argument("--speculation-budget", choices=SPECULATION_BUDGETS, default=SpecConfig.speculation_budget,
+                     help="cost: draft only the tokens this engine's measured verify cost and the request's "
+                     "acceptance say pay off (default); static: --num-draft-tokens every step")
     add_drafter_flags(gen)
     gen.add_argument("--lossy", action="store_true", help="relaxed acceptance within a divergence budget (not exact)")
     gen.add_argument("--lossy-top-k", type=int, help="relax only tokens in the target's top k (0 = any; default 3)")

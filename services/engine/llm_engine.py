@@ -17,6 +17,7 @@ from specserve.drafters.base import DraftRequest, Drafter
 from specserve.engine.acceptance import LossyConfig
 from specserve.engine.block_manager import BlockManager
 from specserve.engine.config import EngineConfig, SamplingParams
+from specserve.engine.draft_budget import RecentAcceptance, StepCost, acceptance_by_depth, draft_budgets
 from specserve.engine.draft_tree import DraftTree
 from specserve.engine.logprobs import TokenLogprob
 from specserve.engine.loader import load_checkpoint, load_config
@@ -71,6 +72,7 @@ class _Request:
     spec: SpecStats = field(default_factory=SpecStats)
     lossy: LossyConfig | None = None  # relaxed acceptance, or None = lossless
     lossy_budget_left: float = 0.0
+    recent: RecentAcceptance = field(default_factory=RecentAcceptance)  # what prices its drafts
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -115,6 +117,7 @@ class LLMEngine:
         self.spec_stats = SpecStats()  # summed over finished requests
         self.draft_seconds = 0.0  # time in drafter.propose
         self.forward_seconds = 0.0  # time in target forwards (verification included)
+        self.step_cost = StepCost()  # decode/verify forwards' time by shape, for the "cost" budget
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -169,7 +172,11 @@ class LLMEngine:
         step_trees = [trees[s.seq.seq_id] if s.num_draft_tokens else None for s in plan.scheduled]
         start = time.perf_counter()
         logits = self.runner.execute(plan.scheduled, step_trees)
-        self.forward_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.forward_seconds += seconds
+        if self.drafter is not None and all(s.num_new_tokens == 1 and s.samples for s in plan.scheduled):
+            # Decode/verify steps only: prefill chunks are compute-bound, another regime than the rows priced.
+            self.step_cost.observe(len(plan.scheduled), sum(s.num_query_tokens for s in plan.scheduled), seconds)
         emitted = step_tokens(plan.scheduled, step_trees, logits, self.requests, self.runner, self.sampler)
         for s in plan.scheduled:
             if s.seq.seq_id not in emitted:  # a prefill chunk; the others commit once their tokens are in
@@ -182,12 +189,10 @@ class LLMEngine:
         if self.drafter is None:
             return {}
         decoding = [seq for seq in self.scheduler.running if seq.num_uncomputed_tokens == 1]
-        budget = self.config.spec.budget_per_sequence(len(decoding))
+        budgets = self._budgets(decoding)
         requests = []
         for seq in decoding:
-            # Room for the nodes in the context, and for accepted + 1 tokens within max_tokens.
-            room = min(budget, seq.max_total_tokens - seq.num_tokens,
-                       seq.params.max_tokens - len(seq.output_token_ids) - 1)
+            room = budgets.get(seq.seq_id, 0)
             if room > 0:
                 hidden = None
                 if self.drafter.needs_hidden:
@@ -198,8 +203,28 @@ class LLMEngine:
             return {}
         start = time.perf_counter()
         trees = self.drafter.propose(requests)
-        self.draft_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.draft_seconds += seconds
+        self.step_cost.observe_draft(seconds)
         return {r.seq_id: tree for r, tree in zip(requests, trees) if tree.num_nodes}
+
+    def _budgets(self, decoding: list[Sequence]) -> dict[int, int]:
+        """Nodes each decoding sequence may draft this step (`SpecConfig.speculation_budget`), within the
+        static budget and the room left: nodes in the context, accepted + 1 tokens within max_tokens."""
+        spec = self.config.spec
+        budget = spec.budget_per_sequence(len(decoding))
+        rooms = {seq.seq_id: min(budget, seq.max_total_tokens - seq.num_tokens,
+                                 seq.params.max_tokens - len(seq.output_token_ids) - 1) for seq in decoding}
+        # Seeded sampling keeps the static budget: which drafts a step verifies decides which random draws
+        # its acceptance makes, so a budget that follows measured timings would make the output vary.
+        priced = [seq for seq in decoding if seq.params.seed is None or seq.params.temperature == 0]
+        if spec.speculation_budget == "static" or not priced:
+            return rooms
+        row_ratio, draft_ratio = self.step_cost.ratios(len(decoding), len(decoding))
+        acceptance = {seq.seq_id: acceptance_by_depth(self.requests[seq.seq_id].recent, self.spec_stats,
+                                                      max(0, rooms[seq.seq_id])) for seq in priced}
+        return rooms | draft_budgets(acceptance, float(len(decoding)), row_ratio, spec.max_draft_tokens_per_step,
+                                     draft_ratio)
 
     def _emit(self, request: _Request, token_ids: list[int], tree: DraftTree | None,
               logprobs: list[TokenLogprob] | None) -> RequestOutput:
@@ -207,6 +232,7 @@ class LLMEngine:
         seq = request.seq
         appended = append_tokens(seq, request.text, token_ids, self.tokenizer.eos_token_ids)
         request.spec.record(tree, len(token_ids) - 1, len(appended))
+        request.recent.record(tree, len(token_ids) - 1)
         # Hash the blocks the accepted tokens filled (their token ids are in the sequence only now). A stop
         # may cut the step's tokens short of the K/V computed for them.
         seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)

@@ -43,7 +43,7 @@ from specserve.errors import (
 )
 from specserve.router.ahead import AHEAD_MIN_CHANCE, AheadDrafts
 from specserve.router.backends import Replica, rendezvous_order
-from specserve.router.budget import RecentAcceptance, StepCost, acceptance_by_depth, draft_budgets
+from specserve.engine.draft_budget import RecentAcceptance, StepCost, acceptance_by_depth, draft_budgets
 from specserve.rpc import convert
 from specserve.rpc.logprobs import logprobs_from_proto
 from specserve.v1 import common_pb2, drafter_pb2, verifier_pb2
@@ -58,7 +58,7 @@ class RouterConfig:
     max_num_seqs: int = 64  # requests decoding at once; the rest wait in the queue
     max_queue: int = 256  # waiting requests; beyond it submit raises OverloadedError
     max_num_batched_tokens: int = 512  # tokens of one step over all verifiers (decodes + drafts + chunks)
-    # The speculation budget adapts to load. "cost" (router/budget.py): each step drafts only the nodes
+    # The speculation budget adapts to load. "cost" (engine/draft_budget.py): each step drafts only the nodes
     # whose expected accepted tokens pay for the rows they add, by the measured cost of a verify row and
     # each request's acceptance record. "static": the engine's rule (SpecConfig.budget_per_sequence),
     # min(num_draft_tokens, max_draft_tokens_per_step // speculating). Either way at 0 the step calls

@@ -13,6 +13,7 @@ last-bit attention difference into a visibly different logit (measured: |logit d
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from specserve.engine.config import (
     SchedulerConfig,
     SpecConfig,
 )
+from specserve.engine.draft_budget import StepCost
 from specserve.engine.llm_engine import LLMEngine, build_model
 from specserve.errors import InvalidRequestError
 from specserve.kernels.paged_attention import build_attention_metadata
@@ -117,10 +119,13 @@ def learned_checkpoint(distill_cache, data_dir, model_path):
 
 def make_engine(
     model, tokenizer, dtype: str, spec: SpecConfig, max_num_seqs: int, batch_invariant: bool = False,
-    kv_dtype: str = "float32",
+    kv_dtype: str = "float32", budget: str = "static",
 ) -> LLMEngine:
+    """The static speculation budget by default: these tests check what verification does with drafts, so
+    every step drafts, where the cost budget (measured timings) may draft nothing at batch 8."""
     config = EngineConfig(
-        model_path="unused", dtype=dtype, spec=spec, cache=CacheConfig(num_blocks=1024, dtype=kv_dtype),
+        model_path="unused", dtype=dtype, spec=dataclasses.replace(spec, speculation_budget=budget),
+        cache=CacheConfig(num_blocks=1024, dtype=kv_dtype),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs), batch_invariant=batch_invariant,
     )
     return LLMEngine(config, model, tokenizer)
@@ -269,6 +274,7 @@ def test_speculation_stats_reach_completions(llama_model, tokenizer, spread_prom
     ({"method": "ngram", "num_draft_tokens": 0}, "budgets must be > 0"),
     ({"method": "ngram", "max_draft_tokens_per_step": -1}, "budgets must be > 0"),
     ({"method": "early-exit", "exit_layer": 0}, "exit_layer must be >= 1"),
+    ({"method": "ngram", "speculation_budget": "greedy"}, "speculation_budget must be one of cost, static"),
 ])
 def test_bad_speculation_settings_are_clear_errors(kwargs, match):
     with pytest.raises(InvalidRequestError, match=match):
@@ -279,6 +285,28 @@ def test_budget_shrinks_as_the_batch_grows():
     spec = SpecConfig(method="ngram", num_draft_tokens=8, max_draft_tokens_per_step=32)
     assert [spec.budget_per_sequence(n) for n in (1, 4, 8, 32, 64)] == [8, 8, 4, 1, 0]
     assert SpecConfig().budget_per_sequence(1) == 0
+
+
+@pytest.mark.parametrize("row_cost,expected", [(0.0001, 5), (0.030, 0)])
+def test_cost_budget_drafts_what_the_measured_rows_pay_for(llama_model, tokenizer, spread_prompts, row_cost, expected):
+    """Rows nearly free (0.1 ms against a 10 ms step): the static budget; a row costing 3/4 of a step: no
+    drafts at all. A seeded sampled request keeps the static budget either way (reproducible output)."""
+    engine = make_engine(llama_model, tokenizer, "float32", SpecConfig(method="ngram"), 4, budget="cost")
+    for prompt in spread_prompts[:3]:
+        engine.add_request(prompt, SamplingParams(max_tokens=64))
+    seeded = engine.add_request(spread_prompts[3], SamplingParams(max_tokens=64, temperature=0.8, seed=5))
+    while any(seq.num_uncomputed_tokens > 1 for seq in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # prefill, so that every sequence is decoding
+    engine.step_cost = StepCost(refit_every=1)
+    for rows in range(4, 4 + 24):  # a decode of 4 sequences is 10 ms; every extra row `row_cost` seconds
+        engine.step_cost.observe(4, rows, 0.010 + row_cost * (rows - 4))
+    decoding = list(engine.scheduler.running)
+    budgets = engine._budgets(decoding)
+    assert {seq_id: b for seq_id, b in budgets.items() if seq_id != seeded} == {
+        seq.seq_id: expected for seq in decoding if seq.seq_id != seeded}
+    assert budgets[seeded] == 5
+    engine.config = dataclasses.replace(engine.config, spec=SpecConfig(method="ngram", speculation_budget="static"))
+    assert set(engine._budgets(decoding).values()) == {5}
 
 
 @pytest.mark.parametrize("method", ["ngram", "early-exit"])

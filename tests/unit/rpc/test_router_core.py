@@ -381,8 +381,9 @@ def test_feature_drafters_get_the_engines_hidden_states(llama_model, tokenizer, 
     in_engine, in_router = _RecordingDrafter(EagleDrafter(head)), _RecordingDrafter(EagleDrafter(twin))
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     # The same static budget on both sides, so both call the drafter at the same history lengths.
-    engine = LLMEngine(EngineConfig(model_path="unused", cache=CACHE, spec=SpecConfig(method="eagle", num_draft_tokens=8)),
-                       llama_model, tokenizer, drafter=in_engine)
+    spec = SpecConfig(method="eagle", num_draft_tokens=8, speculation_budget="static")
+    engine = LLMEngine(EngineConfig(model_path="unused", cache=CACHE, spec=spec), llama_model, tokenizer,
+                       drafter=in_engine)
     ids = engine.encode_prompt(prompts[3])
     (expected,) = engine.generate([ids], params)
 

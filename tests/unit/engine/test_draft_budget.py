@@ -1,4 +1,4 @@
-"""The cost-aware speculation budget (router/budget.py), pure logic: the cost fit, the acceptance
+"""The cost-aware speculation budget (engine/draft_budget.py), pure logic: the cost fit, the acceptance
 estimate, and which nodes pay for themselves."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 from specserve.engine.draft_tree import ROOT, DraftTree
 from specserve.engine.verify import SpecStats
-from specserve.router.budget import (
+from specserve.engine.draft_budget import (
     MARGIN,
     PRIOR_COST_RATIO,
     RecentAcceptance,

@@ -1,10 +1,14 @@
 """How many tokens each speculating request may draft this step: the cost-aware speculation budget.
 
-A decode/verify forward over S sequences and R query rows takes about t0 + t_seq * S + t1 * R seconds
-(`StepCost`, fitted online from the router's own Verify calls without prefill chunks), and drafting
-costs a step about t_draft more (the Propose round trip, measured). A drafted node at depth d of
-request s is accepted with probability p(s, d) (`acceptance_by_depth`: the request's recent record,
-shrunk towards its drafter's).
+Used by the router (router/core.py, over its verifier replicas) and by the in-process engine
+(engine/llm_engine.py, `SpecConfig.speculation_budget`). A decode/verify forward over S sequences and R
+query rows takes about t0 + t_seq * S + t1 * R seconds (`StepCost`, fitted online from the forwards
+without prefill chunks: the router's Verify calls, the engine's own steps), and drafting costs a step
+about t_draft more (the Propose round trip or the drafter call, measured). What a row costs depends on
+the host: where decoding is bound by memory bandwidth 1-6 rows cost about one decode; on a 2-core Zen 5
+EPYC with ~48 GB/s each extra row adds ~3-4% of a float32 decode and ~12% of an int8 one. A drafted
+node at depth d of request s is accepted with probability p(s, d) (`acceptance_by_depth`: the request's
+recent record, shrunk towards its drafter's).
 Adding the node adds p(s, d) expected tokens for t1 more seconds, so it pays while
 
     p(s, d) / t1  >  MARGIN * tokens / time        (the step's throughput without it)
