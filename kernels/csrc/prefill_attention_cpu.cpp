@@ -42,6 +42,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "paged_cache.h"
 #include "quantize_row.h"
 
 namespace {
@@ -367,22 +368,12 @@ void prefill_attention(
       const int64_t prefix = p.prefixes[s], rows = p.lens[s], start = p.starts[s];
       TORCH_CHECK(prefix >= 0 && rows >= 1, "prefill_attention_cpu: bad lengths");
       TORCH_CHECK(start >= 0 && start + rows <= q.size(0), "prefill_attention_cpu: rows outside q");
-      const int64_t blocks = (prefix + rows + block_size - 1) / block_size;
-      TORCH_CHECK(blocks <= max_blocks, "prefill_attention_cpu: context longer than its block table");
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t block = p.tables[s * max_blocks + b];
-        TORCH_CHECK(block >= 0 && (block + 1) * block_size <= num_slots, "prefill_attention_cpu: block out of range");
-      }
+      specserve_cpu::check_blocks(p.tables, s, max_blocks, prefix + rows, block_size, num_slots,
+                                  "prefill_attention_cpu");
     }
     run(p, num_seqs);
   };
-  if (cache_dtype == at::kChar) {
-    go(int8_t{});
-  } else if (cache_dtype == at::kBFloat16) {
-    go(at::BFloat16{});
-  } else {
-    go(float{});
-  }
+  specserve_cpu::with_cache_type(cache_dtype, go);
 }
 
 }  // namespace specserve_cpu

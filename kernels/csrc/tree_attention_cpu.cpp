@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "paged_cache.h"
 #include "quantize_row.h"
 
 namespace {
@@ -543,13 +544,9 @@ void tree_attention(
     for (int64_t s = 0; s < num_seqs; ++s) {
       const int64_t prefix = p.prefixes[s], rows = p.lens[s], start = p.starts[s];
       TORCH_CHECK(prefix >= 0 && rows >= 0 && rows <= p.mask_stride, "tree_attention_cpu: bad lengths");
-      const int64_t blocks = (prefix + rows + block_size - 1) / block_size;
-      TORCH_CHECK(blocks <= p.max_blocks, "tree_attention_cpu: context longer than its block table");
       TORCH_CHECK(start >= 0 && start + rows <= q.size(0), "tree_attention_cpu: rows outside q");
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t block = p.tables[s * p.max_blocks + b];
-        TORCH_CHECK(block >= 0 && (block + 1) * block_size <= num_slots, "tree_attention_cpu: block out of range");
-      }
+      specserve_cpu::check_blocks(p.tables, s, p.max_blocks, prefix + rows, block_size, num_slots,
+                                  "tree_attention_cpu");
       for (int64_t r = 0; r < rows; ++r) {
         TORCH_CHECK(p.mask[(start + r) * p.mask_stride + r], "tree_attention_cpu: a query row must see its own token");
       }
@@ -596,13 +593,7 @@ void tree_attention(
       }
     });
   };
-  if (cache_dtype == at::kChar) {
-    run(int8_t{});
-  } else if (cache_dtype == at::kBFloat16) {
-    run(at::BFloat16{});
-  } else {
-    run(float{});
-  }
+  specserve_cpu::with_cache_type(cache_dtype, run);
 }
 
 }  // namespace specserve_cpu
