@@ -99,27 +99,27 @@ class Case:
 
     def kernel(self, seqs: list[int] | None = None) -> torch.Tensor:
         """The kernel over sequences `seqs` (default all); rows of other sequences stay NaN."""
-        t = self.tensors()
-        seqs = list(range(len(self.tables))) if seqs is None else seqs
-        index = torch.tensor(seqs)
-        out = torch.full_like(self.q, float("nan"))
-        torch.ops.specserve_cpu.tree_attention(
-            out, self.q, self.k, self.v, t["block_tables"][index].contiguous(), t["prefix_lens"][index].contiguous(),
-            t["query_start_loc"][:-1][index].contiguous(), torch.tensor(self.query_lens, dtype=torch.int32)[index],
-            t["tree_mask"], self.block_size, self.scale)
+        out, per_sequence = self._rows_of(seqs)
+        torch.ops.specserve_cpu.tree_attention(out, self.q, self.k, self.v, *per_sequence,
+                                               self.tensors()["tree_mask"], self.block_size, self.scale)
         return out
 
     def prefill_kernel(self, seqs: list[int] | None = None) -> torch.Tensor:
         """The prefill kernel over sequences `seqs` (default all; causal chunks); other rows stay NaN."""
-        t = self.tensors()
-        seqs = list(range(len(self.tables))) if seqs is None else seqs
-        index = torch.tensor(seqs)
-        out = torch.full_like(self.q, float("nan"))
-        torch.ops.specserve_cpu.prefill_attention(
-            out, self.q, self.k, self.v, t["block_tables"][index].contiguous(), t["prefix_lens"][index].contiguous(),
-            t["query_start_loc"][:-1][index].contiguous(), torch.tensor(self.query_lens, dtype=torch.int32)[index],
-            self.block_size, self.scale)
+        out, per_sequence = self._rows_of(seqs)
+        torch.ops.specserve_cpu.prefill_attention(out, self.q, self.k, self.v, *per_sequence, self.block_size,
+                                                  self.scale)
         return out
+
+    def _rows_of(self, seqs: list[int] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A NaN output, and the kernels' per-sequence tensors of `seqs` (default all): block tables, prefix
+        lengths, first rows, query lengths."""
+        t = self.tensors()
+        index = torch.tensor(list(range(len(self.tables))) if seqs is None else seqs)
+        per_sequence = [t["block_tables"][index].contiguous(), t["prefix_lens"][index].contiguous(),
+                        t["query_start_loc"][:-1][index].contiguous(),
+                        torch.tensor(self.query_lens, dtype=torch.int32)[index]]
+        return torch.full_like(self.q, float("nan")), per_sequence
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
